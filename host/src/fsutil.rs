@@ -1,0 +1,51 @@
+//! Atomic file writes: every result file is written to a temporary file in the same
+//! directory, flushed and fsynced, then renamed over the target, so a kill never leaves a torn
+//! file and readers see either the old or the new content.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+
+/// Write `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_atomic_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(bytes)?;
+        Ok(())
+    })
+}
+
+/// Let `write` produce the file at a temporary path, then fsync it and rename it into place.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    write(tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::File::open(tmp.path())?.sync_all()?;
+    tmp.persist(path).with_context(|| format!("cannot move the new {} into place", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_write_leaves_old_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        write_atomic(&p, b"old").unwrap();
+        let r = write_atomic_with(&p, |_| anyhow::bail!("boom"));
+        assert!(r.is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temporary file was not cleaned up");
+    }
+}

@@ -1,0 +1,251 @@
+//! The candle runtime behind the host-function table.
+//!
+//! [`Runtime`] owns the device, every live tensor handed to plugins ([`store`]), every
+//! parameter ([`params`]), the adaptable linear sites and the adapters attached to them.
+//! Plugins reach it through a per-instance [`PluginCtx`]; [`table`] holds the `extern "C"`
+//! functions. Single-threaded by design: the graph of one training step is built on one thread.
+
+pub mod ops;
+pub mod params;
+pub mod store;
+pub mod table;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::rc::Rc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use recall_sdk::abi::{AdapterFnsRef, HostCtx, HostHandle, StatePtr, TensorId};
+use recall_sdk::ParamInit;
+
+use params::{init_tensor, Param, ParamStore};
+use store::TensorStore;
+
+/// An adaptable linear layer declared by an encoder.
+#[derive(Clone)]
+pub struct LinearSite {
+    pub name: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// An adapter attached to the runtime: `linear` asks it for a delta on every site call.
+#[derive(Clone, Copy)]
+pub struct AdapterHook {
+    pub fns: AdapterFnsRef,
+    pub state: StatePtr,
+    pub handle: HostHandle,
+    pub key: usize,
+}
+
+/// Everything the host owns for one model.
+pub struct Runtime {
+    device: Device,
+    float: DType,
+    store: RefCell<TensorStore>,
+    params: RefCell<ParamStore>,
+    sites: RefCell<Vec<LinearSite>>,
+    adapters: RefCell<Vec<AdapterHook>>,
+    rng: RefCell<StdRng>,
+    training: Cell<bool>,
+}
+
+/// The state behind one plugin instance's `HostCtx`: which runtime, which parameter scope,
+/// and the plugin's name for error messages.
+pub struct PluginCtx {
+    pub runtime: Rc<Runtime>,
+    pub scope: String,
+    pub plugin: String,
+}
+
+impl PluginCtx {
+    /// The handle to pass to this instance's functions. The box must outlive every call made
+    /// with the handle; plugin wrappers keep it next to the instance state.
+    pub fn handle(self: &std::pin::Pin<Box<Self>>) -> HostHandle {
+        HostHandle { api: table::host_api(), ctx: HostCtx { ptr: &**self as *const PluginCtx as *const c_void } }
+    }
+
+    pub fn scoped(&self, name: &str) -> String {
+        format!("{}{}", self.scope, name)
+    }
+}
+
+impl Runtime {
+    pub fn new(device: Device, float: DType, seed: u64) -> Rc<Self> {
+        Rc::new(Runtime {
+            device,
+            float,
+            store: RefCell::default(),
+            params: RefCell::default(),
+            sites: RefCell::default(),
+            adapters: RefCell::default(),
+            rng: RefCell::new(StdRng::seed_from_u64(seed)),
+            training: Cell::new(false),
+        })
+    }
+
+    /// A context for a plugin instance whose parameters live under `scope` (e.g. `vision.`).
+    pub fn context(self: &Rc<Self>, plugin: &str, scope: &str) -> std::pin::Pin<Box<PluginCtx>> {
+        Box::pin(PluginCtx { runtime: self.clone(), scope: scope.to_string(), plugin: plugin.to_string() })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The floating-point dtype parameters and activations use.
+    pub fn float_dtype(&self) -> DType {
+        self.float
+    }
+
+    pub fn set_training(&self, training: bool) {
+        self.training.set(training)
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training.get()
+    }
+
+    /// Re-seed the runtime's generator (dropout masks, re-initialisation).
+    pub fn reseed(&self, seed: u64) {
+        *self.rng.borrow_mut() = StdRng::seed_from_u64(seed);
+    }
+
+    // ---- handles ----
+
+    pub fn insert(&self, t: Tensor) -> TensorId {
+        self.store.borrow_mut().insert(t)
+    }
+
+    pub fn get(&self, id: TensorId) -> Result<Tensor, String> {
+        self.store.borrow().get(id)
+    }
+
+    pub fn release(&self, id: TensorId) -> Option<Tensor> {
+        self.store.borrow_mut().release(id)
+    }
+
+    /// Take the tensor behind a handle a plugin returned, releasing the handle.
+    pub fn take(&self, id: TensorId) -> Result<Tensor, String> {
+        let t = self.get(id)?;
+        self.release(id);
+        Ok(t)
+    }
+
+    pub fn live_handles(&self) -> usize {
+        self.store.borrow().live()
+    }
+
+    // ---- parameters ----
+
+    /// Get or create a parameter by full name.
+    pub fn param(&self, name: &str, shape: &[usize], init: ParamInit, trainable: bool) -> Result<Tensor, String> {
+        if let Some(p) = self.params.borrow().get(name) {
+            if p.var.dims() != shape {
+                return Err(format!("parameter `{name}` already exists with shape {:?}, requested {shape:?}", p.var.dims()));
+            }
+            return Ok(p.var.as_tensor().clone());
+        }
+        let value = init_tensor(init, shape, self.float, &self.device, &mut self.rng.borrow_mut())?;
+        let var = Var::from_tensor(&value).map_err(|e| e.to_string())?;
+        let t = var.as_tensor().clone();
+        self.params.borrow_mut().insert(Param { name: name.to_string(), var, trainable, init });
+        Ok(t)
+    }
+
+    pub fn params(&self) -> std::cell::Ref<'_, ParamStore> {
+        self.params.borrow()
+    }
+
+    pub fn params_mut(&self) -> std::cell::RefMut<'_, ParamStore> {
+        self.params.borrow_mut()
+    }
+
+    /// Re-run a parameter's initialiser.
+    pub fn param_reset(&self, t: &Tensor) -> Result<(), String> {
+        let params = self.params.borrow();
+        let p = params.by_tensor(t).ok_or("param_reset: the tensor is not a parameter")?;
+        let value = init_tensor(p.init, p.var.dims(), self.float, &self.device, &mut self.rng.borrow_mut())?;
+        p.var.set(&value).map_err(|e| e.to_string())
+    }
+
+    /// Overwrite a parameter's value in place.
+    pub fn param_assign(&self, target: &Tensor, value: &Tensor) -> Result<(), String> {
+        let params = self.params.borrow();
+        let p = params.by_tensor(target).ok_or("param_assign: the target is not a parameter")?;
+        if value.dims() != p.var.dims() {
+            return Err(format!("param_assign: `{}` is {:?}, value is {:?}", p.name, p.var.dims(), value.dims()));
+        }
+        let value = value.detach().to_dtype(p.var.dtype()).map_err(|e| e.to_string())?;
+        p.var.set(&value).map_err(|e| e.to_string())
+    }
+
+    /// Every parameter's value by name, copied.
+    pub fn snapshot(&self) -> Result<HashMap<String, Tensor>, String> {
+        self.params.borrow().snapshot().map_err(|e| e.to_string())
+    }
+
+    // ---- linear sites and adapters ----
+
+    pub fn declare_linear(&self, name: &str, in_f: usize, out_f: usize, bias: bool, w_init: ParamInit, b_init: ParamInit) -> Result<u32, String> {
+        if self.sites.borrow().iter().any(|s| s.name == name) {
+            return Err(format!("linear site `{name}` is declared twice"));
+        }
+        let weight = self.param(&format!("{name}.weight"), &[out_f, in_f], w_init, true)?;
+        let bias = if bias { Some(self.param(&format!("{name}.bias"), &[out_f], b_init, true)?) } else { None };
+        let mut sites = self.sites.borrow_mut();
+        sites.push(LinearSite { name: name.to_string(), weight, bias, in_features: in_f, out_features: out_f });
+        Ok((sites.len() - 1) as u32)
+    }
+
+    pub fn sites(&self) -> Vec<LinearSite> {
+        self.sites.borrow().clone()
+    }
+
+    pub fn site(&self, id: u32) -> Result<LinearSite, String> {
+        self.sites.borrow().get(id as usize).cloned().ok_or_else(|| format!("unknown linear site id {id}"))
+    }
+
+    pub fn attach_adapter(&self, hook: AdapterHook) {
+        self.adapters.borrow_mut().push(hook);
+    }
+
+    pub fn detach_adapter(&self, key: usize) {
+        self.adapters.borrow_mut().retain(|h| h.key != key);
+    }
+
+    /// `x W^T + b` plus every attached adapter's delta. No borrow is held while adapters run
+    /// (they call back into the runtime).
+    pub fn linear(&self, site_id: u32, x_id: TensorId) -> Result<Tensor, String> {
+        let site = self.site(site_id)?;
+        let x = self.get(x_id)?;
+        let mut y = ops::linear(&x, &site.weight, site.bias.as_ref()).map_err(|e| format!("linear `{}`: {e}", site.name))?;
+        let hooks: Vec<AdapterHook> = self.adapters.borrow().clone();
+        for hook in hooks {
+            let delta = (hook.fns.delta())(hook.state, hook.handle, site_id, x_id).into_result().map_err(|e| e.message.into_string())?;
+            if let Some(id) = delta.into_option() {
+                let d = self.take(id)?;
+                y = y.broadcast_add(&d).map_err(|e| format!("adapter delta at `{}`: {e}", site.name))?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// A Bernoulli keep-mask for dropout.
+    pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor, String> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(format!("dropout probability must be in [0, 1), got {p}"));
+        }
+        if !self.is_training() || p == 0.0 {
+            return Ok(x.clone());
+        }
+        let mut rng = self.rng.borrow_mut();
+        let keep: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() >= p { 1.0 } else { 0.0 }).collect();
+        ops::dropout_with_mask(x, keep, p).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,465 @@
+//! The composite tensor operations behind the host-function table, written against candle.
+//!
+//! Each is composed of candle primitives that have backward passes, so the one autograd graph
+//! differentiates through them; each has a finite-difference gradient test below. The direct
+//! (in-host) reference models use the same functions, which keeps the plugin path and the
+//! direct path computing identical graphs.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// `x * sigmoid(1.702 x)` (OpenAI CLIP).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    x.mul(&sigmoid(&x.affine(1.702, 0.0)?)?)
+}
+
+/// Logistic sigmoid, `1 / (1 + e^-x)`.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// Softmax along `dim`, shifted by the (detached) maximum for stability.
+pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let max = x.max_keepdim(dim)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(dim)?)
+}
+
+/// Log-softmax along `dim`.
+pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let max = x.max_keepdim(dim)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(dim)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// Layer norm over the last dimension (biased variance, as PyTorch).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// `x W^T + b` with W: [out, in], broadcasting over x's leading dims.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = matmul(x, &weight.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// Batched matmul with broadcasting over leading dims.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.broadcast_matmul(b)
+}
+
+/// Non-overlapping patch embedding: [B, C, H, W] x [D, C, P, P] -> [B, N, D], a stride-P
+/// convolution written as unfold + matmul (exact, and differentiable through reshapes).
+pub fn patch_embed(pixels: &Tensor, weight: &Tensor, bias: Option<&Tensor>, patch: usize) -> Result<Tensor> {
+    let (b, c, h, w) = pixels.dims4()?;
+    let (d, wc, p1, p2) = weight.dims4()?;
+    if wc != c || p1 != patch || p2 != patch {
+        candle_core::bail!("patch_embed: weight shape [{d}, {wc}, {p1}, {p2}] does not fit {c} channels and patch {patch}");
+    }
+    if h % patch != 0 || w % patch != 0 {
+        candle_core::bail!("patch_embed: image {h}x{w} is not divisible by patch {patch}");
+    }
+    let (gh, gw) = (h / patch, w / patch);
+    let cols = pixels
+        .reshape((b, c, gh, patch, gw, patch))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b, gh * gw, c * patch * patch))?;
+    linear(&cols, &weight.reshape((d, c * patch * patch))?, bias)
+}
+
+/// The additive value used for masked attention logits: finite, so a fully masked row gives
+/// a uniform distribution rather than NaN.
+fn mask_value(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        _ => -1e30,
+    }
+}
+
+/// Scaled dot-product attention on [B, H, L, Dh]. `causal` masks keys after each query
+/// (aligned to the end when Lk > Lq); `key_padding_mask` is [B, Lk] with 1 = attend.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, key_padding_mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (_, _, lq, _) = q.dims4()?;
+    let (b, _, lk, _) = k.dims4()?;
+    let mut scores = matmul(q, &k.t()?)?.affine(scale, 0.0)?;
+    let dtype = scores.dtype();
+    if causal {
+        let offset = lk.saturating_sub(lq);
+        let mask: Vec<f32> = (0..lq)
+            .flat_map(|i| (0..lk).map(move |j| if j > i + offset { 1.0 } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (lq, lk), q.device())?.to_dtype(dtype)?.affine(mask_value(dtype), 0.0)?;
+        scores = scores.broadcast_add(&mask)?;
+    }
+    if let Some(m) = key_padding_mask {
+        let (mb, mk) = m.dims2()?;
+        if mb != b || mk != lk {
+            candle_core::bail!("attention: key padding mask is [{mb}, {mk}], expected [{b}, {lk}]");
+        }
+        let additive = m.to_dtype(dtype)?.affine(-mask_value(dtype), mask_value(dtype))?.reshape((b, 1, 1, lk))?;
+        scores = scores.broadcast_add(&additive)?;
+    }
+    matmul(&softmax(&scores, 3)?, v)
+}
+
+/// Element-wise unary op by `recall_sdk::abi::unary` code.
+pub fn unary(code: u32, x: &Tensor) -> Result<Tensor> {
+    use recall_sdk::abi::unary as u;
+    match code {
+        u::EXP => x.exp(),
+        u::LOG => x.log(),
+        u::SQRT => x.sqrt(),
+        u::NEG => x.neg(),
+        u::ABS => x.abs(),
+        u::RELU => x.relu(),
+        u::GELU => x.gelu_erf(),
+        u::GELU_TANH => x.gelu(),
+        u::QUICK_GELU => quick_gelu(x),
+        u::TANH => x.tanh(),
+        u::SIGMOID => sigmoid(x),
+        u::SQR => x.sqr(),
+        u::RECIP => x.recip(),
+        u::SILU => x.mul(&sigmoid(x)?),
+        other => candle_core::bail!("unknown unary op code {other}: the plugin was built for a newer recall"),
+    }
+}
+
+/// Broadcasting binary op by `recall_sdk::abi::binary` code.
+pub fn binary(code: u32, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    use recall_sdk::abi::binary as bi;
+    match code {
+        bi::ADD => a.broadcast_add(b),
+        bi::SUB => a.broadcast_sub(b),
+        bi::MUL => a.broadcast_mul(b),
+        bi::DIV => a.broadcast_div(b),
+        bi::MAXIMUM => a.broadcast_maximum(b),
+        bi::MINIMUM => a.broadcast_minimum(b),
+        other => candle_core::bail!("unknown binary op code {other}: the plugin was built for a newer recall"),
+    }
+}
+
+/// Reduction by `recall_sdk::abi::reduce` code over `dims`.
+pub fn reduce(code: u32, x: &Tensor, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+    use recall_sdk::abi::reduce as r;
+    let squeeze = |y: Tensor| -> Result<Tensor> {
+        if keepdim {
+            return Ok(y);
+        }
+        let mut sorted = dims.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        sorted.iter().rev().try_fold(y, |y, &d| y.squeeze(d))
+    };
+    match code {
+        r::SUM => squeeze(x.sum_keepdim(dims)?),
+        r::MEAN => squeeze(x.mean_keepdim(dims)?),
+        r::MAX => reduce_extreme(x, dims, keepdim, true),
+        r::MIN => reduce_extreme(x, dims, keepdim, false),
+        other => candle_core::bail!("unknown reduce op code {other}: the plugin was built for a newer recall"),
+    }
+}
+
+/// Reshape with at most one -1 entry.
+pub fn reshape(x: &Tensor, shape: &[i64]) -> Result<Tensor> {
+    let total = x.elem_count();
+    let known: i64 = shape.iter().filter(|&&d| d != -1).product();
+    let holes = shape.iter().filter(|&&d| d == -1).count();
+    let dims: Vec<usize> = match holes {
+        0 => shape.iter().map(|&d| d as usize).collect(),
+        1 if known > 0 && total as i64 % known == 0 => {
+            shape.iter().map(|&d| if d == -1 { (total as i64 / known) as usize } else { d as usize }).collect()
+        }
+        _ => candle_core::bail!("cannot reshape {:?} to {shape:?}", x.dims()),
+    };
+    if shape.iter().any(|&d| d < -1) {
+        candle_core::bail!("cannot reshape {:?} to {shape:?}: negative dimension", x.dims());
+    }
+    let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+    x.reshape(dims)
+}
+
+/// Look up rows of `table` ([V, D]) at `ids` (any shape) -> [..ids, D].
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (_, d) = table.dims2()?;
+    let mut shape = ids.dims().to_vec();
+    let flat = table.index_select(&ids.flatten_all()?, 0)?;
+    shape.push(d);
+    flat.reshape(shape)
+}
+
+/// Inverted dropout with a mask drawn by the caller's generator.
+pub fn dropout_with_mask(x: &Tensor, keep: Vec<f32>, p: f64) -> Result<Tensor> {
+    let mask = Tensor::from_vec(keep, x.dims(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)?.affine(1.0 / (1.0 - p), 0.0)
+}
+
+/// Maximum (or minimum) over several dims.
+pub fn reduce_extreme(x: &Tensor, dims: &[usize], keepdim: bool, max: bool) -> Result<Tensor> {
+    let mut sorted = dims.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut y = x.clone();
+    for &d in sorted.iter().rev() {
+        y = if max { y.max_keepdim(d)? } else { y.min_keepdim(d)? };
+    }
+    if keepdim {
+        Ok(y)
+    } else {
+        let mut y = y;
+        for &d in sorted.iter().rev() {
+            y = y.squeeze(d)?;
+        }
+        Ok(y)
+    }
+}
+
+/// CLIP's symmetric contrastive loss over L2-normalised features: mean of the image->text and
+/// text->image cross-entropies of `exp(logit_scale) * img @ txt^T` against the diagonal.
+pub fn clip_loss(image_features: &Tensor, text_features: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
+    let img = l2_normalize(image_features)?;
+    let txt = l2_normalize(text_features)?;
+    let logits = matmul(&img, &txt.t()?)?.broadcast_mul(&logit_scale.exp()?)?;
+    let n = logits.dim(0)?;
+    let labels = Tensor::arange(0u32, n as u32, logits.device())?;
+    let i2t = cross_entropy(&logits, &labels)?;
+    let t2i = cross_entropy(&logits.t()?, &labels)?;
+    (i2t + t2i)? * 0.5
+}
+
+/// Mean cross-entropy of logits [N, C] against class indices [N].
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax(logits, 1)?;
+    let picked = logp.gather(&labels.unsqueeze(1)?, 1)?;
+    picked.neg()?.mean_all()
+}
+
+/// L2-normalise rows (last dim).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    x.broadcast_div(&norm)
+}
+
+/// A device from a config string: `cpu`, `cuda`, `cuda:N`.
+pub fn device_from_name(name: &str) -> std::result::Result<Device, String> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        n if n == "cuda" || n.starts_with("cuda:") || n == "auto" => {
+            let ordinal = n.strip_prefix("cuda:").map(|s| s.parse::<usize>()).transpose();
+            let ordinal = ordinal.map_err(|_| format!("invalid device `{n}`: expected `cpu`, `cuda` or `cuda:N`"))?.unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                if n == "auto" {
+                    return Ok(Device::Cpu);
+                }
+                return Err(format!(
+                    "device `{n}` was requested but this build of recall has no CUDA support; rebuild with `--features cuda` or set device = \"cpu\""
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(|e| format!("device `{n}`: no usable GPU ({e})"))
+        }
+        other => Err(format!("invalid device `{other}`: expected `cpu`, `cuda`, `cuda:N` or `auto`")),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// Deterministic pseudo-random values (no rand dependency in tests).
+    pub fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    pub fn randt(shape: &[usize], seed: u64) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(values(n, seed), shape, &Device::Cpu).unwrap()
+    }
+
+    /// Check d(sum(f(inputs) * r))/d(inputs) against central finite differences in f64.
+    pub fn grad_check(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts).unwrap();
+        let r = randt(out.dims(), 999);
+        let loss = out.mul(&r).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let eps = 1e-4;
+        for (i, v) in vars.iter().enumerate() {
+            let analytic: Vec<f64> = match grads.get(v.as_tensor()) {
+                Some(g) => g.flatten_all().unwrap().to_vec1().unwrap(),
+                None => vec![0.0; v.elem_count()],
+            };
+            let base: Vec<f64> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let eval = |vals: &[f64]| -> f64 {
+                let mut ins: Vec<Tensor> = inputs.to_vec();
+                ins[i] = Tensor::from_vec(vals.to_vec(), inputs[i].dims(), &Device::Cpu).unwrap();
+                f(&ins).unwrap().mul(&r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            };
+            let mut max_err = 0f64;
+            for j in 0..base.len() {
+                let mut plus = base.clone();
+                plus[j] += eps;
+                let mut minus = base.clone();
+                minus[j] -= eps;
+                let numeric = (eval(&plus) - eval(&minus)) / (2.0 * eps);
+                let err = (numeric - analytic[j]).abs() / numeric.abs().max(analytic[j].abs()).max(1e-3);
+                max_err = max_err.max(err);
+            }
+            assert!(max_err <= 1e-4, "{name}: input {i}: max relative gradient error {max_err:e}");
+        }
+    }
+
+    #[test]
+    fn grad_softmax_and_log_softmax() {
+        grad_check("softmax", &[randt(&[3, 5], 1)], |x| softmax(&x[0], 1));
+        grad_check("softmax dim0", &[randt(&[3, 5], 2)], |x| softmax(&x[0], 0));
+        grad_check("log_softmax", &[randt(&[3, 5], 3)], |x| log_softmax(&x[0], 1));
+    }
+
+    #[test]
+    fn grad_layer_norm() {
+        grad_check("layer_norm", &[randt(&[2, 3, 6], 4), randt(&[6], 5), randt(&[6], 6)], |x| {
+            layer_norm(&x[0], &x[1], &x[2], 1e-5)
+        });
+    }
+
+    #[test]
+    fn grad_activations() {
+        grad_check("quick_gelu", &[randt(&[4, 3], 7)], |x| quick_gelu(&x[0]));
+        grad_check("sigmoid", &[randt(&[4, 3], 8)], |x| sigmoid(&x[0]));
+    }
+
+    #[test]
+    fn grad_linear_and_matmul() {
+        grad_check("linear", &[randt(&[2, 3, 4], 9), randt(&[5, 4], 10), randt(&[5], 11)], |x| {
+            linear(&x[0], &x[1], Some(&x[2]))
+        });
+        grad_check("matmul batched", &[randt(&[2, 3, 4], 12), randt(&[4, 2], 13)], |x| matmul(&x[0], &x[1]));
+    }
+
+    #[test]
+    fn grad_patch_embed() {
+        grad_check("patch_embed", &[randt(&[2, 3, 4, 4], 14), randt(&[5, 3, 2, 2], 15), randt(&[5], 16)], |x| {
+            patch_embed(&x[0], &x[1], Some(&x[2]), 2)
+        });
+    }
+
+    #[test]
+    fn patch_embed_equals_convolution() {
+        let px = randt(&[1, 2, 4, 4], 17);
+        let w = randt(&[3, 2, 2, 2], 18);
+        let ours = patch_embed(&px, &w, None, 2).unwrap();
+        let conv = px.conv2d(&w, 0, 2, 1, 1).unwrap().flatten_from(2).unwrap().transpose(1, 2).unwrap();
+        let diff = (ours - conv).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12, "{diff}");
+    }
+
+    #[test]
+    fn grad_attention_plain_causal_padded() {
+        let (q, k, v) = (randt(&[2, 2, 3, 4], 19), randt(&[2, 2, 3, 4], 20), randt(&[2, 2, 3, 4], 21));
+        grad_check("attention", &[q.clone(), k.clone(), v.clone()], |x| attention(&x[0], &x[1], &x[2], false, None, 0.5));
+        grad_check("attention causal", &[q.clone(), k.clone(), v.clone()], |x| attention(&x[0], &x[1], &x[2], true, None, 0.5));
+        let mask = Tensor::from_vec(vec![1u32, 1, 0, 1, 0, 0], (2, 3), &Device::Cpu).unwrap();
+        grad_check("attention padded", &[q, k, v], |x| attention(&x[0], &x[1], &x[2], false, Some(&mask), 0.5));
+    }
+
+    #[test]
+    fn causal_attention_ignores_later_keys() {
+        let (q, k, v) = (randt(&[1, 1, 4, 2], 22), randt(&[1, 1, 4, 2], 23), randt(&[1, 1, 4, 2], 24));
+        let a = attention(&q, &k, &v, true, None, 1.0).unwrap();
+        let k2 = k.slice_assign(&[0..1, 0..1, 3..4, 0..2], &randt(&[1, 1, 1, 2], 25)).unwrap();
+        let v2 = v.slice_assign(&[0..1, 0..1, 3..4, 0..2], &randt(&[1, 1, 1, 2], 26)).unwrap();
+        let b = attention(&q, &k2, &v2, true, None, 1.0).unwrap();
+        let first = |t: &Tensor| t.narrow(2, 0, 3).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(first(&a), first(&b));
+    }
+
+    #[test]
+    fn grad_embedding_reshape_extremes() {
+        let ids = Tensor::from_vec(vec![2u32, 0, 2, 1], (2, 2), &Device::Cpu).unwrap();
+        grad_check("embedding", &[randt(&[3, 4], 27)], |x| embedding(&x[0], &ids));
+        grad_check("reshape", &[randt(&[2, 6], 28)], |x| reshape(&x[0].t()?, &[-1, 3]));
+        grad_check("max over dims", &[randt(&[2, 3, 4], 29)], |x| reduce_extreme(&x[0], &[0, 2], false, true));
+        grad_check("min keepdim", &[randt(&[2, 3, 4], 30)], |x| reduce_extreme(&x[0], &[1], true, false));
+    }
+
+    #[test]
+    fn grad_clip_loss_and_cross_entropy() {
+        grad_check("clip_loss", &[randt(&[4, 3], 31), randt(&[4, 3], 32), randt(&[1], 33)], |x| {
+            clip_loss(&x[0], &x[1], &x[2])
+        });
+        let labels = Tensor::from_vec(vec![1u32, 0, 2], 3, &Device::Cpu).unwrap();
+        grad_check("cross_entropy", &[randt(&[3, 4], 34)], |x| cross_entropy(&x[0], &labels));
+    }
+
+    #[test]
+    fn grad_every_unary_binary_reduce_code() {
+        use recall_sdk::abi::{binary as bi, reduce as r, unary as u};
+        // Positive inputs for log/sqrt/recip; others on [-1, 1] shifted away from kinks.
+        let pos = (randt(&[3, 4], 40).abs().unwrap() + 0.5).unwrap();
+        let signed = (randt(&[3, 4], 41) + 0.013).unwrap();
+        for code in [u::EXP, u::NEG, u::GELU, u::GELU_TANH, u::QUICK_GELU, u::TANH, u::SIGMOID, u::SQR, u::SILU] {
+            grad_check(&format!("unary {code}"), &[signed.clone()], |x| unary(code, &x[0]));
+        }
+        for code in [u::LOG, u::SQRT, u::RECIP, u::ABS, u::RELU] {
+            grad_check(&format!("unary {code}"), &[pos.clone()], |x| unary(code, &x[0]));
+        }
+        let b = (randt(&[4], 42).abs().unwrap() + 0.5).unwrap();
+        for code in [bi::ADD, bi::SUB, bi::MUL, bi::DIV, bi::MAXIMUM, bi::MINIMUM] {
+            grad_check(&format!("binary {code}"), &[signed.clone(), b.clone()], |x| binary(code, &x[0], &x[1]));
+        }
+        for code in [r::SUM, r::MEAN, r::MAX, r::MIN] {
+            grad_check(&format!("reduce {code}"), &[signed.clone()], |x| reduce(code, &x[0], &[1], false));
+            grad_check(&format!("reduce {code} keepdim"), &[signed.clone()], |x| reduce(code, &x[0], &[0], true));
+        }
+    }
+
+    #[test]
+    fn grad_shape_ops_and_scalars() {
+        let x = randt(&[2, 3, 4], 43);
+        grad_check("permute", &[x.clone()], |x| x[0].permute((2, 0, 1)));
+        grad_check("transpose", &[x.clone()], |x| x[0].transpose(0, 2));
+        grad_check("narrow", &[x.clone()], |x| x[0].narrow(1, 1, 2));
+        grad_check("cat", &[x.clone(), randt(&[2, 1, 4], 44)], |x| Tensor::cat(&[&x[0], &x[1]], 1));
+        let idx = Tensor::from_vec(vec![2u32, 0, 0], 3, &Device::Cpu).unwrap();
+        grad_check("index_select", &[x.clone()], |x| x[0].index_select(&idx, 1));
+        let gidx = Tensor::from_vec(vec![1u32, 0, 2, 2, 1, 0], (2, 3, 1), &Device::Cpu).unwrap();
+        grad_check("gather", &[randt(&[2, 3, 3], 45)], |x| x[0].gather(&gidx, 2));
+        grad_check("broadcast_as", &[randt(&[1, 4], 46)], |x| x[0].broadcast_as((3, 4)));
+        grad_check("affine", &[x.clone()], |x| x[0].affine(1.5, -0.25));
+        let pos = (randt(&[5], 47).abs().unwrap() + 0.5).unwrap();
+        grad_check("powf", &[pos], |x| x[0].powf(1.7));
+        grad_check("clamp", &[(randt(&[6], 48) * 2.0).unwrap()], |x| x[0].clamp(-0.5, 0.6));
+        // f32 rounding defeats finite differences at 1e-6; the cast's backward is a cast back.
+        let v = Var::from_tensor(&x).unwrap();
+        let r = randt(&[2, 3, 4], 51);
+        let g = v.to_dtype(DType::F32).unwrap().to_dtype(DType::F64).unwrap().mul(&r).unwrap().sum_all().unwrap();
+        let g = g.backward().unwrap().get(v.as_tensor()).unwrap().clone();
+        let diff = (g - &r).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-6, "to_dtype gradient off by {diff}");
+        grad_check("dropout mask", &[randt(&[2, 3], 49)], |x| dropout_with_mask(&x[0], vec![1.0, 0.0, 1.0, 1.0, 0.0, 1.0], 0.25));
+        grad_check("l2_normalize", &[randt(&[3, 4], 50)], |x| l2_normalize(&x[0]));
+    }
+
+    #[test]
+    fn reshape_rejects_bad_shapes() {
+        let x = randt(&[2, 3], 35);
+        assert!(reshape(&x, &[-1, -1]).is_err());
+        assert!(reshape(&x, &[4, -1]).is_err());
+        assert_eq!(reshape(&x, &[3, -1]).unwrap().dims(), &[3, 2]);
+    }
+}

@@ -1,0 +1,134 @@
+//! The parameter store: every parameter of every plugin, by scoped name.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal, Uniform};
+use recall_sdk::ParamInit;
+
+/// One host-owned parameter.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    pub trainable: bool,
+    pub init: ParamInit,
+}
+
+/// Named parameters in creation order (which is deterministic, so initialisation from one
+/// seed is reproducible).
+#[derive(Default)]
+pub struct ParamStore {
+    params: Vec<Param>,
+    by_name: HashMap<String, usize>,
+    by_tensor: HashMap<candle_core::TensorId, usize>,
+}
+
+/// Draw an initial value.
+pub fn init_tensor(init: ParamInit, shape: &[usize], dtype: DType, device: &Device, rng: &mut StdRng) -> Result<Tensor, String> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = match init.kind {
+        ParamInit::KIND_CONSTANT => vec![init.a as f32; n],
+        ParamInit::KIND_NORMAL => {
+            let d = Normal::new(init.a, init.b).map_err(|e| format!("invalid normal init ({}, {}): {e}", init.a, init.b))?;
+            (0..n).map(|_| d.sample(rng) as f32).collect()
+        }
+        ParamInit::KIND_UNIFORM => {
+            if init.a >= init.b {
+                return Ok(Tensor::full(init.a as f32, shape, device).and_then(|t| t.to_dtype(dtype)).map_err(|e| e.to_string())?);
+            }
+            let d = Uniform::new(init.a, init.b).map_err(|e| format!("invalid uniform init: {e}"))?;
+            (0..n).map(|_| d.sample(rng) as f32).collect()
+        }
+        other => return Err(format!("unknown parameter init kind {other}: the plugin was built for a newer recall")),
+    };
+    Tensor::from_vec(data, shape, device).and_then(|t| t.to_dtype(dtype)).map_err(|e| e.to_string())
+}
+
+impl ParamStore {
+    pub fn get(&self, name: &str) -> Option<&Param> {
+        self.by_name.get(name).map(|&i| &self.params[i])
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Param> {
+        self.by_name.get(name).map(|&i| &mut self.params[i])
+    }
+
+    /// The parameter whose tensor is `t` (a parameter's own tensor, not a computed one).
+    pub fn by_tensor(&self, t: &Tensor) -> Option<&Param> {
+        self.by_tensor.get(&t.id()).map(|&i| &self.params[i])
+    }
+
+    pub fn insert(&mut self, param: Param) -> &Param {
+        let i = self.params.len();
+        self.by_name.insert(param.name.clone(), i);
+        self.by_tensor.insert(param.var.as_tensor().id(), i);
+        self.params.push(param);
+        &self.params[i]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Param> {
+        self.params.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Param> {
+        self.params.iter_mut()
+    }
+
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// Number of scalar values in trainable parameters.
+    pub fn trainable_count(&self) -> usize {
+        self.params.iter().filter(|p| p.trainable).map(|p| p.var.elem_count()).sum()
+    }
+
+    /// Every parameter's current value, by name (values are copied, so later updates do not
+    /// change a snapshot).
+    pub fn snapshot(&self) -> Result<HashMap<String, Tensor>, candle_core::Error> {
+        self.params.iter().map(|p| Ok((p.name.clone(), p.var.as_tensor().copy()?.detach()))).collect()
+    }
+
+    /// Save every parameter to a safetensors file (atomically: temp file + rename).
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let tensors = self.snapshot()?;
+        crate::fsutil::write_atomic_with(path, |tmp| candle_core::safetensors::save(&tensors, tmp).map_err(Into::into))
+    }
+
+    /// Load values by name. Every name in the file must exist with the same shape, and every
+    /// parameter must be present; all mismatches are reported together.
+    pub fn load(&self, path: &Path) -> anyhow::Result<()> {
+        let device = self.params.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+        let loaded = candle_core::safetensors::load(path, &device)
+            .map_err(|e| anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()))?;
+        let mut problems = Vec::new();
+        for p in &self.params {
+            match loaded.get(&p.name) {
+                None => problems.push(format!("missing: {} {:?}", p.name, p.var.dims())),
+                Some(t) if t.dims() != p.var.dims() => {
+                    problems.push(format!("mis-shaped: {} is {:?} in the file, {:?} in the model", p.name, t.dims(), p.var.dims()))
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, t) in &loaded {
+            if !self.by_name.contains_key(name) {
+                problems.push(format!("unexpected: {name} {:?}", t.dims()));
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort();
+            anyhow::bail!("checkpoint {} does not fit the model:\n  {}", path.display(), problems.join("\n  "));
+        }
+        for p in &self.params {
+            p.var.set(&loaded[&p.name].to_dtype(p.var.dtype())?)?;
+        }
+        Ok(())
+    }
+}
