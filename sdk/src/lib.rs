@@ -34,6 +34,7 @@
 
 pub mod abi;
 pub mod config;
+pub mod nn;
 mod error;
 mod kinds;
 mod tensor;

@@ -12,6 +12,18 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     x.mul(&sigmoid(&x.affine(1.702, 0.0)?)?)
 }
 
+/// Exact GELU, `x/2 (1 + erf(x/sqrt 2))`, composed so that its gradient is exact (candle's
+/// fused `gelu_erf` backward uses a 6-digit constant).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    (x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)?.mul(x)?.affine(0.5, 0.0)
+}
+
+/// Tanh-approximated GELU, composed for an exact gradient.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let inner = (x + x.sqr()?.mul(x)?.affine(0.044715, 0.0)?)?.affine((2.0 / std::f64::consts::PI).sqrt(), 0.0)?;
+    (inner.tanh()? + 1.0)?.mul(x)?.affine(0.5, 0.0)
+}
+
 /// Logistic sigmoid, `1 / (1 + e^-x)`.
 pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
@@ -120,8 +132,8 @@ pub fn unary(code: u32, x: &Tensor) -> Result<Tensor> {
         u::NEG => x.neg(),
         u::ABS => x.abs(),
         u::RELU => x.relu(),
-        u::GELU => x.gelu_erf(),
-        u::GELU_TANH => x.gelu(),
+        u::GELU => gelu_erf(x),
+        u::GELU_TANH => gelu_tanh(x),
         u::QUICK_GELU => quick_gelu(x),
         u::TANH => x.tanh(),
         u::SIGMOID => sigmoid(x),

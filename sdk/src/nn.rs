@@ -1,0 +1,179 @@
+//! Building blocks for encoder plugins, composed from host ops: layer norm, multi-head
+//! attention and the pre-LN transformer block used by CLIP's towers (and TokLIP's token
+//! encoder). Every projection is a declared linear site, so adapters apply inside them.
+
+use crate::abi::ParamInit;
+use crate::error::{Error, Result};
+use crate::tensor::{Host, Site, Tensor};
+
+/// Activation of a transformer MLP.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
+    QuickGelu,
+    /// Exact GELU (HF CLIP, BERT).
+    Gelu,
+    /// Tanh-approximated GELU.
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::QuickGelu => x.quick_gelu(),
+            Activation::Gelu => x.gelu(),
+            Activation::GeluTanh => x.gelu_tanh(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// Layer norm over the last dimension with learned affine parameters.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Parameters `{name}.weight` (ones) and `{name}.bias` (zeros).
+    pub fn new(host: &Host, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: host.param(&format!("{name}.weight"), &[dim], ParamInit::ones(), true)?,
+            bias: host.param(&format!("{name}.bias"), &[dim], ParamInit::zeros(), true)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.layer_norm(&self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Multi-head self-attention with separate q/k/v/out projections (adapter sites
+/// `{name}.q_proj`, `k_proj`, `v_proj`, `out_proj`).
+pub struct SelfAttention {
+    q: Site,
+    k: Site,
+    v: Site,
+    out: Site,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl SelfAttention {
+    pub fn new(host: &Host, name: &str, width: usize, heads: usize, init_std: f64, out_std: f64) -> Result<Self> {
+        if heads == 0 || width % heads != 0 {
+            return Err(Error::new(format!("width {width} is not divisible by {heads} heads")));
+        }
+        let site = |n: &str, std: f64| {
+            host.declare_linear(&format!("{name}.{n}"), width, width, true, ParamInit::normal(0.0, std), ParamInit::zeros())
+        };
+        Ok(SelfAttention {
+            q: site("q_proj", init_std)?,
+            k: site("k_proj", init_std)?,
+            v: site("v_proj", init_std)?,
+            out: site("out_proj", out_std)?,
+            heads,
+            head_dim: width / heads,
+        })
+    }
+
+    /// x: [B, L, W] -> [B, L, W].
+    pub fn forward(&self, host: &Host, x: &Tensor, causal: bool, key_padding_mask: Option<&Tensor>) -> Result<Tensor> {
+        let shape = x.shape()?;
+        let (b, l) = (shape[0] as i64, shape[1] as i64);
+        let split = |site: Site| -> Result<Tensor> {
+            host.linear(site, x)?.reshape(&[b, l, self.heads as i64, self.head_dim as i64])?.transpose(1, 2)
+        };
+        let (q, k, v) = (split(self.q)?, split(self.k)?, split(self.v)?);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let y = host.attention(&q, &k, &v, causal, key_padding_mask, scale)?;
+        let y = y.transpose(1, 2)?.reshape(&[b, l, -1])?;
+        host.linear(self.out, &y)
+    }
+}
+
+/// Two-layer MLP with sites `{name}.fc1` and `{name}.fc2`.
+pub struct Mlp {
+    fc1: Site,
+    fc2: Site,
+    activation: Activation,
+}
+
+impl Mlp {
+    pub fn new(host: &Host, name: &str, width: usize, hidden: usize, activation: Activation, fc1_std: f64, fc2_std: f64) -> Result<Self> {
+        Ok(Mlp {
+            fc1: host.declare_linear(&format!("{name}.fc1"), width, hidden, true, ParamInit::normal(0.0, fc1_std), ParamInit::zeros())?,
+            fc2: host.declare_linear(&format!("{name}.fc2"), hidden, width, true, ParamInit::normal(0.0, fc2_std), ParamInit::zeros())?,
+            activation,
+        })
+    }
+
+    pub fn forward(&self, host: &Host, x: &Tensor) -> Result<Tensor> {
+        let h = self.activation.apply(&host.linear(self.fc1, x)?)?;
+        host.linear(self.fc2, &h)
+    }
+}
+
+/// Shape of a transformer stack.
+#[derive(Clone, Debug)]
+pub struct TransformerConfig {
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp_hidden: usize,
+    pub activation: Activation,
+    pub layer_norm_eps: f64,
+}
+
+/// A pre-LN residual block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+pub struct Block {
+    ln_1: LayerNorm,
+    attn: SelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// Parameters under `{name}.` with open_clip's initialisation scheme.
+    pub fn new(host: &Host, name: &str, cfg: &TransformerConfig) -> Result<Self> {
+        let w = cfg.width as f64;
+        let attn_std = w.powf(-0.5);
+        let proj_std = w.powf(-0.5) * (2.0 * cfg.layers as f64).powf(-0.5);
+        let fc_std = (2.0 * w).powf(-0.5);
+        Ok(Block {
+            ln_1: LayerNorm::new(host, &format!("{name}.ln_1"), cfg.width, cfg.layer_norm_eps)?,
+            attn: SelfAttention::new(host, &format!("{name}.attn"), cfg.width, cfg.heads, attn_std, proj_std)?,
+            ln_2: LayerNorm::new(host, &format!("{name}.ln_2"), cfg.width, cfg.layer_norm_eps)?,
+            mlp: Mlp::new(host, &format!("{name}.mlp"), cfg.width, cfg.mlp_hidden, cfg.activation, fc_std, proj_std)?,
+        })
+    }
+
+    pub fn forward(&self, host: &Host, x: &Tensor, causal: bool, key_padding_mask: Option<&Tensor>) -> Result<Tensor> {
+        let x = x.add(&self.attn.forward(host, &self.ln_1.forward(x)?, causal, key_padding_mask)?)?;
+        x.add(&self.mlp.forward(host, &self.ln_2.forward(&x)?)?)
+    }
+}
+
+/// A stack of [`Block`]s named `{name}.{i}`.
+pub struct Transformer {
+    blocks: Vec<Block>,
+}
+
+impl Transformer {
+    pub fn new(host: &Host, name: &str, cfg: &TransformerConfig) -> Result<Self> {
+        let blocks = (0..cfg.layers).map(|i| Block::new(host, &format!("{name}.{i}"), cfg)).collect::<Result<_>>()?;
+        Ok(Transformer { blocks })
+    }
+
+    pub fn forward(&self, host: &Host, x: &Tensor, causal: bool, key_padding_mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for b in &self.blocks {
+            x = b.forward(host, &x, causal, key_padding_mask)?;
+        }
+        Ok(x)
+    }
+}
