@@ -4,5 +4,15 @@
 //! runtime behind the plugin ABI, the optimizer, the training engine, evaluation and reports.
 //! It is the only crate that knows candle.
 
+pub mod bench;
+pub mod conformance;
+pub mod config;
+pub mod data;
+pub mod engine;
 pub mod fsutil;
+pub mod loader;
+pub mod model;
+pub mod optim;
+pub mod plugin;
+pub mod reference;
 pub mod runtime;

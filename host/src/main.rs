@@ -1,1 +1,146 @@
-fn main(){}
+//! The `recall` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use recall_host::{config, engine, loader};
+
+#[derive(Parser)]
+#[command(name = "recall", version, about = "Continual-learning experiments on CLIP-style vision-language models")]
+struct Cli {
+    /// Show debug logs and full plugin-loading reports.
+    #[arg(long, short, global = true)]
+    verbose: bool,
+    /// No progress bars or tables.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Extra plugin directory (searched before RECALL_PLUGIN_PATH); repeatable.
+    #[arg(long = "plugin-path", global = true)]
+    plugin_path: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an experiment file.
+    Run {
+        file: PathBuf,
+        /// Override a config key, e.g. `--set train.epochs=2`; repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Write the run here instead of a new directory under `output_dir`.
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
+    /// List the plugins found on the plugin path.
+    Plugins,
+    /// Run the conformance suite of a plugin's kind against a cdylib.
+    CheckPlugin {
+        path: PathBuf,
+        /// TOML options for the plugin (default: none, so the plugin's defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Time one training step through the plugins against the same ops linked in directly.
+    Bench {
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+    },
+}
+
+fn init_logging(verbose: bool) {
+    let default = if verbose { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RECALL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn registry(cli: &Cli, configured: &[PathBuf]) -> loader::Registry {
+    let mut dirs = cli.plugin_path.clone();
+    dirs.extend_from_slice(configured);
+    let reg = loader::Registry::discover(&loader::search_path(&dirs));
+    for (path, e) in &reg.failures {
+        tracing::debug!(path = %path.display(), "skipped: {e}");
+    }
+    reg
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Run { file, set, run_dir } => {
+            let cfg = config::load(file, set)?;
+            let reg = registry(cli, &cfg.config.plugins.search_path);
+            let opts = engine::RunOptions { quiet: cli.quiet, run_dir: run_dir.clone() };
+            let summary = engine::run(&cfg, &reg, &opts)?;
+            if !cli.quiet {
+                println!(
+                    "\n{} steps in {:.1} s; {} trainable of {} parameters; results in {}",
+                    summary.steps,
+                    summary.train_seconds,
+                    summary.trainable_parameters,
+                    summary.total_parameters,
+                    summary.run_dir.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins => {
+            let reg = registry(cli, &[]);
+            println!("{:<16} {:<10} {:<9} {:<6} PATH", "NAME", "KIND", "VERSION", "ABI");
+            for p in &reg.plugins {
+                println!("{:<16} {:<10} {:<9} {:<6} {}", p.name, p.kind, p.version, p.sdk_version, p.path.display());
+            }
+            for (path, e) in &reg.failures {
+                eprintln!("not loaded: {}: {}", path.display(), e);
+                if cli.verbose {
+                    if let Some(d) = &e.detail {
+                        eprintln!("{d}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckPlugin { path, config } => {
+            let options = match config {
+                Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+                None => String::new(),
+            };
+            let plugin = loader::load_plugin(path).map_err(|e| load_error(e, cli.verbose))?;
+            let report = recall_host::conformance::check(&plugin, &options);
+            print!("{report}");
+            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Bench { steps, batch } => {
+            let reg = registry(cli, &[]);
+            let r = recall_host::bench::run(&reg, *steps, *batch)?;
+            println!("{r}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_error(e: loader::LoadError, verbose: bool) -> anyhow::Error {
+    let mut msg = e.to_string();
+    match (&e.detail, verbose) {
+        (Some(d), true) => msg.push_str(&format!("\n\nfull report:\n{d}")),
+        (Some(_), false) => msg.push_str("\n(run with --verbose for abi_stable's full report)"),
+        _ => {}
+    }
+    anyhow::anyhow!(msg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -64,7 +64,17 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 
 /// Batched matmul with broadcasting over leading dims.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.broadcast_matmul(b)
+    matmul_ready(a)?.broadcast_matmul(&matmul_ready(b)?)
+}
+
+/// candle's matmul takes row-major operands and transposes of row-major ones; anything else
+/// (e.g. heads split by a transpose) is copied into a contiguous layout first.
+fn matmul_ready(x: &Tensor) -> Result<Tensor> {
+    if x.is_contiguous() || (x.rank() >= 2 && x.t()?.is_contiguous()) {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
 }
 
 /// Non-overlapping patch embedding: [B, C, H, W] x [D, C, P, P] -> [B, N, D], a stride-P

@@ -1,0 +1,498 @@
+//! Experiment files: the TOML schema, loading with `--set` overrides, and errors that name
+//! file:line:column, the key, and the nearest valid key.
+//!
+//! Host sections are typed structs with `deny_unknown_fields`. A plugin's section is kept as
+//! a TOML table (`plugin = "NAME"` plus the plugin's own keys) and handed to the plugin as
+//! TOML text; the plugin rejects unknown keys itself and the host points at the line.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A config error located in a file.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// One experiment.
+#[derive(Deserialize, Serialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub experiment: ExperimentSection,
+    pub model: ModelSection,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterSection>,
+    #[serde(default, rename = "strategy")]
+    pub strategies: Vec<PluginSection>,
+    pub optimizer: OptimizerSection,
+    pub train: TrainSection,
+    #[serde(rename = "task")]
+    pub tasks: Vec<TaskSection>,
+    #[serde(default, rename = "evaluator")]
+    pub evaluators: Vec<PluginSection>,
+    #[serde(default)]
+    pub plugins: PluginsSection,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSection {
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    #[serde(default = "d::device")]
+    pub device: String,
+    /// Float dtype of parameters and activations: `f32` or `f64`.
+    #[serde(default = "d::dtype")]
+    pub dtype: String,
+    /// Where run directories are created.
+    #[serde(default = "d::output_dir")]
+    pub output_dir: PathBuf,
+}
+
+/// A plugin and its own options (everything but `plugin`).
+#[derive(Deserialize, Serialize, Clone, Debug)]
+pub struct PluginSection {
+    pub plugin: String,
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+impl PluginSection {
+    /// The options as TOML text for the plugin.
+    pub fn options_text(&self) -> String {
+        toml::to_string(&self.options).unwrap_or_default()
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub tokenizer: PluginSection,
+    pub vision: PluginSection,
+    pub text: PluginSection,
+    /// Initial `logit_scale` (log of the inverse temperature); CLIP uses ln(1/0.07).
+    #[serde(default = "d::logit_scale")]
+    pub logit_scale_init: f64,
+    #[serde(default = "d::yes")]
+    pub learn_logit_scale: bool,
+    /// Glob patterns of parameters to keep frozen (e.g. `text.token_embedding`).
+    #[serde(default)]
+    pub frozen: Vec<String>,
+}
+
+/// Which base weights to freeze while an adapter trains.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FreezeBase {
+    /// Freeze the weights (and biases) of the sites the adapter targets; train the rest
+    /// (embeddings, norms, other layers), as C-CLIP's code does.
+    Adapted,
+    /// Freeze every parameter except the adapter's (PEFT's default).
+    All,
+    /// Freeze nothing.
+    None,
+}
+
+/// The adapter plugin, plus the host's knobs for it.
+#[derive(Deserialize, Serialize, Clone, Debug)]
+pub struct AdapterSection {
+    pub plugin: String,
+    /// Fold the adapter into the base weights after every task.
+    #[serde(default)]
+    pub merge_after_task: bool,
+    /// Coefficient of the merge (C-CLIP: 0.5).
+    #[serde(default = "d::one")]
+    pub merge_coefficient: f64,
+    /// Re-initialise the adapter at the start of each task after the first.
+    #[serde(default)]
+    pub fresh_per_task: bool,
+    #[serde(default = "d::freeze")]
+    pub freeze_base: FreezeBase,
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+impl AdapterSection {
+    pub const HOST_KEYS: [&'static str; 5] = ["plugin", "merge_after_task", "merge_coefficient", "fresh_per_task", "freeze_base"];
+
+    pub fn options_text(&self) -> String {
+        toml::to_string(&self.options).unwrap_or_default()
+    }
+}
+
+/// A parameter group: parameters matching `params` (globs) get their own settings.
+#[derive(Deserialize, Serialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ParamGroup {
+    pub params: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSection {
+    pub lr: f64,
+    #[serde(default = "d::weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "d::beta1")]
+    pub beta1: f64,
+    #[serde(default = "d::beta2")]
+    pub beta2: f64,
+    #[serde(default = "d::eps")]
+    pub eps: f64,
+    /// Linear warmup steps at the start of each task.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Learning rate at the end of the cosine schedule, as a fraction of each group's lr.
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    /// Clip the global gradient norm to this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_clip: Option<f64>,
+    /// Groups are matched in order; the first match wins.
+    #[serde(default)]
+    pub groups: Vec<ParamGroup>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub epochs: usize,
+    pub batch_size: usize,
+    #[serde(default = "d::eval_batch_size")]
+    pub eval_batch_size: usize,
+}
+
+/// One task of the sequence. `source = "shapes"` is the embedded generator (no download).
+#[derive(Deserialize, Serialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSection {
+    pub name: String,
+    #[serde(default = "d::source")]
+    pub source: String,
+    pub shapes: Vec<String>,
+    #[serde(default = "d::colors")]
+    pub colors: Vec<String>,
+    /// `filled` or `outline`.
+    #[serde(default = "d::style")]
+    pub style: String,
+    /// Training images per (color, shape, position) combination.
+    #[serde(default = "d::train_per_combo")]
+    pub train_per_combo: usize,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsSection {
+    /// Extra directories searched for plugins, before `RECALL_PLUGIN_PATH`.
+    #[serde(default)]
+    pub search_path: Vec<PathBuf>,
+}
+
+mod d {
+    use std::path::PathBuf;
+    pub fn device() -> String {
+        "cpu".into()
+    }
+    pub fn dtype() -> String {
+        "f32".into()
+    }
+    pub fn output_dir() -> PathBuf {
+        "runs".into()
+    }
+    pub fn logit_scale() -> f64 {
+        (1.0f64 / 0.07).ln()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn one() -> f64 {
+        1.0
+    }
+    pub fn freeze() -> super::FreezeBase {
+        super::FreezeBase::Adapted
+    }
+    pub fn weight_decay() -> f64 {
+        0.1
+    }
+    pub fn beta1() -> f64 {
+        0.9
+    }
+    pub fn beta2() -> f64 {
+        0.98
+    }
+    pub fn eps() -> f64 {
+        1e-6
+    }
+    pub fn eval_batch_size() -> usize {
+        256
+    }
+    pub fn source() -> String {
+        "shapes".into()
+    }
+    pub fn colors() -> Vec<String> {
+        ["red", "green", "blue", "yellow", "magenta", "cyan"].map(String::from).to_vec()
+    }
+    pub fn style() -> String {
+        "filled".into()
+    }
+    pub fn train_per_combo() -> usize {
+        6
+    }
+}
+
+/// 1-based line and column of byte `offset` in `src`.
+pub fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |i| offset - i - 1) + 1;
+    (line, column)
+}
+
+/// A step in a path into the document: a key or an index into an array of tables.
+#[derive(Debug, Clone)]
+pub enum PathStep {
+    Key(String),
+    Index(usize),
+}
+
+/// Byte span of the key at `path` in `src`; when the full path is absent, the span of the
+/// deepest part that exists (the section), so an error still points near its cause.
+pub fn locate(src: &str, path: &[PathStep]) -> Option<std::ops::Range<usize>> {
+    enum Node<'a> {
+        Item(&'a toml_edit::Item),
+        Table(&'a toml_edit::Table),
+    }
+    let doc = toml_edit::Document::parse(src.to_string()).ok()?;
+    let mut node = Node::Item(doc.as_item());
+    let mut span = None;
+    for step in path {
+        match step {
+            PathStep::Key(k) => {
+                let table = match &node {
+                    Node::Item(i) => i.as_table_like(),
+                    Node::Table(t) => Some(*t as &dyn toml_edit::TableLike),
+                };
+                let Some((key, value)) = table.and_then(|t| t.get_key_value(k)) else { return span };
+                span = key.span().or(span);
+                node = Node::Item(value);
+            }
+            PathStep::Index(n) => {
+                let Node::Item(item) = node else { return span };
+                let Some(t) = item.as_array_of_tables().and_then(|a| a.get(*n)) else { return span };
+                span = t.span().or(span);
+                node = Node::Table(t);
+            }
+        }
+    }
+    span
+}
+
+/// Parse a dotted path like `strategy[0].rank` or `model.vision.width`.
+pub fn parse_path(dotted: &str) -> Vec<PathStep> {
+    let mut steps = Vec::new();
+    for part in dotted.split('.') {
+        if let Some((key, rest)) = part.split_once('[') {
+            steps.push(PathStep::Key(key.to_string()));
+            if let Ok(i) = rest.trim_end_matches(']').parse() {
+                steps.push(PathStep::Index(i));
+            }
+        } else {
+            steps.push(PathStep::Key(part.to_string()));
+        }
+    }
+    steps
+}
+
+/// Apply `key=value` overrides (TOML values; bare words are strings) to the document text.
+pub fn apply_overrides(src: &str, file: &str, overrides: &[String]) -> Result<String, ConfigError> {
+    if overrides.is_empty() {
+        return Ok(src.to_string());
+    }
+    let err = |message: String| ConfigError { file: "--set".into(), line: 1, column: 1, message };
+    let mut doc: toml_edit::DocumentMut = src.parse().map_err(|e: toml_edit::TomlError| {
+        let (line, column) = e.span().map_or((1, 1), |s| line_col(src, s.start));
+        ConfigError { file: file.into(), line, column, message: e.message().to_string() }
+    })?;
+    for o in overrides {
+        let (key, value) = o.split_once('=').ok_or_else(|| err(format!("`{o}` is not of the form key=value")))?;
+        let value: toml_edit::Value = value.trim().parse().unwrap_or_else(|_| toml_edit::Value::from(value.trim()));
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        let mut table = doc.as_table_mut() as &mut dyn toml_edit::TableLike;
+        for p in &parts[..parts.len() - 1] {
+            let entry = table.entry(p).or_insert(toml_edit::Item::Table(toml_edit::Table::new()));
+            table = entry.as_table_like_mut().ok_or_else(|| err(format!("`{key}`: `{p}` is not a table")))?;
+        }
+        table.insert(parts[parts.len() - 1], toml_edit::Item::Value(value));
+    }
+    Ok(doc.to_string())
+}
+
+/// Turn a toml/serde error into a located error with a "did you mean" hint.
+fn located(file: &str, src: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, column) = e.span().map_or((1, 1), |s| line_col(src, s.start));
+    let mut message = e.message().trim().to_string();
+    if let Some((key, expected)) = recall_sdk::config::unknown_field(&message) {
+        message = format!("unknown key `{key}`; valid keys here: {}", expected.join(", "));
+        if let Some(best) = recall_sdk::config::nearest(&key, &expected) {
+            message.push_str(&format!("; did you mean `{best}`?"));
+        }
+    }
+    ConfigError { file: file.into(), line, column, message }
+}
+
+/// A loaded experiment: the config and the text it came from (for locating later errors).
+#[derive(Clone, Debug)]
+pub struct LoadedConfig {
+    pub config: ExperimentConfig,
+    pub source: String,
+    pub file: String,
+}
+
+impl LoadedConfig {
+    /// A located error for the key at `dotted` (e.g. `adapter.rnak`).
+    pub fn error_at(&self, dotted: &str, message: impl Into<String>) -> ConfigError {
+        let (line, column) = locate(&self.source, &parse_path(dotted)).map_or((1, 1), |s| line_col(&self.source, s.start));
+        ConfigError { file: self.file.clone(), line, column, message: message.into() }
+    }
+}
+
+/// Parse experiment text.
+pub fn parse(src: &str, file: &str) -> Result<LoadedConfig, ConfigError> {
+    let config: ExperimentConfig = toml::from_str(src).map_err(|e| located(file, src, &e))?;
+    let loaded = LoadedConfig { config, source: src.to_string(), file: file.to_string() };
+    validate(&loaded)?;
+    Ok(loaded)
+}
+
+/// Read, override and parse an experiment file.
+pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedConfig, ConfigError> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError { file: file.clone(), line: 1, column: 1, message: format!("cannot read the experiment file: {e}") })?;
+    let src = apply_overrides(&src, &file, overrides)?;
+    parse(&src, &file)
+}
+
+/// Checks serde cannot express.
+fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
+    let cfg = &c.config;
+    if cfg.tasks.is_empty() {
+        return Err(c.error_at("task", "the experiment has no [[task]]; add at least one"));
+    }
+    if cfg.train.batch_size < 2 {
+        return Err(c.error_at("train.batch_size", "batch_size must be at least 2 (the contrastive loss needs negatives)"));
+    }
+    if cfg.train.epochs == 0 {
+        return Err(c.error_at("train.epochs", "epochs must be at least 1"));
+    }
+    if !matches!(cfg.experiment.dtype.as_str(), "f32" | "f64") {
+        return Err(c.error_at("experiment.dtype", format!("unsupported dtype `{}`; expected `f32` or `f64`", cfg.experiment.dtype)));
+    }
+    if cfg.optimizer.lr <= 0.0 || !cfg.optimizer.lr.is_finite() {
+        return Err(c.error_at("optimizer.lr", "lr must be a positive number"));
+    }
+    for (i, t) in cfg.tasks.iter().enumerate() {
+        if t.source != "shapes" {
+            return Err(c.error_at(&format!("task[{i}].source"), format!("unknown data source `{}`; available: shapes", t.source)));
+        }
+        if let Err(m) = crate::data::shapes::validate(t) {
+            return Err(c.error_at(&format!("task[{i}]"), m));
+        }
+    }
+    if cfg.evaluators.is_empty() {
+        return Err(c.error_at("evaluator", "the experiment has no [[evaluator]]; add e.g. `[[evaluator]] plugin = \"retrieval\"`"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const MINIMAL: &str = r#"
+[experiment]
+name = "t"
+
+[model.tokenizer]
+plugin = "clip-bpe"
+
+[model.vision]
+plugin = "clip-vision"
+
+[model.text]
+plugin = "clip-text"
+
+[optimizer]
+lr = 0.001
+
+[train]
+epochs = 1
+batch_size = 8
+
+[[task]]
+name = "a"
+shapes = ["circle", "square"]
+
+[[evaluator]]
+plugin = "retrieval"
+"#;
+
+    #[test]
+    fn minimal_parses() {
+        let c = parse(MINIMAL, "x.toml").unwrap();
+        assert_eq!(c.config.tasks.len(), 1);
+        assert_eq!(c.config.experiment.device, "cpu");
+    }
+
+    #[test]
+    fn typo_is_located_with_suggestion() {
+        let src = MINIMAL.replace("batch_size = 8", "batch_size = 8\nepohcs = 2");
+        let e = parse(&src, "x.toml").unwrap_err();
+        assert_eq!(e.file, "x.toml");
+        let expected_line = src.lines().position(|l| l.starts_with("epohcs")).unwrap() + 1;
+        assert_eq!((e.line, e.column), (expected_line, 1), "{e}");
+        assert!(e.message.contains("did you mean `epochs`?"), "{e}");
+    }
+
+    #[test]
+    fn plugin_keys_are_located() {
+        let src = MINIMAL.replace("plugin = \"clip-vision\"", "plugin = \"clip-vision\"\nwidht = 3");
+        let c = parse(&src, "x.toml").unwrap();
+        let e = c.error_at("model.vision.widht", "m");
+        let expected_line = src.lines().position(|l| l.starts_with("widht")).unwrap() + 1;
+        assert_eq!((e.line, e.column), (expected_line, 1));
+        let src = MINIMAL.replace("plugin = \"retrieval\"", "plugin = \"retrieval\"\nkz = 3");
+        let c = parse(&src, "x.toml").unwrap();
+        let e = c.error_at("evaluator[0].kz", "m");
+        let expected_line = src.lines().position(|l| l.starts_with("kz")).unwrap() + 1;
+        assert_eq!(e.line, expected_line);
+    }
+
+    #[test]
+    fn overrides_apply() {
+        let src = apply_overrides(MINIMAL, "x.toml", &["train.epochs=3".into(), "experiment.device=cuda:1".into()]).unwrap();
+        let c = parse(&src, "x.toml").unwrap();
+        assert_eq!(c.config.train.epochs, 3);
+        assert_eq!(c.config.experiment.device, "cuda:1");
+    }
+
+    #[test]
+    fn semantic_errors_are_located() {
+        let src = MINIMAL.replace("batch_size = 8", "batch_size = 1");
+        let e = parse(&src, "x.toml").unwrap_err();
+        assert!(e.message.contains("at least 2"), "{e}");
+        assert_eq!(e.line, src.lines().position(|l| l.starts_with("batch_size")).unwrap() + 1);
+    }
+}

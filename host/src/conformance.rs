@@ -1,0 +1,291 @@
+//! `recall check-plugin`: the conformance suite every plugin of a kind must pass, in-tree or
+//! third-party. Each check runs in a fresh CPU runtime; a failing check does not stop the
+//! others.
+
+use std::fmt;
+use std::rc::Rc;
+
+use candle_core::{DType, Device, Tensor};
+use recall_sdk::abi::modality;
+use recall_sdk::{ParamInit, TaskInfo};
+
+use crate::loader::LoadedPlugin;
+use crate::plugin::{AdapterInstance, EncoderInstance, EvaluatorInstance, StrategyInstance, TokenizerInstance};
+use crate::runtime::{ops, Runtime};
+
+/// Outcome of the suite.
+pub struct Report {
+    pub plugin: String,
+    pub kind: &'static str,
+    pub checks: Vec<(String, Result<(), String>)>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|(_, r)| r.is_ok())
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "conformance of `{}` ({} plugin):", self.plugin, self.kind)?;
+        for (name, r) in &self.checks {
+            match r {
+                Ok(()) => writeln!(f, "  ok    {name}")?,
+                Err(e) => writeln!(f, "  FAIL  {name}: {e}")?,
+            }
+        }
+        let failed = self.checks.iter().filter(|(_, r)| r.is_err()).count();
+        writeln!(f, "{} passed, {} failed", self.checks.len() - failed, failed)
+    }
+}
+
+type Check = Result<(), String>;
+
+fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Check {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg())
+    }
+}
+
+fn err(e: impl fmt::Display) -> String {
+    e.to_string()
+}
+
+fn runtime() -> Rc<Runtime> {
+    Runtime::new(Device::Cpu, DType::F32, 0)
+}
+
+const BOGUS: &str = "definitely_not_a_key = 1\n";
+
+/// Run the suite of `plugin`'s kind with `options` as its config.
+pub fn check(plugin: &LoadedPlugin, options: &str) -> Report {
+    let mut checks: Vec<(String, Check)> = Vec::new();
+    let mut add = |name: &str, r: Check| checks.push((name.to_string(), r));
+    add("info: name and version are set", ensure(!plugin.name.is_empty() && !plugin.version.is_empty(), || "empty name or version".into()));
+    match plugin.kind {
+        "tokenizer" => tokenizer(plugin, options, &mut add),
+        "encoder" => encoder(plugin, options, &mut add),
+        "adapter" => adapter(plugin, options, &mut add),
+        "strategy" => strategy(plugin, options, &mut add),
+        "evaluator" => evaluator(plugin, options, &mut add),
+        other => add("kind", Err(format!("unknown kind `{other}`"))),
+    }
+    Report { plugin: plugin.name.clone(), kind: plugin.kind, checks }
+}
+
+fn rejects_unknown_key<T>(create: impl Fn(&str) -> Result<T, crate::plugin::PluginFailure>, options: &str) -> Check {
+    match create(&format!("{options}\n{BOGUS}")) {
+        Ok(_) => Err("an unknown config key was accepted; use #[serde(deny_unknown_fields)]".into()),
+        Err(e) if e.config_key.as_deref() == Some("definitely_not_a_key") => Ok(()),
+        Err(e) => Err(format!("rejected, but without naming the key: {}", e.message)),
+    }
+}
+
+fn tokenizer(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
+    let rt = runtime();
+    add("config: unknown keys are rejected by name", rejects_unknown_key(|o| TokenizerInstance::create(p, &rt, o), options));
+    let tok = match TokenizerInstance::create(p, &rt, options) {
+        Ok(t) => t,
+        Err(e) => return add("create with the given config", Err(err(e))),
+    };
+    let vocab = tok.vocab_size().unwrap_or(0);
+    add("vocab_size is positive", ensure(vocab > 0, || "vocab_size is 0".into()));
+    let texts = vec!["a photo of a cat".to_string(), String::new(), "x ".repeat(200)];
+    add(
+        "encode: shape, ids inside the vocabulary, masks are 0/1",
+        tok.encode(&texts, Some(16)).map_err(err).and_then(|b| {
+            ensure(b.n_rows == 3 && b.n_cols == 16, || format!("got {} x {}", b.n_rows, b.n_cols))?;
+            ensure(b.ids.iter().all(|&i| (i as usize) < vocab), || "an id is outside the vocabulary".into())?;
+            ensure(b.attention_mask.iter().all(|&m| m <= 1), || "mask values other than 0/1".into())
+        }),
+    );
+    add(
+        "encode: deterministic",
+        (|| -> Check {
+            let a = tok.encode(&texts, Some(16)).map_err(err)?;
+            let b = tok.encode(&texts, Some(16)).map_err(err)?;
+            ensure(a.ids == b.ids, || "two encodings of the same texts differ".into())
+        })(),
+    );
+}
+
+fn dummy_inputs(rt: &Runtime, spec: &recall_sdk::EncoderSpec, batch: usize) -> candle_core::Result<Vec<(&'static str, Tensor)>> {
+    let n = spec.input_size as usize;
+    if spec.modality == modality::IMAGE {
+        let data: Vec<f32> = (0..batch * 3 * n * n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        Ok(vec![("pixel_values", Tensor::from_vec(data, (batch, 3, n, n), rt.device())?.to_dtype(rt.float_dtype())?)])
+    } else {
+        let len = n.min(8);
+        let ids: Vec<u32> = (0..batch * len).map(|i| (i % 5 + 1) as u32).collect();
+        let mask = vec![1u32; batch * len];
+        Ok(vec![
+            ("input_ids", Tensor::from_vec(ids, (batch, len), rt.device())?),
+            ("attention_mask", Tensor::from_vec(mask, (batch, len), rt.device())?),
+        ])
+    }
+}
+
+fn encoder(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
+    let rt = runtime();
+    add("config: unknown keys are rejected by name", rejects_unknown_key(|o| EncoderInstance::create(p, &runtime(), "enc.", o), options));
+    let enc = match EncoderInstance::create(p, &rt, "enc.", options) {
+        Ok(e) => e,
+        Err(e) => return add("create with the given config", Err(err(e))),
+    };
+    let spec = match enc.spec() {
+        Ok(s) => s,
+        Err(e) => return add("spec", Err(err(e))),
+    };
+    add(
+        "spec: known modality, positive sizes",
+        ensure(
+            (spec.modality == modality::IMAGE || spec.modality == modality::TEXT) && spec.embed_dim > 0 && spec.input_size > 0,
+            || format!("{spec:?}"),
+        ),
+    );
+    let inputs = match dummy_inputs(&rt, &spec, 2) {
+        Ok(i) => i,
+        Err(e) => return add("inputs", Err(err(e))),
+    };
+    let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (*n, t)).collect();
+    let before = rt.live_handles();
+    rt.set_training(true);
+    let out = enc.forward(&refs);
+    add(
+        "forward: [B, embed_dim], finite",
+        out.as_ref().map_err(|e| err(e)).and_then(|y| {
+            ensure(y.dims() == [2, spec.embed_dim as usize], || format!("shape {:?}", y.dims()))?;
+            let v: Vec<f32> = y.flatten_all().and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1()).map_err(err)?;
+            ensure(v.iter().all(|x| x.is_finite()), || "non-finite output".into())
+        }),
+    );
+    add("forward: releases every intermediate handle", ensure(rt.live_handles() == before, || format!("{} handles leaked", rt.live_handles() - before)));
+    if let Ok(y) = &out {
+        add(
+            "backward: gradients reach the encoder's parameters",
+            (|| -> Check {
+                let grads = y.sqr().and_then(|s| s.sum_all()).and_then(|s| s.backward()).map_err(err)?;
+                let params = rt.params();
+                let reached = params.iter().filter(|p| grads.get(p.var.as_tensor()).is_some()).count();
+                ensure(reached > 0, || "no parameter received a gradient".into())?;
+                ensure(reached * 2 >= params.len(), || format!("only {reached} of {} parameters received gradients", params.len()))
+            })(),
+        );
+    }
+    rt.set_training(false);
+    add(
+        "forward: deterministic in evaluation mode",
+        (|| -> Check {
+            let a = enc.forward(&refs).map_err(err)?;
+            let b = enc.forward(&refs).map_err(err)?;
+            let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all()).and_then(|d| d.to_dtype(DType::F64)).and_then(|d| d.to_scalar::<f64>()).map_err(err)?;
+            ensure(d == 0.0, || format!("outputs differ by {d}"))
+        })(),
+    );
+}
+
+fn adapter(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
+    let rt = runtime();
+    let site_a = rt.declare_linear("enc.layer.a", 6, 5, true, ParamInit::normal(0.0, 0.5), ParamInit::normal(0.0, 0.1));
+    let site_b = rt.declare_linear("enc.layer.b", 5, 4, false, ParamInit::normal(0.0, 0.5), ParamInit::zeros());
+    let (Ok(site_a), Ok(_)) = (site_a, site_b) else { return add("setup", Err("cannot declare test sites".into())) };
+    add("config: unknown keys are rejected by name", rejects_unknown_key(|o| AdapterInstance::create(p, &rt, o), options));
+    let ad = match AdapterInstance::create(p, &rt, options) {
+        Ok(a) => a,
+        Err(e) => return add("create with the given config", Err(err(e))),
+    };
+    add("targets: attaches to at least one declared site", ad.targets().map_err(err).and_then(|t| ensure(!t.is_empty(), || "no sites".into())));
+    let x = Tensor::from_vec((0..18).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<f32>>(), (3, 6), &Device::Cpu).unwrap();
+    let xid = rt.insert(x.clone());
+    let base = rt.site(site_a).map(|s| ops::linear(&x, &s.weight, s.bias.as_ref()));
+    // Give the adapter non-trivial parameters so merging has something to fold in.
+    {
+        let params = rt.params();
+        for (i, q) in params.iter().filter(|q| q.name.starts_with("adapter.")).enumerate() {
+            let noise = Tensor::randn(0f32, 0.3, q.var.dims(), &Device::Cpu).and_then(|n| n.to_dtype(q.var.dtype()));
+            if let Ok(n) = noise {
+                let _ = q.var.set(&n);
+            }
+            let _ = i;
+        }
+    }
+    let adapted = rt.linear(site_a, xid);
+    add(
+        "linear: adapted output has the base output's shape",
+        match (&adapted, &base) {
+            (Ok(a), Ok(Ok(b))) => ensure(a.dims() == b.dims(), || format!("{:?} vs {:?}", a.dims(), b.dims())),
+            _ => Err("linear failed".into()),
+        },
+    );
+    add(
+        "merge(1) then reset: outputs equal the unmerged adapter (<= 1e-5)",
+        (|| -> Check {
+            let before = adapted.clone().map_err(err)?;
+            ad.merge(1.0).map_err(err)?;
+            ad.reset().map_err(err)?;
+            let after = rt.linear(site_a, xid).map_err(err)?;
+            let d = (before - after).and_then(|d| d.abs()).and_then(|d| d.max_all()).and_then(|d| d.to_scalar::<f32>()).map_err(err)?;
+            ensure(d <= 1e-5, || format!("max difference {d}"))
+        })(),
+    );
+    rt.release(xid);
+}
+
+fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
+    let rt = runtime();
+    add("config: unknown keys are rejected by name", rejects_unknown_key(|o| StrategyInstance::create(p, &rt, "strategy.", o), options));
+    let s = match StrategyInstance::create(p, &rt, "strategy.", options) {
+        Ok(s) => s,
+        Err(e) => return add("create with the given config", Err(err(e))),
+    };
+    let task = TaskInfo { index: 0, name: "conformance".into(), n_steps: 1 };
+    let feats = |_: u64| Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu);
+    let (img, txt) = (feats(0).unwrap(), feats(1).unwrap());
+    let scale = rt.param("logit_scale", &[1], ParamInit::constant(2.0), true).unwrap();
+    add(
+        "hooks in order; loss terms are finite scalars",
+        (|| -> Check {
+            s.before_task(&task).map_err(err)?;
+            s.before_step(0).map_err(err)?;
+            let terms = s.loss_terms(&[("image_features", &img), ("text_features", &txt), ("logit_scale", &scale)]).map_err(err)?;
+            for (name, t) in &terms {
+                ensure(t.elem_count() == 1, || format!("term `{name}` has shape {:?}", t.dims()))?;
+                let v = t.flatten_all().and_then(|t| t.to_dtype(DType::F64)).and_then(|t| t.to_vec1::<f64>()).map_err(err)?;
+                ensure(v[0].is_finite(), || format!("term `{name}` is {}", v[0]))?;
+            }
+            s.after_backward(0).map_err(err)?;
+            s.after_step(0).map_err(err)?;
+            s.after_task(&task).map_err(err)
+        })(),
+    );
+    add(
+        "state: save then load round-trips",
+        (|| -> Check {
+            let bytes = s.save_state().map_err(err)?;
+            s.load_state(&bytes).map_err(err)?;
+            let again = s.save_state().map_err(err)?;
+            ensure(bytes == again, || "state differs after load".into())
+        })(),
+    );
+}
+
+fn evaluator(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
+    let rt = runtime();
+    add("config: unknown keys are rejected by name", rejects_unknown_key(|o| EvaluatorInstance::create(p, &rt, o), options));
+    let e = match EvaluatorInstance::create(p, &rt, options) {
+        Ok(e) => e,
+        Err(e) => return add("create with the given config", Err(err(e))),
+    };
+    let img = Tensor::randn(0f32, 1.0, (8, 16), &Device::Cpu).unwrap();
+    let index = Tensor::from_vec((0..8u32).collect::<Vec<_>>(), 8, &Device::Cpu).unwrap();
+    add(
+        "evaluate: named, finite metrics",
+        e.evaluate(&[("image_embeds", &img), ("text_embeds", &img), ("text_image_index", &index)]).map_err(err).and_then(|m| {
+            ensure(!m.is_empty(), || "no metrics".into())?;
+            ensure(m.iter().all(|(n, v)| !n.is_empty() && v.is_finite()), || format!("{m:?}"))
+        }),
+    );
+}

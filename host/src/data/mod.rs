@@ -1,0 +1,37 @@
+//! Image-text data: examples, splits and batching into tensors.
+
+pub mod shapes;
+
+use candle_core::{Device, Tensor};
+
+/// CLIP's normalisation constants.
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_55, 0.261_302_6, 0.275_777_1];
+
+/// One image with its captions. Pixels are CHW in [0, 1].
+#[derive(Clone, Debug)]
+pub struct Example {
+    pub pixels: Vec<f32>,
+    pub captions: Vec<String>,
+}
+
+/// A task's data: a training split and a test split.
+#[derive(Clone, Debug)]
+pub struct TaskData {
+    pub name: String,
+    pub image_size: usize,
+    pub train: Vec<Example>,
+    pub test: Vec<Example>,
+}
+
+/// Stack examples into a normalised [B, 3, S, S] tensor.
+pub fn pixel_batch(examples: &[&Example], image_size: usize, device: &Device, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+    let plane = image_size * image_size;
+    let mut data = Vec::with_capacity(examples.len() * 3 * plane);
+    for ex in examples {
+        for c in 0..3 {
+            data.extend(ex.pixels[c * plane..(c + 1) * plane].iter().map(|&v| (v - CLIP_MEAN[c]) / CLIP_STD[c]));
+        }
+    }
+    Tensor::from_vec(data, (examples.len(), 3, image_size, image_size), device)?.to_dtype(dtype)
+}

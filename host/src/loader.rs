@@ -1,0 +1,242 @@
+//! Plugin discovery and loading.
+//!
+//! Loading goes through abi_stable's layout checker, with two Recall-specific rules
+//! (DESIGN.md section 2):
+//! - each library is initialised through its own `LibHeader`, never `RootModule::load_from_file`,
+//!   which caches one module per interface type and would return the first plugin of a kind
+//!   for every later one;
+//! - when the stock check fails with a layout error, the check is run the other way round
+//!   (the plugin's layout as the interface, the host's as the implementation). An OLDER plugin
+//!   whose tables are a prefix of the host's passes it and is loaded without the stock check;
+//!   real breaks fail both checks.
+//!
+//! Errors are one readable paragraph; abi_stable's full layout dump is kept in
+//! [`LoadError::detail`] for `--verbose`.
+
+use std::path::{Path, PathBuf};
+
+use abi_stable::abi_stability::abi_checking::check_layout_compatibility;
+use abi_stable::library::{lib_header_from_path, IsLayoutChecked, LibraryError, RootModule};
+use abi_stable::StableAbi;
+use recall_sdk::abi::{PluginModuleRef, ABI_VERSION};
+
+/// File name suffix of shared libraries on this platform.
+pub const DYLIB_SUFFIX: &str = std::env::consts::DLL_SUFFIX;
+
+/// A plugin module loaded into the process (libraries are never unloaded).
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    pub path: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub kind: &'static str,
+    /// The recall-sdk version the plugin was built against.
+    pub sdk_version: String,
+    pub module: PluginModuleRef,
+}
+
+/// Why a library could not be loaded as a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadErrorKind {
+    #[error("cannot open {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("{path} is not a Recall plugin: {reason}")]
+    NotAPlugin { path: PathBuf, reason: String },
+    #[error(
+        "plugin {path} was built with recall-sdk {plugin_sdk}, but this recall speaks plugin ABI {host_sdk} \
+         and the two are incompatible ({what}); rebuild the plugin against recall-sdk {host_sdk} \
+         (`cargo build --release` in the plugin's crate after updating its recall-sdk dependency)"
+    )]
+    Incompatible { path: PathBuf, plugin_sdk: String, host_sdk: String, what: String },
+    #[error("plugin {path} failed to initialise: {reason}")]
+    Init { path: PathBuf, reason: String },
+}
+
+/// A load failure: a one-paragraph message and the raw abi_stable detail.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}")]
+pub struct LoadError {
+    pub kind: LoadErrorKind,
+    /// abi_stable's full report (can be ~1,000 lines); shown only with `--verbose`.
+    pub detail: Option<String>,
+}
+
+impl LoadError {
+    fn new(kind: LoadErrorKind, detail: Option<String>) -> Self {
+        LoadError { kind, detail }
+    }
+}
+
+/// Load one plugin library.
+pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
+    let path_buf = path.to_path_buf();
+    let header = lib_header_from_path(path).map_err(|e| match e {
+        LibraryError::OpenError { err, .. } => LoadError::new(
+            LoadErrorKind::Open { path: path_buf.clone(), reason: err.to_string() },
+            None,
+        ),
+        LibraryError::GetSymbolError { .. } => LoadError::new(
+            LoadErrorKind::NotAPlugin {
+                path: path_buf.clone(),
+                reason: "it exports no abi_stable root module (was it built with recall_sdk::export_plugin!?)".into(),
+            },
+            Some(e.to_string()),
+        ),
+        other => LoadError::new(
+            LoadErrorKind::NotAPlugin { path: path_buf.clone(), reason: "its abi_stable header is unreadable".into() },
+            Some(other.to_string()),
+        ),
+    })?;
+    let consts = header.root_mod_consts();
+    let plugin_sdk = consts.version_strings().version.as_str().to_string();
+    if consts.base_name().as_str() != <PluginModuleRef as RootModule>::BASE_NAME {
+        return Err(LoadError::new(
+            LoadErrorKind::NotAPlugin {
+                path: path_buf,
+                reason: format!("it is an abi_stable library for `{}`, not a Recall plugin", consts.base_name()),
+            },
+            None,
+        ));
+    }
+    let incompatible = |what: String, detail: Option<String>| {
+        LoadError::new(
+            LoadErrorKind::Incompatible { path: path_buf.clone(), plugin_sdk: plugin_sdk.clone(), host_sdk: ABI_VERSION.into(), what },
+            detail,
+        )
+    };
+    let module = match header.init_root_module::<PluginModuleRef>() {
+        Ok(m) => m,
+        Err(LibraryError::AbiInstability(stock)) => {
+            let IsLayoutChecked::Yes(plugin_layout) = consts.layout() else {
+                return Err(incompatible("its layout cannot be checked".into(), Some(stock.to_string())));
+            };
+            // The plugin may be older than the host: its tables are then a prefix of ours.
+            match check_layout_compatibility(plugin_layout, <PluginModuleRef as StableAbi>::LAYOUT) {
+                // SAFETY: the reversed check proved the plugin's root module layout is a prefix
+                // of the host's; prefix-type accessors for fields the plugin lacks return None.
+                Ok(()) => unsafe { header.init_root_module_with_unchecked_layout::<PluginModuleRef>() }
+                    .map_err(|e| LoadError::new(LoadErrorKind::Init { path: path_buf.clone(), reason: first_line(&e) }, Some(e.to_string())))?,
+                Err(reversed) => {
+                    return Err(incompatible(
+                        "the layouts of their plugin tables differ".into(),
+                        Some(format!("{stock}\n--- reversed check ---\n{reversed}")),
+                    ))
+                }
+            }
+        }
+        Err(e @ LibraryError::IncompatibleVersionNumber { .. }) => {
+            return Err(incompatible("different major versions".into(), Some(e.to_string())))
+        }
+        Err(e @ LibraryError::InvalidAbiHeader(_)) | Err(e @ LibraryError::InvalidCAbi { .. }) => {
+            return Err(incompatible("different abi_stable or C ABI".into(), Some(e.to_string())))
+        }
+        Err(e) => return Err(LoadError::new(LoadErrorKind::Init { path: path_buf, reason: first_line(&e) }, Some(e.to_string()))),
+    };
+    let info = (module.info())();
+    Ok(LoadedPlugin {
+        path: path.to_path_buf(),
+        name: info.name.to_string(),
+        version: info.version.to_string(),
+        description: info.description.to_string(),
+        kind: module.kind_name(),
+        sdk_version: info.sdk_version.to_string(),
+        module,
+    })
+}
+
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("unknown error").to_string()
+}
+
+/// Directories searched for plugins, in order: configured paths, `RECALL_PLUGIN_PATH`
+/// (colon-separated), then the directory of the running executable and its `plugins/`
+/// subdirectory (where a build or a bundle puts them). Never the current directory, unless
+/// configured explicitly.
+pub fn search_path(configured: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = configured.to_vec();
+    if let Some(env) = std::env::var_os("RECALL_PLUGIN_PATH") {
+        dirs.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
+    }
+    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        dirs.push(exe_dir.join("plugins"));
+        // Test binaries live in target/<profile>/deps; the plugins in target/<profile>.
+        if exe_dir.file_name().is_some_and(|n| n == "deps") {
+            if let Some(parent) = exe_dir.parent() {
+                dirs.push(parent.to_path_buf());
+            }
+        }
+        dirs.push(exe_dir);
+    }
+    let mut seen = std::collections::HashSet::new();
+    dirs.retain(|d| seen.insert(d.clone()));
+    dirs
+}
+
+/// Plugin file candidates in a directory: `*recall_plugin_*` shared libraries (cargo names a
+/// plugin crate `recall-plugin-NAME` → `librecall_plugin_NAME.so`) and any other shared
+/// library under a `plugins/` directory.
+pub fn candidates(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let in_plugins_dir = dir.file_name().is_some_and(|n| n == "plugins");
+    let mut v: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.ends_with(DYLIB_SUFFIX) && (in_plugins_dir || name.contains("recall_plugin_"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The plugins found on a search path. The first plugin of a given name wins; libraries that
+/// fail to load are reported, not fatal.
+#[derive(Default)]
+pub struct Registry {
+    pub plugins: Vec<LoadedPlugin>,
+    pub failures: Vec<(PathBuf, LoadError)>,
+}
+
+impl Registry {
+    pub fn discover(dirs: &[PathBuf]) -> Registry {
+        let mut reg = Registry::default();
+        for dir in dirs {
+            for path in candidates(dir) {
+                match load_plugin(&path) {
+                    Ok(p) => {
+                        if !reg.plugins.iter().any(|q| q.name == p.name) {
+                            reg.plugins.push(p);
+                        }
+                    }
+                    Err(e) => reg.failures.push((path, e)),
+                }
+            }
+        }
+        reg
+    }
+
+    /// The plugin called `name` of kind `kind`, or an error listing the available ones.
+    pub fn get(&self, name: &str, kind: &str) -> Result<&LoadedPlugin, String> {
+        match self.plugins.iter().find(|p| p.name == name) {
+            Some(p) if p.kind == kind => Ok(p),
+            Some(p) => Err(format!("plugin `{name}` is a {} plugin, but a {kind} is needed here", p.kind)),
+            None => {
+                let available: Vec<&str> = self.plugins.iter().filter(|p| p.kind == kind).map(|p| p.name.as_str()).collect();
+                let mut msg = format!(
+                    "unknown {kind} plugin `{name}`; available {kind} plugins: {}",
+                    if available.is_empty() { "none".to_string() } else { available.join(", ") }
+                );
+                let owned: Vec<String> = available.iter().map(|s| s.to_string()).collect();
+                if let Some(best) = recall_sdk::config::nearest(name, &owned) {
+                    msg.push_str(&format!("; did you mean `{best}`?"));
+                }
+                if !self.failures.is_empty() {
+                    msg.push_str(&format!(" ({} libraries on the plugin path failed to load; run `recall plugins` to see why)", self.failures.len()));
+                }
+                Err(msg)
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! A CLIP-style model assembled from plugins: tokenizer, vision and text encoders, an optional
+//! adapter, and the host-owned `logit_scale`.
+
+use std::rc::Rc;
+
+use candle_core::{DType, Tensor};
+use globset::{Glob, GlobSetBuilder};
+
+use crate::config::{FreezeBase, LoadedConfig};
+use crate::loader::Registry;
+use crate::plugin::{AdapterInstance, EncoderInstance, PluginFailure, TokenizerInstance};
+use crate::runtime::{ops, Runtime};
+use recall_sdk::abi::modality;
+use recall_sdk::ParamInit;
+
+/// Errors while assembling a model: a located config error or a plugin failure.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Plugin(#[from] PluginFailure),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The assembled model. Field order is drop order: plugin instances go before the runtime
+/// they point into (each also holds an `Rc` to it).
+pub struct Model {
+    pub adapter: Option<AdapterInstance>,
+    pub tokenizer: TokenizerInstance,
+    pub vision: EncoderInstance,
+    pub text: EncoderInstance,
+    pub logit_scale: Tensor,
+    pub image_size: usize,
+    pub context_length: usize,
+    pub runtime: Rc<Runtime>,
+}
+
+/// Turn a plugin's create failure into an error located at its config key, when it has one.
+pub fn locate_failure(cfg: &LoadedConfig, section: &str, e: PluginFailure) -> BuildError {
+    match &e.config_key {
+        Some(key) => BuildError::Config(cfg.error_at(&format!("{section}.{key}"), format!("plugin `{}`: {}", e.plugin, e.message))),
+        None => BuildError::Plugin(e),
+    }
+}
+
+fn float_dtype(name: &str) -> DType {
+    match name {
+        "f64" => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+impl Model {
+    /// Create every plugin of the model section (and the adapter), in a fixed order so that
+    /// initialisation from one seed is reproducible.
+    pub fn build(cfg: &LoadedConfig, registry: &Registry) -> Result<Model, BuildError> {
+        let c = &cfg.config;
+        let device = ops::device_from_name(&c.experiment.device).map_err(|m| cfg.error_at("experiment.device", m))?;
+        let runtime = Runtime::new(device, float_dtype(&c.experiment.dtype), c.experiment.seed);
+        let get = |section: &str, name: &str, kind: &str| {
+            registry.get(name, kind).map_err(|m| BuildError::Config(cfg.error_at(&format!("{section}.plugin"), m)))
+        };
+        let m = &c.model;
+        let tokenizer = TokenizerInstance::create(get("model.tokenizer", &m.tokenizer.plugin, "tokenizer")?, &runtime, &m.tokenizer.options_text())
+            .map_err(|e| locate_failure(cfg, "model.tokenizer", e))?;
+        let vision = EncoderInstance::create(get("model.vision", &m.vision.plugin, "encoder")?, &runtime, "vision.", &m.vision.options_text())
+            .map_err(|e| locate_failure(cfg, "model.vision", e))?;
+        let text = EncoderInstance::create(get("model.text", &m.text.plugin, "encoder")?, &runtime, "text.", &m.text.options_text())
+            .map_err(|e| locate_failure(cfg, "model.text", e))?;
+        let vspec = vision.spec()?;
+        let tspec = text.spec()?;
+        if vspec.modality != modality::IMAGE {
+            return Err(BuildError::Config(cfg.error_at("model.vision.plugin", format!("plugin `{}` is not an image encoder", vision.plugin))));
+        }
+        if tspec.modality != modality::TEXT {
+            return Err(BuildError::Config(cfg.error_at("model.text.plugin", format!("plugin `{}` is not a text encoder", text.plugin))));
+        }
+        if vspec.embed_dim != tspec.embed_dim {
+            return Err(BuildError::Config(cfg.error_at(
+                "model.text",
+                format!("the towers disagree on the joint embedding width: vision {} vs text {}; set embed_dim equal in both", vspec.embed_dim, tspec.embed_dim),
+            )));
+        }
+        let vocab = tokenizer.vocab_size()?;
+        let logit_scale = runtime
+            .param("logit_scale", &[1], ParamInit::constant(m.logit_scale_init), m.learn_logit_scale)
+            .map_err(BuildError::Other)?;
+        let adapter = match &c.adapter {
+            Some(a) => Some(
+                AdapterInstance::create(get("adapter", &a.plugin, "adapter")?, &runtime, &a.options_text())
+                    .map_err(|e| locate_failure(cfg, "adapter", e))?,
+            ),
+            None => None,
+        };
+        let model = Model {
+            adapter,
+            tokenizer,
+            vision,
+            text,
+            logit_scale,
+            image_size: vspec.input_size as usize,
+            context_length: tspec.input_size as usize,
+            runtime,
+        };
+        model.apply_freezing(cfg)?;
+        tracing::debug!(vocab, "model assembled");
+        Ok(model)
+    }
+
+    /// Freeze what the config asks: `model.frozen` globs, and the adapter's `freeze_base`.
+    fn apply_freezing(&self, cfg: &LoadedConfig) -> Result<(), BuildError> {
+        let c = &cfg.config;
+        let mut b = GlobSetBuilder::new();
+        for (i, p) in c.model.frozen.iter().enumerate() {
+            b.add(Glob::new(p).map_err(|e| BuildError::Config(cfg.error_at(&format!("model.frozen"), format!("pattern {i} `{p}`: {e}"))))?);
+        }
+        let frozen = b.build().map_err(|e| BuildError::Other(e.to_string()))?;
+        let mut adapted_params: Vec<String> = Vec::new();
+        let mut adapter_prefix = None;
+        if let (Some(a), Some(inst)) = (&c.adapter, &self.adapter) {
+            let sites = self.runtime.sites();
+            match a.freeze_base {
+                FreezeBase::Adapted => {
+                    for id in inst.targets()? {
+                        if let Some(s) = sites.get(id as usize) {
+                            adapted_params.push(format!("{}.weight", s.name));
+                            adapted_params.push(format!("{}.bias", s.name));
+                        }
+                    }
+                }
+                FreezeBase::All => adapter_prefix = Some("adapter."),
+                FreezeBase::None => {}
+            }
+        }
+        let mut params = self.runtime.params_mut();
+        for p in params.iter_mut() {
+            if frozen.is_match(&p.name) || adapted_params.contains(&p.name) {
+                p.trainable = false;
+            }
+            if let Some(prefix) = adapter_prefix {
+                if !p.name.starts_with(prefix) {
+                    p.trainable = false;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Image features [B, D] for normalised pixels [B, 3, S, S].
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
+        self.vision.forward(&[("pixel_values", pixels)])
+    }
+
+    /// Text features [B, D] for token ids [B, L] (u32) and their attention mask.
+    pub fn encode_texts(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, PluginFailure> {
+        self.text.forward(&[("input_ids", ids), ("attention_mask", mask)])
+    }
+
+    /// Tokenize texts into id and mask tensors at the text tower's context length.
+    pub fn tokenize(&self, texts: &[String]) -> Result<(Tensor, Tensor), BuildError> {
+        let batch = self.tokenizer.encode(texts, Some(self.context_length))?;
+        let shape = (batch.n_rows as usize, batch.n_cols as usize);
+        let dev = self.runtime.device();
+        let ids = Tensor::from_slice(batch.ids.as_slice(), shape, dev).map_err(|e| BuildError::Other(e.to_string()))?;
+        let mask = Tensor::from_slice(batch.attention_mask.as_slice(), shape, dev).map_err(|e| BuildError::Other(e.to_string()))?;
+        Ok((ids, mask))
+    }
+
+    /// Number of trainable scalar parameters.
+    pub fn trainable_parameters(&self) -> usize {
+        self.runtime.params().trainable_count()
+    }
+}
