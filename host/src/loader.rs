@@ -145,6 +145,17 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
     })
 }
 
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("version", &self.version)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
 fn first_line(e: &dyn std::fmt::Display) -> String {
     e.to_string().lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("unknown error").to_string()
 }

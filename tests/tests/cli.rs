@@ -1,0 +1,127 @@
+//! The `recall` binary end to end: config errors, device errors, plugin listing and the
+//! conformance suite on every in-tree plugin.
+
+use std::process::Command;
+
+use recall_tests::{cdylib, recall_bin, workspace_root, SMALL_EXPERIMENT};
+
+fn recall(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(recall_bin()).args(args).env_remove("RUST_BACKTRACE").output().expect("run recall");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn write_experiment(dir: &tempfile::TempDir, text: &str) -> String {
+    let p = dir.path().join("exp.toml");
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.trim_start().starts_with(needle)).unwrap() + 1
+}
+
+#[test]
+fn version_and_plugins() {
+    let (ok, out, _) = recall(&["--version"]);
+    assert!(ok && out.starts_with("recall "), "{out}");
+    let (ok, out, _) = recall(&["plugins"]);
+    assert!(ok);
+    for name in ["clip-bpe", "clip-vision", "clip-text", "lora", "finetune", "retrieval"] {
+        assert!(out.lines().any(|l| l.starts_with(name)), "{name} missing from:\n{out}");
+    }
+}
+
+#[test]
+fn typo_in_a_plugin_section_is_located_and_corrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("{SMALL_EXPERIMENT}\n[adapter]\nplugin = \"lora\"\nrnak = 4\n");
+    let file = write_experiment(&dir, &text);
+    let (ok, _, err) = recall(&["run", &file, "-q"]);
+    assert!(!ok);
+    let line = line_of(&text, "rnak");
+    assert!(err.contains(&format!("{file}:{line}:1")), "{err}");
+    assert!(err.contains("unknown key `rnak`") && err.contains("did you mean `rank`?"), "{err}");
+}
+
+#[test]
+fn typo_in_a_host_section_is_located_and_corrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = SMALL_EXPERIMENT.replace("batch_size = 16", "batch_size = 16\nbatch_szie = 3");
+    let file = write_experiment(&dir, &text);
+    let (ok, _, err) = recall(&["run", &file, "-q"]);
+    assert!(!ok);
+    assert!(err.contains(&format!("{file}:{}:1", line_of(&text, "batch_szie"))), "{err}");
+    assert!(err.contains("did you mean `batch_size`?"), "{err}");
+}
+
+#[test]
+fn unknown_plugin_lists_the_available_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = SMALL_EXPERIMENT.replace("plugin = \"retrieval\"", "plugin = \"retreival\"");
+    let file = write_experiment(&dir, &text);
+    let (ok, _, err) = recall(&["run", &file, "-q"]);
+    assert!(!ok);
+    assert!(err.contains("unknown evaluator plugin `retreival`; available evaluator plugins: retrieval"), "{err}");
+    assert!(err.contains(&format!("{file}:{}", line_of(&text, "plugin = \"retreival\""))), "{err}");
+}
+
+#[test]
+fn cuda_in_a_cpu_build_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_experiment(&dir, SMALL_EXPERIMENT);
+    let (ok, _, err) = recall(&["run", &file, "-q", "--set", "experiment.device=cuda:0"]);
+    assert!(!ok);
+    assert!(err.contains("no CUDA support") && err.contains("--features cuda"), "{err}");
+}
+
+#[test]
+fn check_plugin_passes_on_every_in_tree_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let small_vision = dir.path().join("vision.toml");
+    std::fs::write(&small_vision, "image_size = 16\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\nembed_dim = 16\n").unwrap();
+    let small_text = dir.path().join("text.toml");
+    std::fs::write(&small_text, "vocab_size = 64\ncontext_length = 12\nwidth = 32\nlayers = 2\nheads = 2\nembed_dim = 16\n").unwrap();
+    let cases = [
+        ("recall-plugin-clip-bpe", None),
+        ("recall-plugin-clip-vision", Some(&small_vision)),
+        ("recall-plugin-clip-text", Some(&small_text)),
+        ("recall-plugin-lora", None),
+        ("recall-plugin-finetune", None),
+        ("recall-plugin-retrieval", None),
+    ];
+    for (krate, config) in cases {
+        let lib = cdylib(krate).display().to_string();
+        let mut args = vec!["check-plugin", lib.as_str()];
+        let cfg;
+        if let Some(c) = config {
+            cfg = c.display().to_string();
+            args.extend(["--config", cfg.as_str()]);
+        }
+        let (ok, out, err) = recall(&args);
+        assert!(ok, "{krate} failed conformance:\n{out}\n{err}");
+        assert!(out.contains(" 0 failed"), "{out}");
+    }
+}
+
+#[test]
+fn check_plugin_refuses_a_non_plugin_and_reports_failures() {
+    let lib = cdylib("recall-fixture-not-a-plugin").display().to_string();
+    let (ok, _, err) = recall(&["check-plugin", &lib]);
+    assert!(!ok);
+    assert!(err.contains("is not a Recall plugin"), "{err}");
+    // A plugin that panics in create fails the suite with the panic named, and recall exits 1
+    // instead of aborting.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, "panic_in = \"create\"\n").unwrap();
+    let lib = cdylib("recall-fixture-panicky").display().to_string();
+    let out = Command::new(recall_bin()).args(["check-plugin", &lib, "--config"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("panicked in `create`"));
+}
+
+#[test]
+fn quickstart_file_parses() {
+    let q = workspace_root().join("experiments/quickstart.toml");
+    recall_host::config::load(&q, &[]).unwrap();
+}
