@@ -133,7 +133,13 @@ pub fn run(registry: &Registry, steps: usize, batch: usize) -> anyhow::Result<Be
 }
 
 /// Features of one batch through both paths (for the equivalence test).
-pub fn both_paths(model: &Model, pixels: &Tensor, ids: &Tensor, mask: &Tensor, shape: TowerShape) -> anyhow::Result<[(Tensor, Tensor); 2]> {
+pub fn both_paths(
+    model: &Model,
+    pixels: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+    shape: TowerShape,
+) -> anyhow::Result<[(Tensor, Tensor); 2]> {
     let params = Params::from_runtime(&model.runtime);
     let plugin = (model.encode_images(pixels)?, model.encode_texts(ids, mask)?);
     let direct = (params.vision(pixels, shape)?, params.text(ids, shape)?);

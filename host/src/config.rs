@@ -120,7 +120,8 @@ pub struct AdapterSection {
 }
 
 impl AdapterSection {
-    pub const HOST_KEYS: [&'static str; 5] = ["plugin", "merge_after_task", "merge_coefficient", "fresh_per_task", "freeze_base"];
+    pub const HOST_KEYS: [&'static str; 5] =
+        ["plugin", "merge_after_task", "merge_coefficient", "fresh_per_task", "freeze_base"];
 
     pub fn options_text(&self) -> String {
         toml::to_string(&self.options).unwrap_or_default()
@@ -363,7 +364,8 @@ pub struct LoadedConfig {
 impl LoadedConfig {
     /// A located error for the key at `dotted` (e.g. `adapter.rnak`).
     pub fn error_at(&self, dotted: &str, message: impl Into<String>) -> ConfigError {
-        let (line, column) = locate(&self.source, &parse_path(dotted)).map_or((1, 1), |s| line_col(&self.source, s.start));
+        let (line, column) =
+            locate(&self.source, &parse_path(dotted)).map_or((1, 1), |s| line_col(&self.source, s.start));
         ConfigError { file: self.file.clone(), line, column, message: message.into() }
     }
 }
@@ -379,8 +381,12 @@ pub fn parse(src: &str, file: &str) -> Result<LoadedConfig, ConfigError> {
 /// Read, override and parse an experiment file.
 pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedConfig, ConfigError> {
     let file = path.display().to_string();
-    let src = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError { file: file.clone(), line: 1, column: 1, message: format!("cannot read the experiment file: {e}") })?;
+    let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: 1,
+        column: 1,
+        message: format!("cannot read the experiment file: {e}"),
+    })?;
     let src = apply_overrides(&src, &file, overrides)?;
     parse(&src, &file)
 }
@@ -392,27 +398,38 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
         return Err(c.error_at("task", "the experiment has no [[task]]; add at least one"));
     }
     if cfg.train.batch_size < 2 {
-        return Err(c.error_at("train.batch_size", "batch_size must be at least 2 (the contrastive loss needs negatives)"));
+        return Err(
+            c.error_at("train.batch_size", "batch_size must be at least 2 (the contrastive loss needs negatives)")
+        );
     }
     if cfg.train.epochs == 0 {
         return Err(c.error_at("train.epochs", "epochs must be at least 1"));
     }
     if !matches!(cfg.experiment.dtype.as_str(), "f32" | "f64") {
-        return Err(c.error_at("experiment.dtype", format!("unsupported dtype `{}`; expected `f32` or `f64`", cfg.experiment.dtype)));
+        return Err(c.error_at(
+            "experiment.dtype",
+            format!("unsupported dtype `{}`; expected `f32` or `f64`", cfg.experiment.dtype),
+        ));
     }
     if cfg.optimizer.lr <= 0.0 || !cfg.optimizer.lr.is_finite() {
         return Err(c.error_at("optimizer.lr", "lr must be a positive number"));
     }
     for (i, t) in cfg.tasks.iter().enumerate() {
         if t.source != "shapes" {
-            return Err(c.error_at(&format!("task[{i}].source"), format!("unknown data source `{}`; available: shapes", t.source)));
+            return Err(c.error_at(
+                &format!("task[{i}].source"),
+                format!("unknown data source `{}`; available: shapes", t.source),
+            ));
         }
         if let Err(m) = crate::data::shapes::validate(t) {
             return Err(c.error_at(&format!("task[{i}]"), m));
         }
     }
     if cfg.evaluators.is_empty() {
-        return Err(c.error_at("evaluator", "the experiment has no [[evaluator]]; add e.g. `[[evaluator]] plugin = \"retrieval\"`"));
+        return Err(c.error_at(
+            "evaluator",
+            "the experiment has no [[evaluator]]; add e.g. `[[evaluator]] plugin = \"retrieval\"`",
+        ));
     }
     Ok(())
 }
@@ -482,7 +499,8 @@ plugin = "retrieval"
 
     #[test]
     fn overrides_apply() {
-        let src = apply_overrides(MINIMAL, "x.toml", &["train.epochs=3".into(), "experiment.device=cuda:1".into()]).unwrap();
+        let src =
+            apply_overrides(MINIMAL, "x.toml", &["train.epochs=3".into(), "experiment.device=cuda:1".into()]).unwrap();
         let c = parse(&src, "x.toml").unwrap();
         assert_eq!(c.config.train.epochs, 3);
         assert_eq!(c.config.experiment.device, "cuda:1");

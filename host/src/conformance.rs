@@ -64,7 +64,10 @@ const BOGUS: &str = "definitely_not_a_key = 1\n";
 pub fn check(plugin: &LoadedPlugin, options: &str) -> Report {
     let mut checks: Vec<(String, Check)> = Vec::new();
     let mut add = |name: &str, r: Check| checks.push((name.to_string(), r));
-    add("info: name and version are set", ensure(!plugin.name.is_empty() && !plugin.version.is_empty(), || "empty name or version".into()));
+    add(
+        "info: name and version are set",
+        ensure(!plugin.name.is_empty() && !plugin.version.is_empty(), || "empty name or version".into()),
+    );
     match plugin.kind {
         "tokenizer" => tokenizer(plugin, options, &mut add),
         "encoder" => encoder(plugin, options, &mut add),
@@ -86,7 +89,10 @@ fn rejects_unknown_key<T>(create: impl Fn(&str) -> Result<T, crate::plugin::Plug
 
 fn tokenizer(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     let rt = runtime();
-    add("config: unknown keys are rejected by name", rejects_unknown_key(|o| TokenizerInstance::create(p, &rt, o), options));
+    add(
+        "config: unknown keys are rejected by name",
+        rejects_unknown_key(|o| TokenizerInstance::create(p, &rt, o), options),
+    );
     let tok = match TokenizerInstance::create(p, &rt, options) {
         Ok(t) => t,
         Err(e) => return add("create with the given config", Err(err(e))),
@@ -112,7 +118,11 @@ fn tokenizer(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) 
     );
 }
 
-fn dummy_inputs(rt: &Runtime, spec: &recall_sdk::EncoderSpec, batch: usize) -> candle_core::Result<Vec<(&'static str, Tensor)>> {
+fn dummy_inputs(
+    rt: &Runtime,
+    spec: &recall_sdk::EncoderSpec,
+    batch: usize,
+) -> candle_core::Result<Vec<(&'static str, Tensor)>> {
     let n = spec.input_size as usize;
     if spec.modality == modality::IMAGE {
         let data: Vec<f32> = (0..batch * 3 * n * n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
@@ -130,7 +140,10 @@ fn dummy_inputs(rt: &Runtime, spec: &recall_sdk::EncoderSpec, batch: usize) -> c
 
 fn encoder(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     let rt = runtime();
-    add("config: unknown keys are rejected by name", rejects_unknown_key(|o| EncoderInstance::create(p, &runtime(), "enc.", o), options));
+    add(
+        "config: unknown keys are rejected by name",
+        rejects_unknown_key(|o| EncoderInstance::create(p, &runtime(), "enc.", o), options),
+    );
     let enc = match EncoderInstance::create(p, &rt, "enc.", options) {
         Ok(e) => e,
         Err(e) => return add("create with the given config", Err(err(e))),
@@ -142,7 +155,9 @@ fn encoder(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     add(
         "spec: known modality, positive sizes",
         ensure(
-            (spec.modality == modality::IMAGE || spec.modality == modality::TEXT) && spec.embed_dim > 0 && spec.input_size > 0,
+            (spec.modality == modality::IMAGE || spec.modality == modality::TEXT)
+                && spec.embed_dim > 0
+                && spec.input_size > 0,
             || format!("{spec:?}"),
         ),
     );
@@ -156,13 +171,17 @@ fn encoder(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     let out = enc.forward(&refs);
     add(
         "forward: [B, embed_dim], finite",
-        out.as_ref().map_err(|e| err(e)).and_then(|y| {
+        out.as_ref().map_err(err).and_then(|y| {
             ensure(y.dims() == [2, spec.embed_dim as usize], || format!("shape {:?}", y.dims()))?;
-            let v: Vec<f32> = y.flatten_all().and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1()).map_err(err)?;
+            let v: Vec<f32> =
+                y.flatten_all().and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1()).map_err(err)?;
             ensure(v.iter().all(|x| x.is_finite()), || "non-finite output".into())
         }),
     );
-    add("forward: releases every intermediate handle", ensure(rt.live_handles() == before, || format!("{} handles leaked", rt.live_handles() - before)));
+    add(
+        "forward: releases every intermediate handle",
+        ensure(rt.live_handles() == before, || format!("{} handles leaked", rt.live_handles() - before)),
+    );
     if let Ok(y) = &out {
         add(
             "backward: gradients reach the encoder's parameters",
@@ -171,7 +190,9 @@ fn encoder(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
                 let params = rt.params();
                 let reached = params.iter().filter(|p| grads.get(p.var.as_tensor()).is_some()).count();
                 ensure(reached > 0, || "no parameter received a gradient".into())?;
-                ensure(reached * 2 >= params.len(), || format!("only {reached} of {} parameters received gradients", params.len()))
+                ensure(reached * 2 >= params.len(), || {
+                    format!("only {reached} of {} parameters received gradients", params.len())
+                })
             })(),
         );
     }
@@ -181,7 +202,12 @@ fn encoder(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
         (|| -> Check {
             let a = enc.forward(&refs).map_err(err)?;
             let b = enc.forward(&refs).map_err(err)?;
-            let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all()).and_then(|d| d.to_dtype(DType::F64)).and_then(|d| d.to_scalar::<f64>()).map_err(err)?;
+            let d = (a - b)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_dtype(DType::F64))
+                .and_then(|d| d.to_scalar::<f64>())
+                .map_err(err)?;
             ensure(d == 0.0, || format!("outputs differ by {d}"))
         })(),
     );
@@ -192,13 +218,20 @@ fn adapter(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     let site_a = rt.declare_linear("enc.layer.a", 6, 5, true, ParamInit::normal(0.0, 0.5), ParamInit::normal(0.0, 0.1));
     let site_b = rt.declare_linear("enc.layer.b", 5, 4, false, ParamInit::normal(0.0, 0.5), ParamInit::zeros());
     let (Ok(site_a), Ok(_)) = (site_a, site_b) else { return add("setup", Err("cannot declare test sites".into())) };
-    add("config: unknown keys are rejected by name", rejects_unknown_key(|o| AdapterInstance::create(p, &rt, o), options));
+    add(
+        "config: unknown keys are rejected by name",
+        rejects_unknown_key(|o| AdapterInstance::create(p, &rt, o), options),
+    );
     let ad = match AdapterInstance::create(p, &rt, options) {
         Ok(a) => a,
         Err(e) => return add("create with the given config", Err(err(e))),
     };
-    add("targets: attaches to at least one declared site", ad.targets().map_err(err).and_then(|t| ensure(!t.is_empty(), || "no sites".into())));
-    let x = Tensor::from_vec((0..18).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<f32>>(), (3, 6), &Device::Cpu).unwrap();
+    add(
+        "targets: attaches to at least one declared site",
+        ad.targets().map_err(err).and_then(|t| ensure(!t.is_empty(), || "no sites".into())),
+    );
+    let x =
+        Tensor::from_vec((0..18).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<f32>>(), (3, 6), &Device::Cpu).unwrap();
     let xid = rt.insert(x.clone());
     let base = rt.site(site_a).map(|s| ops::linear(&x, &s.weight, s.bias.as_ref()));
     // Give the adapter non-trivial parameters so merging has something to fold in.
@@ -227,7 +260,11 @@ fn adapter(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
             ad.merge(1.0).map_err(err)?;
             ad.reset().map_err(err)?;
             let after = rt.linear(site_a, xid).map_err(err)?;
-            let d = (before - after).and_then(|d| d.abs()).and_then(|d| d.max_all()).and_then(|d| d.to_scalar::<f32>()).map_err(err)?;
+            let d = (before - after)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar::<f32>())
+                .map_err(err)?;
             ensure(d <= 1e-5, || format!("max difference {d}"))
         })(),
     );
@@ -236,7 +273,10 @@ fn adapter(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
 
 fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     let rt = runtime();
-    add("config: unknown keys are rejected by name", rejects_unknown_key(|o| StrategyInstance::create(p, &rt, "strategy.", o), options));
+    add(
+        "config: unknown keys are rejected by name",
+        rejects_unknown_key(|o| StrategyInstance::create(p, &rt, "strategy.", o), options),
+    );
     let s = match StrategyInstance::create(p, &rt, "strategy.", options) {
         Ok(s) => s,
         Err(e) => return add("create with the given config", Err(err(e))),
@@ -250,10 +290,16 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
         (|| -> Check {
             s.before_task(&task).map_err(err)?;
             s.before_step(0).map_err(err)?;
-            let terms = s.loss_terms(&[("image_features", &img), ("text_features", &txt), ("logit_scale", &scale)]).map_err(err)?;
+            let terms = s
+                .loss_terms(&[("image_features", &img), ("text_features", &txt), ("logit_scale", &scale)])
+                .map_err(err)?;
             for (name, t) in &terms {
                 ensure(t.elem_count() == 1, || format!("term `{name}` has shape {:?}", t.dims()))?;
-                let v = t.flatten_all().and_then(|t| t.to_dtype(DType::F64)).and_then(|t| t.to_vec1::<f64>()).map_err(err)?;
+                let v = t
+                    .flatten_all()
+                    .and_then(|t| t.to_dtype(DType::F64))
+                    .and_then(|t| t.to_vec1::<f64>())
+                    .map_err(err)?;
                 ensure(v[0].is_finite(), || format!("term `{name}` is {}", v[0]))?;
             }
             s.after_backward(0).map_err(err)?;
@@ -274,7 +320,10 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
 
 fn evaluator(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     let rt = runtime();
-    add("config: unknown keys are rejected by name", rejects_unknown_key(|o| EvaluatorInstance::create(p, &rt, o), options));
+    add(
+        "config: unknown keys are rejected by name",
+        rejects_unknown_key(|o| EvaluatorInstance::create(p, &rt, o), options),
+    );
     let e = match EvaluatorInstance::create(p, &rt, options) {
         Ok(e) => e,
         Err(e) => return add("create with the given config", Err(err(e))),
@@ -283,9 +332,11 @@ fn evaluator(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) 
     let index = Tensor::from_vec((0..8u32).collect::<Vec<_>>(), 8, &Device::Cpu).unwrap();
     add(
         "evaluate: named, finite metrics",
-        e.evaluate(&[("image_embeds", &img), ("text_embeds", &img), ("text_image_index", &index)]).map_err(err).and_then(|m| {
-            ensure(!m.is_empty(), || "no metrics".into())?;
-            ensure(m.iter().all(|(n, v)| !n.is_empty() && v.is_finite()), || format!("{m:?}"))
-        }),
+        e.evaluate(&[("image_embeds", &img), ("text_embeds", &img), ("text_image_index", &index)])
+            .map_err(err)
+            .and_then(|m| {
+                ensure(!m.is_empty(), || "no metrics".into())?;
+                ensure(m.iter().all(|(n, v)| !n.is_empty() && v.is_finite()), || format!("{m:?}"))
+            }),
     );
 }

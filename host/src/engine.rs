@@ -113,12 +113,19 @@ fn embed_split(model: &Model, split: &[data::Example], batch: usize) -> anyhow::
 }
 
 /// Every evaluator on one task's test split; metric names are `{plugin}/{metric}`.
-pub fn evaluate(model: &Model, evaluators: &[EvaluatorInstance], task: &TaskData, batch: usize) -> anyhow::Result<BTreeMap<String, f64>> {
+pub fn evaluate(
+    model: &Model,
+    evaluators: &[EvaluatorInstance],
+    task: &TaskData,
+    batch: usize,
+) -> anyhow::Result<BTreeMap<String, f64>> {
     model.runtime.set_training(false);
     let (img, txt, index) = embed_split(model, &task.test, batch)?;
     let mut out = BTreeMap::new();
     for e in evaluators {
-        for (name, value) in e.evaluate(&[("image_embeds", &img), ("text_embeds", &txt), ("text_image_index", &index)])? {
+        for (name, value) in
+            e.evaluate(&[("image_embeds", &img), ("text_embeds", &txt), ("text_image_index", &index)])?
+        {
             out.insert(format!("{}/{}", e.plugin, name), value);
         }
     }
@@ -127,7 +134,8 @@ pub fn evaluate(model: &Model, evaluators: &[EvaluatorInstance], task: &TaskData
 
 /// A fresh run directory `output_dir/NAME-seedS-N` (N counts up).
 fn new_run_dir(output_dir: &Path, name: &str, seed: u64) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(output_dir).with_context(|| format!("cannot create output directory {}", output_dir.display()))?;
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("cannot create output directory {}", output_dir.display()))?;
     for n in 0.. {
         let dir = output_dir.join(format!("{name}-seed{seed}-{n:03}"));
         match std::fs::create_dir(&dir) {
@@ -156,7 +164,11 @@ fn progress(quiet: bool, len: u64, label: String) -> ProgressBar {
 /// Format the retrieval table printed after each task.
 pub fn format_table(results: &ResultMatrix, stage: usize, metrics: &[&str]) -> String {
     let mut s = String::new();
-    let label = if stage == 0 { "before training".to_string() } else { format!("after task {stage} ({})", results.tasks[stage - 1]) };
+    let label = if stage == 0 {
+        "before training".to_string()
+    } else {
+        format!("after task {stage} ({})", results.tasks[stage - 1])
+    };
     s.push_str(&format!("\n{label}\n"));
     s.push_str(&format!("{:<20}", "eval task"));
     for m in metrics {
@@ -184,7 +196,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let p = registry.get(&s.plugin, "strategy").map_err(|m| cfg.error_at(&format!("strategy[{i}].plugin"), m))?;
+            let p =
+                registry.get(&s.plugin, "strategy").map_err(|m| cfg.error_at(&format!("strategy[{i}].plugin"), m))?;
             StrategyInstance::create(p, &rt, &format!("strategy.{i}."), &s.options_text())
                 .map_err(|e| anyhow::Error::new(locate_failure(cfg, &format!("strategy[{i}]"), e)))
         })
@@ -194,7 +207,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let p = registry.get(&s.plugin, "evaluator").map_err(|m| cfg.error_at(&format!("evaluator[{i}].plugin"), m))?;
+            let p =
+                registry.get(&s.plugin, "evaluator").map_err(|m| cfg.error_at(&format!("evaluator[{i}].plugin"), m))?;
             EvaluatorInstance::create(p, &rt, &s.options_text())
                 .map_err(|e| anyhow::Error::new(locate_failure(cfg, &format!("evaluator[{i}]"), e)))
         })
@@ -237,7 +251,11 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         Ok(())
     };
     eval_stage(&mut results, &mut metrics_log, 0)?;
-    let shown: Vec<String> = results.metric_names().into_iter().filter(|m| m.ends_with("_r1") || m.ends_with("_r5") || m.ends_with("mean_recall")).collect();
+    let shown: Vec<String> = results
+        .metric_names()
+        .into_iter()
+        .filter(|m| m.ends_with("_r1") || m.ends_with("_r5") || m.ends_with("mean_recall"))
+        .collect();
     let shown_refs: Vec<&str> = shown.iter().map(String::as_str).collect();
     if !opts.quiet {
         print!("{}", format_table(&results, 0, &shown_refs));
@@ -309,7 +327,11 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                     ])?;
                     for (name, term) in terms {
                         if term.elem_count() != 1 {
-                            bail!("strategy `{}` returned loss term `{name}` with shape {:?}; loss terms must be scalars", s.plugin, term.dims());
+                            bail!(
+                                "strategy `{}` returned loss term `{name}` with shape {:?}; loss terms must be scalars",
+                                s.plugin,
+                                term.dims()
+                            );
                         }
                         total = total.broadcast_add(&term.reshape(())?.to_dtype(total.dtype())?)?;
                     }
@@ -358,7 +380,10 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         eval_stage(&mut results, &mut metrics_log, t_idx + 1)?;
         if !opts.quiet {
             print!("{}", format_table(&results, t_idx + 1, &shown_refs));
-            println!("  loss per epoch: {}", epoch_losses[t_idx].iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" "));
+            println!(
+                "  loss per epoch: {}",
+                epoch_losses[t_idx].iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" ")
+            );
         }
     }
     let summary = RunSummary {

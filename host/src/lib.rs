@@ -5,8 +5,8 @@
 //! It is the only crate that knows candle.
 
 pub mod bench;
-pub mod conformance;
 pub mod config;
+pub mod conformance;
 pub mod data;
 pub mod engine;
 pub mod fsutil;

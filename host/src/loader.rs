@@ -72,10 +72,9 @@ impl LoadError {
 pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
     let path_buf = path.to_path_buf();
     let header = lib_header_from_path(path).map_err(|e| match e {
-        LibraryError::OpenError { err, .. } => LoadError::new(
-            LoadErrorKind::Open { path: path_buf.clone(), reason: err.to_string() },
-            None,
-        ),
+        LibraryError::OpenError { err, .. } => {
+            LoadError::new(LoadErrorKind::Open { path: path_buf.clone(), reason: err.to_string() }, None)
+        }
         LibraryError::GetSymbolError { .. } => LoadError::new(
             LoadErrorKind::NotAPlugin {
                 path: path_buf.clone(),
@@ -101,7 +100,12 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
     }
     let incompatible = |what: String, detail: Option<String>| {
         LoadError::new(
-            LoadErrorKind::Incompatible { path: path_buf.clone(), plugin_sdk: plugin_sdk.clone(), host_sdk: ABI_VERSION.into(), what },
+            LoadErrorKind::Incompatible {
+                path: path_buf.clone(),
+                plugin_sdk: plugin_sdk.clone(),
+                host_sdk: ABI_VERSION.into(),
+                what,
+            },
             detail,
         )
     };
@@ -115,8 +119,14 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
             match check_layout_compatibility(plugin_layout, <PluginModuleRef as StableAbi>::LAYOUT) {
                 // SAFETY: the reversed check proved the plugin's root module layout is a prefix
                 // of the host's; prefix-type accessors for fields the plugin lacks return None.
-                Ok(()) => unsafe { header.init_root_module_with_unchecked_layout::<PluginModuleRef>() }
-                    .map_err(|e| LoadError::new(LoadErrorKind::Init { path: path_buf.clone(), reason: first_line(&e) }, Some(e.to_string())))?,
+                Ok(()) => {
+                    unsafe { header.init_root_module_with_unchecked_layout::<PluginModuleRef>() }.map_err(|e| {
+                        LoadError::new(
+                            LoadErrorKind::Init { path: path_buf.clone(), reason: first_line(&e) },
+                            Some(e.to_string()),
+                        )
+                    })?
+                }
                 Err(reversed) => {
                     return Err(incompatible(
                         "the layouts of their plugin tables differ".into(),
@@ -131,7 +141,12 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
         Err(e @ LibraryError::InvalidAbiHeader(_)) | Err(e @ LibraryError::InvalidCAbi { .. }) => {
             return Err(incompatible("different abi_stable or C ABI".into(), Some(e.to_string())))
         }
-        Err(e) => return Err(LoadError::new(LoadErrorKind::Init { path: path_buf, reason: first_line(&e) }, Some(e.to_string()))),
+        Err(e) => {
+            return Err(LoadError::new(
+                LoadErrorKind::Init { path: path_buf, reason: first_line(&e) },
+                Some(e.to_string()),
+            ))
+        }
     };
     let info = (module.info())();
     Ok(LoadedPlugin {
@@ -234,7 +249,8 @@ impl Registry {
             Some(p) if p.kind == kind => Ok(p),
             Some(p) => Err(format!("plugin `{name}` is a {} plugin, but a {kind} is needed here", p.kind)),
             None => {
-                let available: Vec<&str> = self.plugins.iter().filter(|p| p.kind == kind).map(|p| p.name.as_str()).collect();
+                let available: Vec<&str> =
+                    self.plugins.iter().filter(|p| p.kind == kind).map(|p| p.name.as_str()).collect();
                 let mut msg = format!(
                     "unknown {kind} plugin `{name}`; available {kind} plugins: {}",
                     if available.is_empty() { "none".to_string() } else { available.join(", ") }
@@ -244,7 +260,10 @@ impl Registry {
                     msg.push_str(&format!("; did you mean `{best}`?"));
                 }
                 if !self.failures.is_empty() {
-                    msg.push_str(&format!(" ({} libraries on the plugin path failed to load; run `recall plugins` to see why)", self.failures.len()));
+                    msg.push_str(&format!(
+                        " ({} libraries on the plugin path failed to load; run `recall plugins` to see why)",
+                        self.failures.len()
+                    ));
                 }
                 Err(msg)
             }

@@ -40,7 +40,9 @@ pub struct Model {
 /// Turn a plugin's create failure into an error located at its config key, when it has one.
 pub fn locate_failure(cfg: &LoadedConfig, section: &str, e: PluginFailure) -> BuildError {
     match &e.config_key {
-        Some(key) => BuildError::Config(cfg.error_at(&format!("{section}.{key}"), format!("plugin `{}`: {}", e.plugin, e.message))),
+        Some(key) => BuildError::Config(
+            cfg.error_at(&format!("{section}.{key}"), format!("plugin `{}`: {}", e.plugin, e.message)),
+        ),
         None => BuildError::Plugin(e),
     }
 }
@@ -63,19 +65,37 @@ impl Model {
             registry.get(name, kind).map_err(|m| BuildError::Config(cfg.error_at(&format!("{section}.plugin"), m)))
         };
         let m = &c.model;
-        let tokenizer = TokenizerInstance::create(get("model.tokenizer", &m.tokenizer.plugin, "tokenizer")?, &runtime, &m.tokenizer.options_text())
-            .map_err(|e| locate_failure(cfg, "model.tokenizer", e))?;
-        let vision = EncoderInstance::create(get("model.vision", &m.vision.plugin, "encoder")?, &runtime, "vision.", &m.vision.options_text())
-            .map_err(|e| locate_failure(cfg, "model.vision", e))?;
-        let text = EncoderInstance::create(get("model.text", &m.text.plugin, "encoder")?, &runtime, "text.", &m.text.options_text())
-            .map_err(|e| locate_failure(cfg, "model.text", e))?;
+        let tokenizer = TokenizerInstance::create(
+            get("model.tokenizer", &m.tokenizer.plugin, "tokenizer")?,
+            &runtime,
+            &m.tokenizer.options_text(),
+        )
+        .map_err(|e| locate_failure(cfg, "model.tokenizer", e))?;
+        let vision = EncoderInstance::create(
+            get("model.vision", &m.vision.plugin, "encoder")?,
+            &runtime,
+            "vision.",
+            &m.vision.options_text(),
+        )
+        .map_err(|e| locate_failure(cfg, "model.vision", e))?;
+        let text = EncoderInstance::create(
+            get("model.text", &m.text.plugin, "encoder")?,
+            &runtime,
+            "text.",
+            &m.text.options_text(),
+        )
+        .map_err(|e| locate_failure(cfg, "model.text", e))?;
         let vspec = vision.spec()?;
         let tspec = text.spec()?;
         if vspec.modality != modality::IMAGE {
-            return Err(BuildError::Config(cfg.error_at("model.vision.plugin", format!("plugin `{}` is not an image encoder", vision.plugin))));
+            return Err(BuildError::Config(
+                cfg.error_at("model.vision.plugin", format!("plugin `{}` is not an image encoder", vision.plugin)),
+            ));
         }
         if tspec.modality != modality::TEXT {
-            return Err(BuildError::Config(cfg.error_at("model.text.plugin", format!("plugin `{}` is not a text encoder", text.plugin))));
+            return Err(BuildError::Config(
+                cfg.error_at("model.text.plugin", format!("plugin `{}` is not a text encoder", text.plugin)),
+            ));
         }
         if vspec.embed_dim != tspec.embed_dim {
             return Err(BuildError::Config(cfg.error_at(
@@ -114,7 +134,10 @@ impl Model {
         let c = &cfg.config;
         let mut b = GlobSetBuilder::new();
         for (i, p) in c.model.frozen.iter().enumerate() {
-            b.add(Glob::new(p).map_err(|e| BuildError::Config(cfg.error_at(&format!("model.frozen"), format!("pattern {i} `{p}`: {e}"))))?);
+            b.add(
+                Glob::new(p)
+                    .map_err(|e| BuildError::Config(cfg.error_at("model.frozen", format!("pattern {i} `{p}`: {e}"))))?,
+            );
         }
         let frozen = b.build().map_err(|e| BuildError::Other(e.to_string()))?;
         let mut adapted_params: Vec<String> = Vec::new();
@@ -164,7 +187,8 @@ impl Model {
         let shape = (batch.n_rows as usize, batch.n_cols as usize);
         let dev = self.runtime.device();
         let ids = Tensor::from_slice(batch.ids.as_slice(), shape, dev).map_err(|e| BuildError::Other(e.to_string()))?;
-        let mask = Tensor::from_slice(batch.attention_mask.as_slice(), shape, dev).map_err(|e| BuildError::Other(e.to_string()))?;
+        let mask = Tensor::from_slice(batch.attention_mask.as_slice(), shape, dev)
+            .map_err(|e| BuildError::Other(e.to_string()))?;
         Ok((ids, mask))
     }
 

@@ -29,7 +29,11 @@ pub struct AdamW {
 }
 
 fn no_decay(name: &str, rank: usize) -> bool {
-    rank < 2 || name.contains("ln_") || name.contains(".bias") || name.contains("logit_scale") || name.contains("layer_norm")
+    rank < 2
+        || name.contains("ln_")
+        || name.contains(".bias")
+        || name.contains("logit_scale")
+        || name.contains("layer_norm")
 }
 
 fn glob_set(patterns: &[String]) -> Result<GlobSet, String> {
@@ -68,10 +72,21 @@ impl AdamW {
             };
             let wd = if no_decay(&p.name, p.var.rank()) { 0.0 } else { wd };
             let zeros = p.var.zeros_like().map_err(|e| e.to_string())?;
-            slots.push(Slot { name: p.name.clone(), var: p.var.clone(), m: zeros.clone(), v: zeros, lr, weight_decay: wd });
+            slots.push(Slot {
+                name: p.name.clone(),
+                var: p.var.clone(),
+                m: zeros.clone(),
+                v: zeros,
+                lr,
+                weight_decay: wd,
+            });
         }
         if let Some(g) = used.iter().position(|u| !u) {
-            return Err(format!("optimizer group {} ({}) matches no trainable parameter", g, cfg.groups[g].params.join(", ")));
+            return Err(format!(
+                "optimizer group {} ({}) matches no trainable parameter",
+                g,
+                cfg.groups[g].params.join(", ")
+            ));
         }
         Ok(AdamW { slots, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, step: 0 })
     }
@@ -176,7 +191,12 @@ mod tests {
     fn adamw_matches_pytorch_formula() {
         let mut store = ParamStore::default();
         let var = Var::from_tensor(&Tensor::new(&[[1.0f64, -2.0]], &Device::Cpu).unwrap()).unwrap();
-        store.insert(crate::runtime::params::Param { name: "w".into(), var: var.clone(), trainable: true, init: recall_sdk::ParamInit::zeros() });
+        store.insert(crate::runtime::params::Param {
+            name: "w".into(),
+            var: var.clone(),
+            trainable: true,
+            init: recall_sdk::ParamInit::zeros(),
+        });
         let cfg = OptimizerSection {
             lr: 0.1,
             weight_decay: 0.5,

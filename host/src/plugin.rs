@@ -8,8 +8,8 @@ use std::rc::Rc;
 use abi_stable::std_types::{RSlice, RStr, RString, RVec};
 use candle_core::Tensor;
 use recall_sdk::abi::{
-    AdapterFnsRef, EncoderFnsRef, EncoderSpec, EvaluatorFnsRef, NamedTensor, PluginError, PluginResult, SiteInfo, StatePtr,
-    StrategyFnsRef, TaskInfo, TokenBatch, TokenizerFnsRef,
+    AdapterFnsRef, EncoderFnsRef, EncoderSpec, EvaluatorFnsRef, NamedTensor, PluginError, PluginResult, SiteInfo,
+    StatePtr, StrategyFnsRef, TaskInfo, TokenBatch, TokenizerFnsRef,
 };
 
 use crate::loader::LoadedPlugin;
@@ -51,7 +51,10 @@ struct Inputs<'a> {
 
 impl<'a> Inputs<'a> {
     fn new(runtime: &'a Runtime, tensors: &[(&str, &Tensor)]) -> Self {
-        let named = tensors.iter().map(|(n, t)| NamedTensor { name: RString::from(*n), id: runtime.insert((*t).clone()) }).collect();
+        let named = tensors
+            .iter()
+            .map(|(n, t)| NamedTensor { name: RString::from(*n), id: runtime.insert((*t).clone()) })
+            .collect();
         Inputs { runtime, named }
     }
 }
@@ -81,6 +84,12 @@ macro_rules! instance {
                 if let Err(e) = lift(&self.plugin, "destroy", (self.fns.destroy())(self.state)) {
                     tracing::warn!("{e}");
                 }
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name)).field("plugin", &self.plugin).finish_non_exhaustive()
             }
         }
 
@@ -114,13 +123,27 @@ impl TokenizerInstance {
     /// Token ids [n, context] and attention mask, as u32 row-major vectors.
     pub fn encode(&self, texts: &[String], context_length: Option<usize>) -> Result<TokenBatch, PluginFailure> {
         let texts: Vec<RString> = texts.iter().map(|t| RString::from(t.as_str())).collect();
-        let batch = lift(&self.plugin, "encode", (self.fns.encode())(self.state, RSlice::from_slice(&texts), context_length.unwrap_or(0) as u64))?;
+        let batch = lift(
+            &self.plugin,
+            "encode",
+            (self.fns.encode())(self.state, RSlice::from_slice(&texts), context_length.unwrap_or(0) as u64),
+        )?;
         let expected = batch.n_rows * batch.n_cols;
-        if batch.n_rows as usize != texts.len() || batch.ids.len() as u64 != expected || batch.attention_mask.len() as u64 != expected {
+        if batch.n_rows as usize != texts.len()
+            || batch.ids.len() as u64 != expected
+            || batch.attention_mask.len() as u64 != expected
+        {
             return Err(host_failure(
                 &self.plugin,
                 "encode",
-                format!("returned {} ids / {} mask values for {} x {} tokens ({} texts)", batch.ids.len(), batch.attention_mask.len(), batch.n_rows, batch.n_cols, texts.len()),
+                format!(
+                    "returned {} ids / {} mask values for {} x {} tokens ({} texts)",
+                    batch.ids.len(),
+                    batch.attention_mask.len(),
+                    batch.n_rows,
+                    batch.n_cols,
+                    texts.len()
+                ),
             ));
         }
         Ok(batch)
@@ -143,7 +166,11 @@ impl EncoderInstance {
     pub fn forward(&self, inputs: &[(&str, &Tensor)]) -> Result<Tensor, PluginFailure> {
         let runtime = &self.ctx.runtime;
         let args = Inputs::new(runtime, inputs);
-        let id = lift(&self.plugin, "forward", (self.fns.forward())(self.state, self.ctx.handle(), RSlice::from_slice(&args.named)))?;
+        let id = lift(
+            &self.plugin,
+            "forward",
+            (self.fns.forward())(self.state, self.ctx.handle(), RSlice::from_slice(&args.named)),
+        )?;
         runtime.take(id).map_err(|e| host_failure(&self.plugin, "forward", format!("returned a bad handle: {e}")))
     }
 }
@@ -157,9 +184,15 @@ impl AdapterInstance {
             .sites()
             .iter()
             .enumerate()
-            .map(|(i, s)| SiteInfo { id: i as u32, name: s.name.as_str().into(), in_features: s.in_features as u64, out_features: s.out_features as u64 })
+            .map(|(i, s)| SiteInfo {
+                id: i as u32,
+                name: s.name.as_str().into(),
+                in_features: s.in_features as u64,
+                out_features: s.out_features as u64,
+            })
             .collect();
-        let state = lift(&p.name, "create", (fns.create())(ctx.handle(), RStr::from_str(config), RSlice::from_slice(&sites)))?;
+        let state =
+            lift(&p.name, "create", (fns.create())(ctx.handle(), RStr::from_str(config), RSlice::from_slice(&sites)))?;
         let inst = AdapterInstance { plugin: p.name.clone(), fns, state, ctx };
         runtime.attach_adapter(AdapterHook { fns, state, handle: inst.ctx.handle(), key: inst.key() });
         Ok(inst)
@@ -219,12 +252,19 @@ impl StrategyInstance {
     pub fn loss_terms(&self, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, Tensor)>, PluginFailure> {
         let runtime = &self.ctx.runtime;
         let args = Inputs::new(runtime, inputs);
-        let terms = lift(&self.plugin, "loss_terms", (self.fns.loss_terms())(self.state, self.ctx.handle(), RSlice::from_slice(&args.named)))?;
+        let terms = lift(
+            &self.plugin,
+            "loss_terms",
+            (self.fns.loss_terms())(self.state, self.ctx.handle(), RSlice::from_slice(&args.named)),
+        )?;
         terms
             .into_iter()
             .map(|t| {
                 let name = t.name.into_string();
-                runtime.take(t.id).map(|x| (name, x)).map_err(|e| host_failure(&self.plugin, "loss_terms", format!("returned a bad handle: {e}")))
+                runtime
+                    .take(t.id)
+                    .map(|x| (name, x))
+                    .map_err(|e| host_failure(&self.plugin, "loss_terms", format!("returned a bad handle: {e}")))
             })
             .collect()
     }
@@ -234,7 +274,11 @@ impl StrategyInstance {
     }
 
     pub fn load_state(&self, bytes: &[u8]) -> Result<(), PluginFailure> {
-        lift(&self.plugin, "load_state", (self.fns.load_state())(self.state, self.ctx.handle(), RSlice::from_slice(bytes)))
+        lift(
+            &self.plugin,
+            "load_state",
+            (self.fns.load_state())(self.state, self.ctx.handle(), RSlice::from_slice(bytes)),
+        )
     }
 }
 
@@ -248,8 +292,11 @@ impl EvaluatorInstance {
 
     pub fn evaluate(&self, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, f64)>, PluginFailure> {
         let args = Inputs::new(&self.ctx.runtime, inputs);
-        let metrics = lift(&self.plugin, "evaluate", (self.fns.evaluate())(self.state, self.ctx.handle(), RSlice::from_slice(&args.named)))?;
+        let metrics = lift(
+            &self.plugin,
+            "evaluate",
+            (self.fns.evaluate())(self.state, self.ctx.handle(), RSlice::from_slice(&args.named)),
+        )?;
         Ok(metrics.into_iter().map(|m| (m.name.into_string(), m.value)).collect())
     }
 }
-

@@ -52,7 +52,14 @@ impl Params {
         let split = |site: &str| -> Result<Tensor> {
             self.linear(&format!("{name}.attn.{site}"), &h)?.reshape((b, l, s.heads, dh))?.transpose(1, 2)
         };
-        let a = ops::attention(&split("q_proj")?, &split("k_proj")?, &split("v_proj")?, causal, None, 1.0 / (dh as f64).sqrt())?;
+        let a = ops::attention(
+            &split("q_proj")?,
+            &split("k_proj")?,
+            &split("v_proj")?,
+            causal,
+            None,
+            1.0 / (dh as f64).sqrt(),
+        )?;
         let a = ops::reshape(&a.transpose(1, 2)?, &[b as i64, l as i64, -1])?;
         let x = (x + self.linear(&format!("{name}.attn.out_proj"), &a)?)?;
         let h = self.ln(&format!("{name}.ln_2"), &x, s.eps)?;
@@ -80,17 +87,23 @@ impl Params {
     /// The text tower: ids [B, L] -> [B, E], pooled at each row's highest id.
     pub fn text(&self, ids: &Tensor, s: TowerShape) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        let x = ops::embedding(self.get("text.token_embedding")?, ids)?.broadcast_add(&self.get("text.positional_embedding")?.narrow(0, 0, l)?)?;
+        let x = ops::embedding(self.get("text.token_embedding")?, ids)?
+            .broadcast_add(&self.get("text.positional_embedding")?.narrow(0, 0, l)?)?;
         let mut x = x;
         for i in 0..self.n_blocks("text") {
             x = self.block(&format!("text.blocks.{i}"), &x, s, true)?;
         }
         let x = self.ln("text.ln_final", &x, s.eps)?;
         let width = x.dim(2)?;
-        let rows: Vec<u32> = ids.to_vec2::<u32>()?.iter().enumerate().map(|(r, row)| {
-            let max = row.iter().copied().max().unwrap_or(0);
-            (r * l + row.iter().position(|&i| i == max).unwrap_or(0)) as u32
-        }).collect();
+        let rows: Vec<u32> = ids
+            .to_vec2::<u32>()?
+            .iter()
+            .enumerate()
+            .map(|(r, row)| {
+                let max = row.iter().copied().max().unwrap_or(0);
+                (r * l + row.iter().position(|&i| i == max).unwrap_or(0)) as u32
+            })
+            .collect();
         let index = Tensor::from_vec(rows, b, ids.device())?;
         let pooled = x.reshape((b * l, width))?.index_select(&index, 0)?;
         self.linear("text.text_projection", &pooled)

@@ -290,8 +290,7 @@ pub struct HostApi {
     /// Overwrite a parameter's value in place (same shape); outside the autograd graph.
     pub param_assign: extern "C" fn(HostCtx, TensorId, TensorId) -> HostResult<()>,
     /// Declare an adaptable linear layer (`y = x W^T + b`, W: [out, in]); returns its site id.
-    pub declare_linear:
-        extern "C" fn(HostCtx, RStr<'_>, u64, u64, bool, ParamInit, ParamInit) -> HostResult<u32>,
+    pub declare_linear: extern "C" fn(HostCtx, RStr<'_>, u64, u64, bool, ParamInit, ParamInit) -> HostResult<u32>,
     /// Apply the site's linear layer plus the deltas of every adapter attached to it.
     pub linear: extern "C" fn(HostCtx, u32, TensorId) -> HostResult<TensorId>,
     /// The base weight parameter of a site.
@@ -323,19 +322,11 @@ pub struct HostApi {
     pub broadcast_as: extern "C" fn(HostCtx, TensorId, RSlice<u64>) -> HostResult<TensorId>,
     /// Non-overlapping patch embedding: pixels [B, C, H, W], weight [D, C, P, P], optional bias
     /// [D] -> [B, (H/P)*(W/P), D] in row-major patch order (a stride-P convolution).
-    pub patch_embed:
-        extern "C" fn(HostCtx, TensorId, TensorId, ROption<TensorId>, u64) -> HostResult<TensorId>,
+    pub patch_embed: extern "C" fn(HostCtx, TensorId, TensorId, ROption<TensorId>, u64) -> HostResult<TensorId>,
     /// Scaled dot-product attention on [B, H, L, Dh] inputs. `key_padding_mask` is [B, Lk]
     /// with 1 for keys to attend to and 0 for padding.
-    pub attention: extern "C" fn(
-        HostCtx,
-        TensorId,
-        TensorId,
-        TensorId,
-        bool,
-        ROption<TensorId>,
-        f64,
-    ) -> HostResult<TensorId>,
+    pub attention:
+        extern "C" fn(HostCtx, TensorId, TensorId, TensorId, bool, ROption<TensorId>, f64) -> HostResult<TensorId>,
     /// Inverted dropout; the identity outside training.
     pub dropout: extern "C" fn(HostCtx, TensorId, f64) -> HostResult<TensorId>,
     pub detach: extern "C" fn(HostCtx, TensorId) -> HostResult<TensorId>,
@@ -409,8 +400,7 @@ pub struct StrategyFns {
     pub before_task: extern "C" fn(StatePtr, HostHandle, TaskInfo) -> PluginResult<()>,
     pub before_step: extern "C" fn(StatePtr, HostHandle, u64) -> PluginResult<()>,
     /// Extra loss terms for the current batch (inputs: features, logit scale, batch tensors).
-    pub loss_terms:
-        extern "C" fn(StatePtr, HostHandle, RSlice<NamedTensor>) -> PluginResult<RVec<NamedTensor>>,
+    pub loss_terms: extern "C" fn(StatePtr, HostHandle, RSlice<NamedTensor>) -> PluginResult<RVec<NamedTensor>>,
     pub after_backward: extern "C" fn(StatePtr, HostHandle, u64) -> PluginResult<()>,
     pub after_step: extern "C" fn(StatePtr, HostHandle, u64) -> PluginResult<()>,
     pub after_task: extern "C" fn(StatePtr, HostHandle, TaskInfo) -> PluginResult<()>,
@@ -429,8 +419,7 @@ pub struct EvaluatorFns {
     pub destroy: extern "C" fn(StatePtr) -> PluginResult<()>,
     /// Inputs by name (e.g. `image_embeds`, `text_embeds`, `text_image_index`) -> metrics.
     #[sabi(last_prefix_field)]
-    pub evaluate:
-        extern "C" fn(StatePtr, HostHandle, RSlice<NamedTensor>) -> PluginResult<RVec<Metric>>,
+    pub evaluate: extern "C" fn(StatePtr, HostHandle, RSlice<NamedTensor>) -> PluginResult<RVec<Metric>>,
 }
 
 /// The root module every Recall plugin exports. A module implements exactly one kind; the

@@ -131,7 +131,8 @@ fn guard<R>(function: &str, f: impl FnOnce() -> Result<R>) -> PluginResult<R> {
         Ok(Ok(v)) => ROk(v),
         Ok(Err(e)) => RErr(to_plugin_error(e)),
         Err(payload) => RErr(PluginError {
-            message: format!("plugin `{}` panicked in `{function}`: {}", plugin_name(), panic_message(&*payload)).into(),
+            message: format!("plugin `{}` panicked in `{function}`: {}", plugin_name(), panic_message(&*payload))
+                .into(),
             config_key: RNone,
         }),
     }
@@ -176,7 +177,11 @@ extern "C" fn tokenizer_vocab_size<T: Tokenizer>(s: StatePtr) -> PluginResult<u6
     // SAFETY: `s` came from tokenizer_create::<T>.
     guard("vocab_size", || Ok(unsafe { state::<T>(s) }.borrow().vocab_size() as u64))
 }
-extern "C" fn tokenizer_encode<T: Tokenizer>(s: StatePtr, texts: RSlice<RString>, ctx_len: u64) -> PluginResult<TokenBatch> {
+extern "C" fn tokenizer_encode<T: Tokenizer>(
+    s: StatePtr,
+    texts: RSlice<RString>,
+    ctx_len: u64,
+) -> PluginResult<TokenBatch> {
     guard("encode", || {
         let texts: Vec<&str> = texts.iter().map(|t| t.as_str()).collect();
         let ctx_len = (ctx_len > 0).then_some(ctx_len as usize);
@@ -207,7 +212,11 @@ extern "C" fn encoder_spec<T: Encoder>(s: StatePtr) -> PluginResult<EncoderSpec>
     // SAFETY: `s` came from encoder_create::<T>.
     guard("spec", || Ok(unsafe { state::<T>(s) }.borrow().spec()))
 }
-extern "C" fn encoder_forward<T: Encoder>(s: StatePtr, h: HostHandle, inputs: RSlice<NamedTensor>) -> PluginResult<TensorId> {
+extern "C" fn encoder_forward<T: Encoder>(
+    s: StatePtr,
+    h: HostHandle,
+    inputs: RSlice<NamedTensor>,
+) -> PluginResult<TensorId> {
     guard("forward", || {
         // SAFETY: `s` came from encoder_create::<T>.
         let st = unsafe { state::<T>(s) }.borrow();
@@ -230,14 +239,23 @@ pub fn encoder_module<T: Encoder>(info: extern "C" fn() -> PluginInfo) -> Plugin
 
 // ---- adapter ----
 
-extern "C" fn adapter_create<T: Adapter>(h: HostHandle, cfg: RStr<'_>, sites: RSlice<SiteInfo>) -> PluginResult<StatePtr> {
+extern "C" fn adapter_create<T: Adapter>(
+    h: HostHandle,
+    cfg: RStr<'_>,
+    sites: RSlice<SiteInfo>,
+) -> PluginResult<StatePtr> {
     guard("create", || T::create(&Host::from_handle(h), config(cfg)?, sites.as_slice()).map(new_state))
 }
 extern "C" fn adapter_targets<T: Adapter>(s: StatePtr) -> PluginResult<RVec<u32>> {
     // SAFETY: `s` came from adapter_create::<T>.
     guard("targets", || Ok(unsafe { state::<T>(s) }.borrow().targets().into()))
 }
-extern "C" fn adapter_delta<T: Adapter>(s: StatePtr, h: HostHandle, site: u32, x: TensorId) -> PluginResult<ROption<TensorId>> {
+extern "C" fn adapter_delta<T: Adapter>(
+    s: StatePtr,
+    h: HostHandle,
+    site: u32,
+    x: TensorId,
+) -> PluginResult<ROption<TensorId>> {
     guard("delta", || {
         let host = Host::from_handle(h);
         let x = borrow_input(&host, x);
@@ -299,7 +317,11 @@ strategy_step_hook!(strategy_before_step, before_step);
 strategy_step_hook!(strategy_after_backward, after_backward);
 strategy_step_hook!(strategy_after_step, after_step);
 
-extern "C" fn strategy_loss_terms<T: Strategy>(s: StatePtr, h: HostHandle, inputs: RSlice<NamedTensor>) -> PluginResult<RVec<NamedTensor>> {
+extern "C" fn strategy_loss_terms<T: Strategy>(
+    s: StatePtr,
+    h: HostHandle,
+    inputs: RSlice<NamedTensor>,
+) -> PluginResult<RVec<NamedTensor>> {
     guard("loss_terms", || {
         // SAFETY: `s` came from strategy_create::<T>.
         let terms = unsafe { state::<T>(s) }.borrow_mut().loss_terms(&Host::from_handle(h), inputs.as_slice())?;
@@ -339,7 +361,11 @@ pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo) -> Plug
 extern "C" fn evaluator_create<T: Evaluator>(h: HostHandle, cfg: RStr<'_>) -> PluginResult<StatePtr> {
     guard("create", || T::create(&Host::from_handle(h), config(cfg)?).map(new_state))
 }
-extern "C" fn evaluator_evaluate<T: Evaluator>(s: StatePtr, h: HostHandle, inputs: RSlice<NamedTensor>) -> PluginResult<RVec<Metric>> {
+extern "C" fn evaluator_evaluate<T: Evaluator>(
+    s: StatePtr,
+    h: HostHandle,
+    inputs: RSlice<NamedTensor>,
+) -> PluginResult<RVec<Metric>> {
     guard("evaluate", || {
         // SAFETY: `s` came from evaluator_create::<T>.
         let metrics = unsafe { state::<T>(s) }.borrow_mut().evaluate(&Host::from_handle(h), inputs.as_slice())?;

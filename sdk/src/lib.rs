@@ -34,9 +34,9 @@
 
 pub mod abi;
 pub mod config;
-pub mod nn;
 mod error;
 mod kinds;
+pub mod nn;
 mod tensor;
 
 pub use abi::{DType, EncoderSpec, NamedTensor, ParamInit, SiteInfo, TaskInfo, TokenBatch};
@@ -49,14 +49,16 @@ pub use tensor::{named, Host, LogLevel, Site, Tensor};
 pub mod prelude {
     pub use crate::abi::modality;
     pub use crate::{
-        bail, Adapter, DType, Encoder, EncoderSpec, Error, Evaluator, Host, NamedTensor, ParamInit, Result, Site, SiteInfo,
-        Strategy, TaskInfo, Tensor, TokenBatch, Tokenizer,
+        bail, Adapter, DType, Encoder, EncoderSpec, Error, Evaluator, Host, NamedTensor, ParamInit, Result, Site,
+        SiteInfo, Strategy, TaskInfo, Tensor, TokenBatch, Tokenizer,
     };
 }
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::kinds::{adapter_module, encoder_module, evaluator_module, set_plugin_name, strategy_module, tokenizer_module};
+    pub use crate::kinds::{
+        adapter_module, encoder_module, evaluator_module, set_plugin_name, strategy_module, tokenizer_module,
+    };
     pub use abi_stable;
 }
 

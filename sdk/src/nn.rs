@@ -65,11 +65,18 @@ pub struct SelfAttention {
 
 impl SelfAttention {
     pub fn new(host: &Host, name: &str, width: usize, heads: usize, init_std: f64, out_std: f64) -> Result<Self> {
-        if heads == 0 || width % heads != 0 {
+        if heads == 0 || !width.is_multiple_of(heads) {
             return Err(Error::new(format!("width {width} is not divisible by {heads} heads")));
         }
         let site = |n: &str, std: f64| {
-            host.declare_linear(&format!("{name}.{n}"), width, width, true, ParamInit::normal(0.0, std), ParamInit::zeros())
+            host.declare_linear(
+                &format!("{name}.{n}"),
+                width,
+                width,
+                true,
+                ParamInit::normal(0.0, std),
+                ParamInit::zeros(),
+            )
         };
         Ok(SelfAttention {
             q: site("q_proj", init_std)?,
@@ -104,10 +111,32 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(host: &Host, name: &str, width: usize, hidden: usize, activation: Activation, fc1_std: f64, fc2_std: f64) -> Result<Self> {
+    pub fn new(
+        host: &Host,
+        name: &str,
+        width: usize,
+        hidden: usize,
+        activation: Activation,
+        fc1_std: f64,
+        fc2_std: f64,
+    ) -> Result<Self> {
         Ok(Mlp {
-            fc1: host.declare_linear(&format!("{name}.fc1"), width, hidden, true, ParamInit::normal(0.0, fc1_std), ParamInit::zeros())?,
-            fc2: host.declare_linear(&format!("{name}.fc2"), hidden, width, true, ParamInit::normal(0.0, fc2_std), ParamInit::zeros())?,
+            fc1: host.declare_linear(
+                &format!("{name}.fc1"),
+                width,
+                hidden,
+                true,
+                ParamInit::normal(0.0, fc1_std),
+                ParamInit::zeros(),
+            )?,
+            fc2: host.declare_linear(
+                &format!("{name}.fc2"),
+                hidden,
+                width,
+                true,
+                ParamInit::normal(0.0, fc2_std),
+                ParamInit::zeros(),
+            )?,
             activation,
         })
     }

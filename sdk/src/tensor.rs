@@ -90,7 +90,15 @@ impl Host {
 
     /// Declare an adaptable linear layer `y = x W^T + b` with W: [out, in]. Adapters (LoRA)
     /// can attach to it by its scoped name.
-    pub fn declare_linear(&self, name: &str, in_features: usize, out_features: usize, bias: bool, weight_init: ParamInit, bias_init: ParamInit) -> Result<Site> {
+    pub fn declare_linear(
+        &self,
+        name: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        weight_init: ParamInit,
+        bias_init: ParamInit,
+    ) -> Result<Site> {
         lift((self.api.declare_linear())(
             self.ctx,
             RStr::from_str(name),
@@ -121,7 +129,15 @@ impl Host {
 
     /// Scaled dot-product attention over [B, H, L, Dh] tensors, with an optional causal mask
     /// and an optional key padding mask ([B, Lk], 1 = attend, 0 = padding).
-    pub fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, key_padding_mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    pub fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        causal: bool,
+        key_padding_mask: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
         let mask = match key_padding_mask {
             Some(m) => RSome(m.id),
             None => RNone,

@@ -20,7 +20,8 @@ pub fn workspace_root() -> PathBuf {
 
 /// Path of a shared library built from crate `crate_name` (e.g. `recall-plugin-lora`).
 pub fn cdylib(crate_name: &str) -> PathBuf {
-    let file = format!("{}{}{}", std::env::consts::DLL_PREFIX, crate_name.replace('-', "_"), std::env::consts::DLL_SUFFIX);
+    let file =
+        format!("{}{}{}", std::env::consts::DLL_PREFIX, crate_name.replace('-', "_"), std::env::consts::DLL_SUFFIX);
     let p = target_dir().join(file);
     assert!(p.exists(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
     p

@@ -40,14 +40,16 @@ fn next_target() -> PathBuf {
 
 fn build_next_probe() -> PathBuf {
     let mut c = cargo();
-    c.args(["build", "--offline", "-p", "recall-fixture-abi-probe", "--features", "abi-next", "--target-dir"]).arg(next_target());
+    c.args(["build", "--offline", "-p", "recall-fixture-abi-probe", "--features", "abi-next", "--target-dir"])
+        .arg(next_target());
     run(c);
     next_target().join("debug").join(lib_name("recall-fixture-abi-probe"))
 }
 
 fn build_next_host() -> PathBuf {
     let mut c = cargo();
-    c.args(["build", "--offline", "-p", "recall-host", "--bin", "recall", "--features", "abi-next", "--target-dir"]).arg(next_target());
+    c.args(["build", "--offline", "-p", "recall-host", "--bin", "recall", "--features", "abi-next", "--target-dir"])
+        .arg(next_target());
     run(c);
     next_target().join("debug").join(format!("recall{}", std::env::consts::EXE_SUFFIX))
 }
@@ -88,9 +90,18 @@ fn abi_evolution_in_both_directions() {
             c.arg("--config").arg(f);
         }
         let out = c.output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
     };
-    for krate in ["recall-fixture-abi-probe", "recall-plugin-lora", "recall-plugin-retrieval", "recall-plugin-finetune", "recall-plugin-clip-bpe"] {
+    for krate in [
+        "recall-fixture-abi-probe",
+        "recall-plugin-lora",
+        "recall-plugin-retrieval",
+        "recall-plugin-finetune",
+        "recall-plugin-clip-bpe",
+    ] {
         let (ok, out) = check(&cdylib(krate), None);
         assert!(ok, "{krate} (SDK 1.0) on the newer host:\n{out}");
     }
@@ -108,21 +119,32 @@ fn a_plugin_for_another_major_version_is_refused_readably() {
     for f in ["abi.rs", "config.rs", "error.rs", "kinds.rs", "lib.rs", "nn.rs", "tensor.rs"] {
         std::fs::copy(root.join("sdk/src").join(f), ws.join("sdk/src").join(f)).unwrap();
     }
-    let sdk_toml = std::fs::read_to_string(root.join("sdk/Cargo.toml")).unwrap().replacen("version = \"1.0.0\"", "version = \"2.0.0\"", 1);
+    let sdk_toml = std::fs::read_to_string(root.join("sdk/Cargo.toml")).unwrap().replacen(
+        "version = \"1.0.0\"",
+        "version = \"2.0.0\"",
+        1,
+    );
     std::fs::write(ws.join("sdk/Cargo.toml"), sdk_toml).unwrap();
     std::fs::copy(root.join("tests/fixtures/abi-probe/src/lib.rs"), ws.join("probe/src/lib.rs")).unwrap();
     std::fs::copy(root.join("tests/fixtures/abi-probe/Cargo.toml"), ws.join("probe/Cargo.toml")).unwrap();
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     let deps = &manifest[manifest.find("[workspace.package]").unwrap()..];
-    let deps = deps.replace("recall-sdk = { path = \"sdk\", version = \"1.0.0\" }", "recall-sdk = { path = \"sdk\", version = \"2.0.0\" }");
-    std::fs::write(ws.join("Cargo.toml"), format!("[workspace]\nresolver = \"2\"\nmembers = [\"sdk\", \"probe\"]\n\n{deps}")).unwrap();
+    let deps = deps.replace(
+        "recall-sdk = { path = \"sdk\", version = \"1.0.0\" }",
+        "recall-sdk = { path = \"sdk\", version = \"2.0.0\" }",
+    );
+    std::fs::write(
+        ws.join("Cargo.toml"),
+        format!("[workspace]\nresolver = \"2\"\nmembers = [\"sdk\", \"probe\"]\n\n{deps}"),
+    )
+    .unwrap();
     std::fs::copy(root.join("Cargo.lock"), ws.join("Cargo.lock")).unwrap();
     let mut c = cargo();
     c.current_dir(&ws).args(["build", "--offline", "-p", "recall-fixture-abi-probe"]);
     run(c);
     let lib = ws.join("target/debug").join(lib_name("recall-fixture-abi-probe"));
 
-    let e = load_plugin(&lib).err().expect("a 2.0 plugin must be refused by a 1.0 host");
+    let e = load_plugin(&lib).expect_err("a 2.0 plugin must be refused by a 1.0 host");
     assert!(matches!(e.kind, LoadErrorKind::Incompatible { .. }), "{e}");
     let msg = e.to_string();
     assert!(!msg.contains('\n'), "one paragraph: {msg}");

@@ -7,7 +7,11 @@ use recall_tests::{cdylib, recall_bin, workspace_root, SMALL_EXPERIMENT};
 
 fn recall(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(recall_bin()).args(args).env_remove("RUST_BACKTRACE").output().expect("run recall");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn write_experiment(dir: &tempfile::TempDir, text: &str) -> String {
@@ -78,9 +82,17 @@ fn cuda_in_a_cpu_build_is_a_clear_error() {
 fn check_plugin_passes_on_every_in_tree_plugin() {
     let dir = tempfile::tempdir().unwrap();
     let small_vision = dir.path().join("vision.toml");
-    std::fs::write(&small_vision, "image_size = 16\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\nembed_dim = 16\n").unwrap();
+    std::fs::write(
+        &small_vision,
+        "image_size = 16\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\nembed_dim = 16\n",
+    )
+    .unwrap();
     let small_text = dir.path().join("text.toml");
-    std::fs::write(&small_text, "vocab_size = 64\ncontext_length = 12\nwidth = 32\nlayers = 2\nheads = 2\nembed_dim = 16\n").unwrap();
+    std::fs::write(
+        &small_text,
+        "vocab_size = 64\ncontext_length = 12\nwidth = 32\nlayers = 2\nheads = 2\nembed_dim = 16\n",
+    )
+    .unwrap();
     let cases = [
         ("recall-plugin-clip-bpe", None),
         ("recall-plugin-clip-vision", Some(&small_vision)),

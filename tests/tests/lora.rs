@@ -47,7 +47,12 @@ fn zero_b_leaves_the_base_model_exactly_unchanged() {
     assert_eq!(max_abs(&model.encode_texts(&ids, &mask).unwrap(), &base.text(&ids, shape).unwrap()), 0.0);
     // q/k/v/out of attention really are adapted (REFERENCES: PEFT on nn.MultiheadAttention was inert).
     let names: Vec<String> = model.runtime.params().iter().map(|p| p.name.clone()).collect();
-    for site in ["vision.blocks.0.attn.q_proj", "vision.blocks.1.attn.out_proj", "text.blocks.0.attn.v_proj", "text.blocks.0.mlp.fc1"] {
+    for site in [
+        "vision.blocks.0.attn.q_proj",
+        "vision.blocks.1.attn.out_proj",
+        "text.blocks.0.attn.v_proj",
+        "text.blocks.0.mlp.fc1",
+    ] {
         assert!(names.contains(&format!("adapter.{site}.lora_A")), "{site} not adapted");
     }
 }
@@ -78,7 +83,11 @@ fn merge_follows_the_c_clip_formula() {
         let (w0, a, b) = {
             let p = rt.params();
             let get = |n: &str| p.get(n).unwrap().var.as_tensor().copy().unwrap();
-            (get(&format!("{site}.weight")), get(&format!("adapter.{site}.lora_A")), get(&format!("adapter.{site}.lora_B")))
+            (
+                get(&format!("{site}.weight")),
+                get(&format!("adapter.{site}.lora_A")),
+                get(&format!("adapter.{site}.lora_B")),
+            )
         };
         model.adapter.as_ref().unwrap().merge(0.5).unwrap();
         let expected = (w0 + (b.matmul(&a).unwrap() * (0.5 * scale)).unwrap()).unwrap();

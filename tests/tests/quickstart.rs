@@ -33,7 +33,9 @@ fn quickstart_learns_and_is_reproducible() {
         assert!(v >= 10.0, "{m} on the first task after training it is {v:.2} %, not far above chance (1.4 %)");
     }
     assert!(a["trainable_parameters"].as_u64().unwrap() > 0);
-    for f in ["config.resolved.toml", "metrics.jsonl", "summary.json", "plugins.json", "checkpoints/task-02.safetensors"] {
+    for f in
+        ["config.resolved.toml", "metrics.jsonl", "summary.json", "plugins.json", "checkpoints/task-02.safetensors"]
+    {
         assert!(tmp.path().join("a").join(f).exists(), "{f} missing from the run directory");
     }
 

@@ -25,7 +25,12 @@ pub struct TaskData {
 }
 
 /// Stack examples into a normalised [B, 3, S, S] tensor.
-pub fn pixel_batch(examples: &[&Example], image_size: usize, device: &Device, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+pub fn pixel_batch(
+    examples: &[&Example],
+    image_size: usize,
+    device: &Device,
+    dtype: candle_core::DType,
+) -> candle_core::Result<Tensor> {
     let plane = image_size * image_size;
     let mut data = Vec::with_capacity(examples.len() * 3 * plane);
     for ex in examples {

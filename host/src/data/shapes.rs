@@ -27,8 +27,12 @@ pub const COLORS: [(&str, [f32; 3]); 8] = [
     ("orange", [0.95, 0.55, 0.05]),
 ];
 /// Positions: caption phrase and centre offset as a fraction of the image side.
-pub const POSITIONS: [(&str, [f32; 2]); 4] =
-    [("on the left", [-0.22, 0.0]), ("on the right", [0.22, 0.0]), ("at the top", [0.0, -0.22]), ("at the bottom", [0.0, 0.22])];
+pub const POSITIONS: [(&str, [f32; 2]); 4] = [
+    ("on the left", [-0.22, 0.0]),
+    ("on the right", [0.22, 0.0]),
+    ("at the top", [0.0, -0.22]),
+    ("at the bottom", [0.0, 0.22]),
+];
 
 /// Whether a point (in units of the shape's radius, centred) lies inside the shape.
 fn inside(shape: &str, x: f32, y: f32) -> bool {
@@ -81,7 +85,15 @@ pub fn validate(t: &TaskSection) -> Result<(), String> {
     Ok(())
 }
 
-fn render(shape: &str, rgb: [f32; 3], offset: [f32; 2], style: &str, size: usize, jitter: bool, rng: &mut StdRng) -> Vec<f32> {
+fn render(
+    shape: &str,
+    rgb: [f32; 3],
+    offset: [f32; 2],
+    style: &str,
+    size: usize,
+    jitter: bool,
+    rng: &mut StdRng,
+) -> Vec<f32> {
     let s = size as f32;
     let (mut cx, mut cy) = (s / 2.0 + offset[0] * s, s / 2.0 + offset[1] * s);
     let mut radius = s * 0.2;
@@ -131,9 +143,15 @@ pub fn generate(t: &TaskSection, image_size: usize, seed: u64) -> TaskData {
                 } else {
                     format!("a {color} {shape} {pos}")
                 };
-                test.push(Example { pixels: render(shape, rgb, offset, &t.style, image_size, false, &mut rng), captions: vec![caption.clone()] });
+                test.push(Example {
+                    pixels: render(shape, rgb, offset, &t.style, image_size, false, &mut rng),
+                    captions: vec![caption.clone()],
+                });
                 for _ in 0..t.train_per_combo {
-                    train.push(Example { pixels: render(shape, rgb, offset, &t.style, image_size, true, &mut rng), captions: vec![caption.clone()] });
+                    train.push(Example {
+                        pixels: render(shape, rgb, offset, &t.style, image_size, true, &mut rng),
+                        captions: vec![caption.clone()],
+                    });
                 }
             }
         }

@@ -147,7 +147,10 @@ impl Runtime {
     pub fn param(&self, name: &str, shape: &[usize], init: ParamInit, trainable: bool) -> Result<Tensor, String> {
         if let Some(p) = self.params.borrow().get(name) {
             if p.var.dims() != shape {
-                return Err(format!("parameter `{name}` already exists with shape {:?}, requested {shape:?}", p.var.dims()));
+                return Err(format!(
+                    "parameter `{name}` already exists with shape {:?}, requested {shape:?}",
+                    p.var.dims()
+                ));
             }
             return Ok(p.var.as_tensor().clone());
         }
@@ -192,7 +195,15 @@ impl Runtime {
 
     // ---- linear sites and adapters ----
 
-    pub fn declare_linear(&self, name: &str, in_f: usize, out_f: usize, bias: bool, w_init: ParamInit, b_init: ParamInit) -> Result<u32, String> {
+    pub fn declare_linear(
+        &self,
+        name: &str,
+        in_f: usize,
+        out_f: usize,
+        bias: bool,
+        w_init: ParamInit,
+        b_init: ParamInit,
+    ) -> Result<u32, String> {
         if self.sites.borrow().iter().any(|s| s.name == name) {
             return Err(format!("linear site `{name}` is declared twice"));
         }
@@ -224,10 +235,13 @@ impl Runtime {
     pub fn linear(&self, site_id: u32, x_id: TensorId) -> Result<Tensor, String> {
         let site = self.site(site_id)?;
         let x = self.get(x_id)?;
-        let mut y = ops::linear(&x, &site.weight, site.bias.as_ref()).map_err(|e| format!("linear `{}`: {e}", site.name))?;
+        let mut y =
+            ops::linear(&x, &site.weight, site.bias.as_ref()).map_err(|e| format!("linear `{}`: {e}", site.name))?;
         let hooks: Vec<AdapterHook> = self.adapters.borrow().clone();
         for hook in hooks {
-            let delta = (hook.fns.delta())(hook.state, hook.handle, site_id, x_id).into_result().map_err(|e| e.message.into_string())?;
+            let delta = (hook.fns.delta())(hook.state, hook.handle, site_id, x_id)
+                .into_result()
+                .map_err(|e| e.message.into_string())?;
             if let Some(id) = delta.into_option() {
                 let d = self.take(id)?;
                 y = y.broadcast_add(&d).map_err(|e| format!("adapter delta at `{}`: {e}", site.name))?;

@@ -83,17 +83,19 @@ pub fn patch_embed(pixels: &Tensor, weight: &Tensor, bias: Option<&Tensor>, patc
     let (b, c, h, w) = pixels.dims4()?;
     let (d, wc, p1, p2) = weight.dims4()?;
     if wc != c || p1 != patch || p2 != patch {
-        candle_core::bail!("patch_embed: weight shape [{d}, {wc}, {p1}, {p2}] does not fit {c} channels and patch {patch}");
+        candle_core::bail!(
+            "patch_embed: weight shape [{d}, {wc}, {p1}, {p2}] does not fit {c} channels and patch {patch}"
+        );
     }
-    if h % patch != 0 || w % patch != 0 {
+    if patch == 0 || !h.is_multiple_of(patch) || !w.is_multiple_of(patch) {
         candle_core::bail!("patch_embed: image {h}x{w} is not divisible by patch {patch}");
     }
     let (gh, gw) = (h / patch, w / patch);
-    let cols = pixels
-        .reshape((b, c, gh, patch, gw, patch))?
-        .permute((0, 2, 4, 1, 3, 5))?
-        .contiguous()?
-        .reshape((b, gh * gw, c * patch * patch))?;
+    let cols = pixels.reshape((b, c, gh, patch, gw, patch))?.permute((0, 2, 4, 1, 3, 5))?.contiguous()?.reshape((
+        b,
+        gh * gw,
+        c * patch * patch,
+    ))?;
     linear(&cols, &weight.reshape((d, c * patch * patch))?, bias)
 }
 
@@ -108,16 +110,22 @@ fn mask_value(dtype: DType) -> f64 {
 
 /// Scaled dot-product attention on [B, H, L, Dh]. `causal` masks keys after each query
 /// (aligned to the end when Lk > Lq); `key_padding_mask` is [B, Lk] with 1 = attend.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, key_padding_mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    key_padding_mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let (_, _, lq, _) = q.dims4()?;
     let (b, _, lk, _) = k.dims4()?;
     let mut scores = matmul(q, &k.t()?)?.affine(scale, 0.0)?;
     let dtype = scores.dtype();
     if causal {
         let offset = lk.saturating_sub(lq);
-        let mask: Vec<f32> = (0..lq)
-            .flat_map(|i| (0..lk).map(move |j| if j > i + offset { 1.0 } else { 0.0 }))
-            .collect();
+        let mask: Vec<f32> =
+            (0..lq).flat_map(|i| (0..lk).map(move |j| if j > i + offset { 1.0 } else { 0.0 })).collect();
         let mask = Tensor::from_vec(mask, (lq, lk), q.device())?.to_dtype(dtype)?.affine(mask_value(dtype), 0.0)?;
         scores = scores.broadcast_add(&mask)?;
     }
@@ -275,7 +283,8 @@ pub fn device_from_name(name: &str) -> std::result::Result<Device, String> {
         "cpu" => Ok(Device::Cpu),
         n if n == "cuda" || n.starts_with("cuda:") || n == "auto" => {
             let ordinal = n.strip_prefix("cuda:").map(|s| s.parse::<usize>()).transpose();
-            let ordinal = ordinal.map_err(|_| format!("invalid device `{n}`: expected `cpu`, `cuda` or `cuda:N`"))?.unwrap_or(0);
+            let ordinal =
+                ordinal.map_err(|_| format!("invalid device `{n}`: expected `cpu`, `cuda` or `cuda:N`"))?.unwrap_or(0);
             if !candle_core::utils::cuda_is_available() {
                 if n == "auto" {
                     return Ok(Device::Cpu);
@@ -393,8 +402,12 @@ pub(crate) mod tests {
     #[test]
     fn grad_attention_plain_causal_padded() {
         let (q, k, v) = (randt(&[2, 2, 3, 4], 19), randt(&[2, 2, 3, 4], 20), randt(&[2, 2, 3, 4], 21));
-        grad_check("attention", &[q.clone(), k.clone(), v.clone()], |x| attention(&x[0], &x[1], &x[2], false, None, 0.5));
-        grad_check("attention causal", &[q.clone(), k.clone(), v.clone()], |x| attention(&x[0], &x[1], &x[2], true, None, 0.5));
+        grad_check("attention", &[q.clone(), k.clone(), v.clone()], |x| {
+            attention(&x[0], &x[1], &x[2], false, None, 0.5)
+        });
+        grad_check("attention causal", &[q.clone(), k.clone(), v.clone()], |x| {
+            attention(&x[0], &x[1], &x[2], true, None, 0.5)
+        });
         let mask = Tensor::from_vec(vec![1u32, 1, 0, 1, 0, 0], (2, 3), &Device::Cpu).unwrap();
         grad_check("attention padded", &[q, k, v], |x| attention(&x[0], &x[1], &x[2], false, Some(&mask), 0.5));
     }
@@ -435,34 +448,36 @@ pub(crate) mod tests {
         let pos = (randt(&[3, 4], 40).abs().unwrap() + 0.5).unwrap();
         let signed = (randt(&[3, 4], 41) + 0.013).unwrap();
         for code in [u::EXP, u::NEG, u::GELU, u::GELU_TANH, u::QUICK_GELU, u::TANH, u::SIGMOID, u::SQR, u::SILU] {
-            grad_check(&format!("unary {code}"), &[signed.clone()], |x| unary(code, &x[0]));
+            grad_check(&format!("unary {code}"), std::slice::from_ref(&signed), |x| unary(code, &x[0]));
         }
         for code in [u::LOG, u::SQRT, u::RECIP, u::ABS, u::RELU] {
-            grad_check(&format!("unary {code}"), &[pos.clone()], |x| unary(code, &x[0]));
+            grad_check(&format!("unary {code}"), std::slice::from_ref(&pos), |x| unary(code, &x[0]));
         }
         let b = (randt(&[4], 42).abs().unwrap() + 0.5).unwrap();
         for code in [bi::ADD, bi::SUB, bi::MUL, bi::DIV, bi::MAXIMUM, bi::MINIMUM] {
             grad_check(&format!("binary {code}"), &[signed.clone(), b.clone()], |x| binary(code, &x[0], &x[1]));
         }
         for code in [r::SUM, r::MEAN, r::MAX, r::MIN] {
-            grad_check(&format!("reduce {code}"), &[signed.clone()], |x| reduce(code, &x[0], &[1], false));
-            grad_check(&format!("reduce {code} keepdim"), &[signed.clone()], |x| reduce(code, &x[0], &[0], true));
+            grad_check(&format!("reduce {code}"), std::slice::from_ref(&signed), |x| reduce(code, &x[0], &[1], false));
+            grad_check(&format!("reduce {code} keepdim"), std::slice::from_ref(&signed), |x| {
+                reduce(code, &x[0], &[0], true)
+            });
         }
     }
 
     #[test]
     fn grad_shape_ops_and_scalars() {
         let x = randt(&[2, 3, 4], 43);
-        grad_check("permute", &[x.clone()], |x| x[0].permute((2, 0, 1)));
-        grad_check("transpose", &[x.clone()], |x| x[0].transpose(0, 2));
-        grad_check("narrow", &[x.clone()], |x| x[0].narrow(1, 1, 2));
+        grad_check("permute", std::slice::from_ref(&x), |x| x[0].permute((2, 0, 1)));
+        grad_check("transpose", std::slice::from_ref(&x), |x| x[0].transpose(0, 2));
+        grad_check("narrow", std::slice::from_ref(&x), |x| x[0].narrow(1, 1, 2));
         grad_check("cat", &[x.clone(), randt(&[2, 1, 4], 44)], |x| Tensor::cat(&[&x[0], &x[1]], 1));
         let idx = Tensor::from_vec(vec![2u32, 0, 0], 3, &Device::Cpu).unwrap();
-        grad_check("index_select", &[x.clone()], |x| x[0].index_select(&idx, 1));
+        grad_check("index_select", std::slice::from_ref(&x), |x| x[0].index_select(&idx, 1));
         let gidx = Tensor::from_vec(vec![1u32, 0, 2, 2, 1, 0], (2, 3, 1), &Device::Cpu).unwrap();
         grad_check("gather", &[randt(&[2, 3, 3], 45)], |x| x[0].gather(&gidx, 2));
         grad_check("broadcast_as", &[randt(&[1, 4], 46)], |x| x[0].broadcast_as((3, 4)));
-        grad_check("affine", &[x.clone()], |x| x[0].affine(1.5, -0.25));
+        grad_check("affine", std::slice::from_ref(&x), |x| x[0].affine(1.5, -0.25));
         let pos = (randt(&[5], 47).abs().unwrap() + 0.5).unwrap();
         grad_check("powf", &[pos], |x| x[0].powf(1.7));
         grad_check("clamp", &[(randt(&[6], 48) * 2.0).unwrap()], |x| x[0].clamp(-0.5, 0.6));
@@ -473,7 +488,9 @@ pub(crate) mod tests {
         let g = g.backward().unwrap().get(v.as_tensor()).unwrap().clone();
         let diff = (g - &r).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(diff < 1e-6, "to_dtype gradient off by {diff}");
-        grad_check("dropout mask", &[randt(&[2, 3], 49)], |x| dropout_with_mask(&x[0], vec![1.0, 0.0, 1.0, 1.0, 0.0, 1.0], 0.25));
+        grad_check("dropout mask", &[randt(&[2, 3], 49)], |x| {
+            dropout_with_mask(&x[0], vec![1.0, 0.0, 1.0, 1.0, 0.0, 1.0], 0.25)
+        });
         grad_check("l2_normalize", &[randt(&[3, 4], 50)], |x| l2_normalize(&x[0]));
     }
 

@@ -26,17 +26,26 @@ pub struct ParamStore {
 }
 
 /// Draw an initial value.
-pub fn init_tensor(init: ParamInit, shape: &[usize], dtype: DType, device: &Device, rng: &mut StdRng) -> Result<Tensor, String> {
+pub fn init_tensor(
+    init: ParamInit,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+    rng: &mut StdRng,
+) -> Result<Tensor, String> {
     let n: usize = shape.iter().product();
     let data: Vec<f32> = match init.kind {
         ParamInit::KIND_CONSTANT => vec![init.a as f32; n],
         ParamInit::KIND_NORMAL => {
-            let d = Normal::new(init.a, init.b).map_err(|e| format!("invalid normal init ({}, {}): {e}", init.a, init.b))?;
+            let d = Normal::new(init.a, init.b)
+                .map_err(|e| format!("invalid normal init ({}, {}): {e}", init.a, init.b))?;
             (0..n).map(|_| d.sample(rng) as f32).collect()
         }
         ParamInit::KIND_UNIFORM => {
             if init.a >= init.b {
-                return Ok(Tensor::full(init.a as f32, shape, device).and_then(|t| t.to_dtype(dtype)).map_err(|e| e.to_string())?);
+                return Tensor::full(init.a as f32, shape, device)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .map_err(|e| e.to_string());
             }
             let d = Uniform::new(init.a, init.b).map_err(|e| format!("invalid uniform init: {e}"))?;
             (0..n).map(|_| d.sample(rng) as f32).collect()
@@ -111,9 +120,12 @@ impl ParamStore {
         for p in &self.params {
             match loaded.get(&p.name) {
                 None => problems.push(format!("missing: {} {:?}", p.name, p.var.dims())),
-                Some(t) if t.dims() != p.var.dims() => {
-                    problems.push(format!("mis-shaped: {} is {:?} in the file, {:?} in the model", p.name, t.dims(), p.var.dims()))
-                }
+                Some(t) if t.dims() != p.var.dims() => problems.push(format!(
+                    "mis-shaped: {} is {:?} in the file, {:?} in the model",
+                    p.name,
+                    t.dims(),
+                    p.var.dims()
+                )),
                 Some(_) => {}
             }
         }

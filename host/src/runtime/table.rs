@@ -172,7 +172,11 @@ extern "C" fn full(ctx: HostCtx, value: f64, shape: RSlice<u64>, dt: DType) -> H
 extern "C" fn to_vec_f32(ctx: HostCtx, id: TensorId) -> HostResult<RVec<f32>> {
     call(ctx, "to_vec_f32", |pc| {
         let t = pc.runtime.get(id)?;
-        let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_dtype(CDType::F32)).and_then(|t| t.to_vec1()).map_err(|e| e.to_string())?;
+        let v: Vec<f32> = t
+            .flatten_all()
+            .and_then(|t| t.to_dtype(CDType::F32))
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| e.to_string())?;
         Ok(v.into())
     })
 }
@@ -180,12 +184,22 @@ extern "C" fn to_vec_f32(ctx: HostCtx, id: TensorId) -> HostResult<RVec<f32>> {
 extern "C" fn to_vec_u32(ctx: HostCtx, id: TensorId) -> HostResult<RVec<u32>> {
     call(ctx, "to_vec_u32", |pc| {
         let t = pc.runtime.get(id)?;
-        let v: Vec<u32> = t.flatten_all().and_then(|t| t.to_dtype(CDType::U32)).and_then(|t| t.to_vec1()).map_err(|e| e.to_string())?;
+        let v: Vec<u32> = t
+            .flatten_all()
+            .and_then(|t| t.to_dtype(CDType::U32))
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| e.to_string())?;
         Ok(v.into())
     })
 }
 
-extern "C" fn param(ctx: HostCtx, name: RStr<'_>, shape: RSlice<u64>, init: ParamInit, trainable: bool) -> HostResult<TensorId> {
+extern "C" fn param(
+    ctx: HostCtx,
+    name: RStr<'_>,
+    shape: RSlice<u64>,
+    init: ParamInit,
+    trainable: bool,
+) -> HostResult<TensorId> {
     call(ctx, "param", |pc| {
         let t = pc.runtime.param(&pc.scoped(name.as_str()), &usizes(shape), init, trainable)?;
         Ok(pc.runtime.insert(t))
@@ -311,7 +325,13 @@ extern "C" fn broadcast_as(ctx: HostCtx, x: TensorId, shape: RSlice<u64>) -> Hos
     produce(ctx, "broadcast_as", |rt| get(rt, x)?.broadcast_as(usizes(shape)))
 }
 
-extern "C" fn patch_embed(ctx: HostCtx, px: TensorId, w: TensorId, b: ROption<TensorId>, patch: u64) -> HostResult<TensorId> {
+extern "C" fn patch_embed(
+    ctx: HostCtx,
+    px: TensorId,
+    w: TensorId,
+    b: ROption<TensorId>,
+    patch: u64,
+) -> HostResult<TensorId> {
     produce(ctx, "patch_embed", |rt| {
         let bias = b.into_option().map(|b| get(rt, b)).transpose()?;
         ops::patch_embed(&get(rt, px)?, &get(rt, w)?, bias.as_ref(), patch as usize)

@@ -44,7 +44,8 @@ pub struct Bpe {
 /// GPT-2's reversible byte -> printable character table, and the characters in the order
 /// the vocabulary lists them (printable bytes first, as the Python dict's insertion order).
 fn bytes_to_unicode() -> ([char; 256], Vec<char>) {
-    let mut bs: Vec<u32> = ('!' as u32..='~' as u32).chain('¡' as u32..='¬' as u32).chain('®' as u32..='ÿ' as u32).collect();
+    let mut bs: Vec<u32> =
+        ('!' as u32..='~' as u32).chain('¡' as u32..='¬' as u32).chain('®' as u32..='ÿ' as u32).collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -67,7 +68,9 @@ fn bytes_to_unicode() -> ([char; 256], Vec<char>) {
 impl Bpe {
     pub fn new() -> std::result::Result<Self, String> {
         let mut text = String::new();
-        flate2::read::GzDecoder::new(VOCAB_GZ).read_to_string(&mut text).map_err(|e| format!("cannot read the BPE vocabulary: {e}"))?;
+        flate2::read::GzDecoder::new(VOCAB_GZ)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read the BPE vocabulary: {e}"))?;
         let merges: Vec<(String, String)> = text
             .split('\n')
             .skip(1)

@@ -37,14 +37,30 @@ pub struct Config {
 
 mod d {
     use super::Activation;
-    pub fn vocab_size() -> usize { 49408 }
-    pub fn context_length() -> usize { 77 }
-    pub fn width() -> usize { 512 }
-    pub fn layers() -> usize { 12 }
-    pub fn heads() -> usize { 8 }
-    pub fn embed_dim() -> usize { 512 }
-    pub fn activation() -> Activation { Activation::QuickGelu }
-    pub fn eps() -> f64 { 1e-5 }
+    pub fn vocab_size() -> usize {
+        49408
+    }
+    pub fn context_length() -> usize {
+        77
+    }
+    pub fn width() -> usize {
+        512
+    }
+    pub fn layers() -> usize {
+        12
+    }
+    pub fn heads() -> usize {
+        8
+    }
+    pub fn embed_dim() -> usize {
+        512
+    }
+    pub fn activation() -> Activation {
+        Activation::QuickGelu
+    }
+    pub fn eps() -> f64 {
+        1e-5
+    }
 }
 
 pub struct ClipText {
@@ -60,7 +76,7 @@ impl Encoder for ClipText {
     type Config = Config;
 
     fn create(host: &Host, cfg: Config) -> Result<Self> {
-        if cfg.heads == 0 || cfg.width % cfg.heads != 0 {
+        if cfg.heads == 0 || !cfg.width.is_multiple_of(cfg.heads) {
             return Err(Error::config("heads", format!("width {} is not divisible by heads {}", cfg.width, cfg.heads)));
         }
         if cfg.context_length == 0 {
@@ -77,16 +93,32 @@ impl Encoder for ClipText {
         };
         Ok(ClipText {
             token_embedding: host.param("token_embedding", &[cfg.vocab_size, w], ParamInit::normal(0.0, 0.02), true)?,
-            positional_embedding: host.param("positional_embedding", &[cfg.context_length, w], ParamInit::normal(0.0, 0.01), true)?,
+            positional_embedding: host.param(
+                "positional_embedding",
+                &[cfg.context_length, w],
+                ParamInit::normal(0.0, 0.01),
+                true,
+            )?,
             transformer: Transformer::new(host, "blocks", &tcfg)?,
             ln_final: LayerNorm::new(host, "ln_final", w, cfg.layer_norm_eps)?,
-            projection: host.declare_linear("text_projection", w, cfg.embed_dim, false, ParamInit::normal(0.0, (w as f64).powf(-0.5)), ParamInit::zeros())?,
+            projection: host.declare_linear(
+                "text_projection",
+                w,
+                cfg.embed_dim,
+                false,
+                ParamInit::normal(0.0, (w as f64).powf(-0.5)),
+                ParamInit::zeros(),
+            )?,
             cfg,
         })
     }
 
     fn spec(&self) -> EncoderSpec {
-        EncoderSpec { modality: modality::TEXT, embed_dim: self.cfg.embed_dim as u64, input_size: self.cfg.context_length as u64 }
+        EncoderSpec {
+            modality: modality::TEXT,
+            embed_dim: self.cfg.embed_dim as u64,
+            input_size: self.cfg.context_length as u64,
+        }
     }
 
     fn forward(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {

@@ -38,15 +38,33 @@ pub struct Config {
 
 mod d {
     use super::Activation;
-    pub fn image_size() -> usize { 224 }
-    pub fn patch_size() -> usize { 32 }
-    pub fn width() -> usize { 768 }
-    pub fn layers() -> usize { 12 }
-    pub fn heads() -> usize { 12 }
-    pub fn embed_dim() -> usize { 512 }
-    pub fn activation() -> Activation { Activation::QuickGelu }
-    pub fn eps() -> f64 { 1e-5 }
-    pub fn channels() -> usize { 3 }
+    pub fn image_size() -> usize {
+        224
+    }
+    pub fn patch_size() -> usize {
+        32
+    }
+    pub fn width() -> usize {
+        768
+    }
+    pub fn layers() -> usize {
+        12
+    }
+    pub fn heads() -> usize {
+        12
+    }
+    pub fn embed_dim() -> usize {
+        512
+    }
+    pub fn activation() -> Activation {
+        Activation::QuickGelu
+    }
+    pub fn eps() -> f64 {
+        1e-5
+    }
+    pub fn channels() -> usize {
+        3
+    }
 }
 
 pub struct ClipVision {
@@ -64,10 +82,13 @@ impl Encoder for ClipVision {
     type Config = Config;
 
     fn create(host: &Host, cfg: Config) -> Result<Self> {
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
-            return Err(Error::config("patch_size", format!("image_size {} is not divisible by patch_size {}", cfg.image_size, cfg.patch_size)));
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
+            return Err(Error::config(
+                "patch_size",
+                format!("image_size {} is not divisible by patch_size {}", cfg.image_size, cfg.patch_size),
+            ));
         }
-        if cfg.heads == 0 || cfg.width % cfg.heads != 0 {
+        if cfg.heads == 0 || !cfg.width.is_multiple_of(cfg.heads) {
             return Err(Error::config("heads", format!("width {} is not divisible by heads {}", cfg.width, cfg.heads)));
         }
         let w = cfg.width;
@@ -84,19 +105,40 @@ impl Encoder for ClipVision {
         let p = cfg.patch_size;
         let fan_in = (cfg.channels * p * p) as f64;
         Ok(ClipVision {
-            patch_weight: host.param("patch_embed.weight", &[w, cfg.channels, p, p], ParamInit::normal(0.0, fan_in.powf(-0.5)), true)?,
+            patch_weight: host.param(
+                "patch_embed.weight",
+                &[w, cfg.channels, p, p],
+                ParamInit::normal(0.0, fan_in.powf(-0.5)),
+                true,
+            )?,
             class_embedding: host.param("class_embedding", &[w], ParamInit::normal(0.0, scale), true)?,
-            positional_embedding: host.param("positional_embedding", &[n_patches + 1, w], ParamInit::normal(0.0, scale), true)?,
+            positional_embedding: host.param(
+                "positional_embedding",
+                &[n_patches + 1, w],
+                ParamInit::normal(0.0, scale),
+                true,
+            )?,
             ln_pre: LayerNorm::new(host, "ln_pre", w, cfg.layer_norm_eps)?,
             transformer: Transformer::new(host, "blocks", &tcfg)?,
             ln_post: LayerNorm::new(host, "ln_post", w, cfg.layer_norm_eps)?,
-            proj: host.declare_linear("proj", w, cfg.embed_dim, false, ParamInit::normal(0.0, scale), ParamInit::zeros())?,
+            proj: host.declare_linear(
+                "proj",
+                w,
+                cfg.embed_dim,
+                false,
+                ParamInit::normal(0.0, scale),
+                ParamInit::zeros(),
+            )?,
             cfg,
         })
     }
 
     fn spec(&self) -> EncoderSpec {
-        EncoderSpec { modality: modality::IMAGE, embed_dim: self.cfg.embed_dim as u64, input_size: self.cfg.image_size as u64 }
+        EncoderSpec {
+            modality: modality::IMAGE,
+            embed_dim: self.cfg.embed_dim as u64,
+            input_size: self.cfg.image_size as u64,
+        }
     }
 
     fn forward(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {
@@ -104,7 +146,12 @@ impl Encoder for ClipVision {
         let shape = pixels.shape()?;
         let expected = [self.cfg.channels, self.cfg.image_size, self.cfg.image_size];
         if shape.len() != 4 || shape[1..] != expected {
-            bail!("clip-vision expects pixel_values [B, {}, {}, {}], got {shape:?}", expected[0], expected[1], expected[2]);
+            bail!(
+                "clip-vision expects pixel_values [B, {}, {}, {}], got {shape:?}",
+                expected[0],
+                expected[1],
+                expected[2]
+            );
         }
         let b = shape[0];
         let w = self.cfg.width;

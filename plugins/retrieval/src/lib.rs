@@ -28,9 +28,12 @@ pub struct Retrieval {
 /// Rank (0-based) of the best correct item in `scores`: the number of incorrect items scoring
 /// at least as high as the best correct one.
 pub fn best_rank(scores: &[f32], is_correct: impl Fn(usize) -> bool) -> Option<usize> {
-    let best = scores.iter().enumerate().filter(|(i, _)| is_correct(*i)).map(|(_, &s)| s).fold(None, |m: Option<f32>, s| {
-        Some(m.map_or(s, |m| m.max(s)))
-    })?;
+    let best = scores
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| is_correct(*i))
+        .map(|(_, &s)| s)
+        .fold(None, |m: Option<f32>, s| Some(m.map_or(s, |m| m.max(s))))?;
     Some(scores.iter().enumerate().filter(|(i, &s)| !is_correct(*i) && s >= best).count())
 }
 
