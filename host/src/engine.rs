@@ -147,15 +147,17 @@ fn new_run_dir(output_dir: &Path, name: &str, seed: u64) -> anyhow::Result<PathB
     unreachable!()
 }
 
-fn progress(quiet: bool, len: u64, label: String) -> ProgressBar {
+fn progress(quiet: bool, len: u64, label: String, unit: &str) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(len);
     pb.set_style(
-        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} steps  {per_sec}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "{{msg:>24}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb.set_message(label);
     pb
@@ -237,8 +239,10 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let mut metrics_log = String::new();
     let eval_stage = |results: &mut ResultMatrix, metrics_log: &mut String, stage: usize| -> anyhow::Result<()> {
         let mut row = Vec::new();
+        let pb = progress(opts.quiet, tasks.len() as u64, "evaluating".into(), "tasks");
         for t in &tasks {
             let m = evaluate(&model, &evaluators, t, c.train.eval_batch_size)?;
+            pb.inc(1);
             for (name, value) in &m {
                 let rec = MetricRecord { stage, trained_tasks: stage, eval_task: &t.name, metric: name, value: *value };
                 metrics_log.push_str(&serde_json::to_string(&rec)?);
@@ -246,6 +250,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             }
             row.push(m);
         }
+        pb.finish_and_clear();
         results.rows.push(row);
         write_atomic(&run_dir.join("metrics.jsonl"), metrics_log.as_bytes())?;
         Ok(())
@@ -263,6 +268,10 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
 
     let mut epoch_losses = Vec::new();
     let mut global_step = 0usize;
+    // Live handles after a step must not grow: a plugin that keeps handles it no longer needs
+    // leaks memory every step.
+    let mut handles_after_first_step: Option<usize> = None;
+    let mut leak_reported = false;
     let started = Instant::now();
     let bs = c.train.batch_size;
     for (t_idx, task) in tasks.iter().enumerate() {
@@ -289,7 +298,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             }
         }
         // Captions: each training image is paired with one of its captions per epoch.
-        let pb = progress(opts.quiet, n_steps as u64, format!("task {} {}", t_idx + 1, task.name));
+        let pb = progress(opts.quiet, n_steps as u64, format!("task {} {}", t_idx + 1, task.name), "steps");
         let mut losses = Vec::new();
         let mut step_in_task = 0usize;
         for epoch in 0..c.train.epochs {
@@ -352,6 +361,20 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                     s.after_step(global_step as u64)?;
                 }
                 drop(grads);
+                let live = rt.live_handles();
+                match handles_after_first_step {
+                    None => handles_after_first_step = Some(live),
+                    Some(first) if live > first && !leak_reported => {
+                        tracing::warn!(
+                            step = global_step,
+                            live,
+                            first,
+                            "live tensor handles grow from step to step: a plugin keeps handles it does not release"
+                        );
+                        leak_reported = true;
+                    }
+                    _ => {}
+                }
                 epoch_loss += value;
                 n_batches += 1;
                 step_in_task += 1;

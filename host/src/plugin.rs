@@ -194,7 +194,13 @@ impl AdapterInstance {
         let state =
             lift(&p.name, "create", (fns.create())(ctx.handle(), RStr::from_str(config), RSlice::from_slice(&sites)))?;
         let inst = AdapterInstance { plugin: p.name.clone(), fns, state, ctx };
-        runtime.attach_adapter(AdapterHook { fns, state, handle: inst.ctx.handle(), key: inst.key() });
+        runtime.attach_adapter(AdapterHook {
+            plugin: p.name.clone(),
+            fns,
+            state,
+            handle: inst.ctx.handle(),
+            key: inst.key(),
+        });
         Ok(inst)
     }
 

@@ -137,3 +137,24 @@ fn quickstart_file_parses() {
     let q = workspace_root().join("experiments/quickstart.toml");
     recall_host::config::load(&q, &[]).unwrap();
 }
+
+#[test]
+fn plugin_search_order_and_never_the_current_directory() {
+    let env_dir = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let lib = std::env::consts::DLL_SUFFIX;
+    // RECALL_PLUGIN_PATH comes before the build's own output: its copy of `lora` wins.
+    std::fs::copy(cdylib("recall-plugin-lora"), env_dir.path().join(format!("librecall_plugin_lora{lib}"))).unwrap();
+    // A plugin in the current directory is never picked up implicitly.
+    std::fs::copy(cdylib("recall-fixture-panicky"), cwd.path().join(format!("librecall_plugin_panicky{lib}"))).unwrap();
+    let out = Command::new(recall_bin())
+        .arg("plugins")
+        .current_dir(cwd.path())
+        .env("RECALL_PLUGIN_PATH", env_dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lora = stdout.lines().find(|l| l.starts_with("lora ")).unwrap();
+    assert!(lora.contains(&env_dir.path().display().to_string()), "{stdout}");
+    assert!(!stdout.lines().any(|l| l.starts_with("panicky")), "{stdout}");
+}

@@ -35,8 +35,9 @@ pub struct LinearSite {
 }
 
 /// An adapter attached to the runtime: `linear` asks it for a delta on every site call.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct AdapterHook {
+    pub plugin: String,
     pub fns: AdapterFnsRef,
     pub state: StatePtr,
     pub handle: HostHandle,

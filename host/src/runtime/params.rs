@@ -144,3 +144,49 @@ impl ParamStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn store(shapes: &[(&str, &[usize])]) -> ParamStore {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut s = ParamStore::default();
+        for (name, shape) in shapes {
+            let t = init_tensor(ParamInit::normal(0.0, 1.0), shape, DType::F32, &Device::Cpu, &mut rng).unwrap();
+            s.insert(Param {
+                name: name.to_string(),
+                var: Var::from_tensor(&t).unwrap(),
+                trainable: true,
+                init: ParamInit::zeros(),
+            });
+        }
+        s
+    }
+
+    #[test]
+    fn save_load_round_trip_and_mismatches_listed_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let a = store(&[("w", &[2, 3]), ("b", &[3])]);
+        a.save(&path).unwrap();
+        let b = store(&[("w", &[2, 3]), ("b", &[3])]);
+        b.load(&path).unwrap();
+        let get = |s: &ParamStore, n: &str| {
+            s.get(n).unwrap().var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(get(&a, "w"), get(&b, "w"));
+
+        let c = store(&[("w", &[3, 2]), ("extra", &[1])]);
+        let e = c.load(&path).unwrap_err().to_string();
+        for needle in
+            ["mis-shaped: w is [2, 3] in the file, [3, 2] in the model", "missing: extra [1]", "unexpected: b [3]"]
+        {
+            assert!(e.contains(needle), "`{needle}` not in: {e}");
+        }
+        std::fs::write(&path, b"not a safetensors file").unwrap();
+        let e = b.load(&path).unwrap_err().to_string();
+        assert!(e.contains("cannot read checkpoint") && e.contains("ckpt.safetensors"), "{e}");
+    }
+}
