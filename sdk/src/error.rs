@@ -45,6 +45,17 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// The message of a caught panic payload (a `&str` or `String`, as `panic!` makes them).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
 /// Build an [`Error`] from a format string and return it.
 #[macro_export]
 macro_rules! bail {

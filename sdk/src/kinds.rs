@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::abi::*;
 use crate::config::parse_config;
-use crate::error::{Error, Result};
+use crate::error::{panic_message, Error, Result};
 use crate::tensor::{Host, Tensor};
 
 /// A text tokenizer.
@@ -103,16 +103,6 @@ pub fn set_plugin_name(name: &'static str) {
 
 fn plugin_name() -> &'static str {
     PLUGIN_NAME.get().copied().unwrap_or("<unnamed>")
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
-    }
 }
 
 fn to_plugin_error(e: Error) -> PluginError {

@@ -41,7 +41,7 @@ mod tensor;
 
 pub use abi::{DType, EncoderSpec, NamedTensor, ParamInit, SiteInfo, TaskInfo, TokenBatch};
 pub use config::parse_config;
-pub use error::{Error, Result};
+pub use error::{panic_message, Error, Result};
 pub use kinds::{Adapter, Encoder, Evaluator, Strategy, Tokenizer};
 pub use tensor::{named, Host, LogLevel, Site, Tensor};
 

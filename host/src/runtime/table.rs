@@ -10,7 +10,7 @@ use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use candle_core::{DType as CDType, Tensor};
 use recall_sdk::abi::{DType, HostApi, HostApiRef, HostCtx, HostResult, TensorId};
-use recall_sdk::ParamInit;
+use recall_sdk::{panic_message, ParamInit};
 
 use super::{ops, PluginCtx, Runtime};
 
@@ -92,16 +92,6 @@ pub fn from_candle(d: CDType) -> DType {
         CDType::U8 => DType::U8,
         CDType::I64 => DType::I64,
         _ => DType(u32::MAX),
-    }
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
     }
 }
 
