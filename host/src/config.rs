@@ -9,14 +9,46 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// A config error located in a file.
+/// A config error located in a file (`line` 0: the source has no lines, e.g. a command-line
+/// model spec).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
+#[error("{}", self.render())]
 pub struct ConfigError {
     pub file: String,
     pub line: usize,
     pub column: usize,
     pub message: String,
+}
+
+impl ConfigError {
+    fn render(&self) -> String {
+        if self.line == 0 {
+            format!("{}: {}", self.file, self.message)
+        } else {
+            format!("{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        }
+    }
+}
+
+/// Something that can turn a dotted key into a located error.
+pub trait Locate {
+    fn error_at(&self, dotted: &str, message: String) -> ConfigError;
+}
+
+impl Locate for LoadedConfig {
+    fn error_at(&self, dotted: &str, message: String) -> ConfigError {
+        LoadedConfig::error_at(self, dotted, message)
+    }
+}
+
+/// A config that did not come from a file (e.g. `recall embed --model DIR`): errors name the
+/// source and the key.
+pub struct NamedSource(pub String);
+
+impl Locate for NamedSource {
+    fn error_at(&self, dotted: &str, message: String) -> ConfigError {
+        ConfigError { file: self.0.clone(), line: 0, column: 0, message: format!("`{dotted}`: {message}") }
+    }
 }
 
 /// One experiment.
@@ -85,6 +117,11 @@ pub struct ModelSection {
     /// Glob patterns of parameters to keep frozen (e.g. `text.token_embedding`).
     #[serde(default)]
     pub frozen: Vec<String>,
+    /// A pretrained CLIP checkpoint (transformers directory or OpenAI/open_clip safetensors)
+    /// for both towers and `logit_scale`; passed to each tower as its `checkpoint` unless the
+    /// tower names its own. Relative paths are relative to the experiment file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// Which base weights to freeze while an adapter trains.
@@ -372,7 +409,13 @@ impl LoadedConfig {
 
 /// Parse experiment text.
 pub fn parse(src: &str, file: &str) -> Result<LoadedConfig, ConfigError> {
-    let config: ExperimentConfig = toml::from_str(src).map_err(|e| located(file, src, &e))?;
+    let mut config: ExperimentConfig = toml::from_str(src).map_err(|e| located(file, src, &e))?;
+    // Paths in the file are relative to the file.
+    if let Some(dir) = Path::new(file).parent().filter(|d| !d.as_os_str().is_empty() && d.is_dir()) {
+        if let Some(ck) = config.model.checkpoint.as_mut().filter(|p| p.is_relative()) {
+            *ck = dir.join(&*ck);
+        }
+    }
     let loaded = LoadedConfig { config, source: src.to_string(), file: file.to_string() };
     validate(&loaded)?;
     Ok(loaded)

@@ -6,7 +6,7 @@ use std::rc::Rc;
 use candle_core::{DType, Tensor};
 use globset::{Glob, GlobSetBuilder};
 
-use crate::config::{FreezeBase, LoadedConfig};
+use crate::config::{AdapterSection, ExperimentSection, FreezeBase, LoadedConfig, Locate, ModelSection};
 use crate::loader::Registry;
 use crate::plugin::{AdapterInstance, EncoderInstance, PluginFailure, TokenizerInstance};
 use crate::runtime::{ops, Runtime};
@@ -38,13 +38,36 @@ pub struct Model {
 }
 
 /// Turn a plugin's create failure into an error located at its config key, when it has one.
-pub fn locate_failure(cfg: &LoadedConfig, section: &str, e: PluginFailure) -> BuildError {
+pub fn locate_failure(cfg: &dyn Locate, section: &str, e: PluginFailure) -> BuildError {
     match &e.config_key {
         Some(key) => BuildError::Config(
             cfg.error_at(&format!("{section}.{key}"), format!("plugin `{}`: {}", e.plugin, e.message)),
         ),
         None => BuildError::Plugin(e),
     }
+}
+
+/// The weights file of a checkpoint path (a directory holds `model.safetensors`).
+pub fn checkpoint_file(path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_dir() {
+        for f in ["model.safetensors", "open_clip_model.safetensors"] {
+            if path.join(f).is_file() {
+                return path.join(f);
+            }
+        }
+    }
+    path.to_path_buf()
+}
+
+/// The model section with `[model] checkpoint` handed down to towers that name none.
+fn with_checkpoint(model: &ModelSection) -> ModelSection {
+    let mut m = model.clone();
+    if let Some(ck) = &model.checkpoint {
+        for tower in [&mut m.vision, &mut m.text] {
+            tower.options.entry("checkpoint").or_insert_with(|| toml::Value::String(ck.display().to_string()));
+        }
+    }
+    m
 }
 
 fn float_dtype(name: &str) -> DType {
@@ -59,12 +82,23 @@ impl Model {
     /// initialisation from one seed is reproducible.
     pub fn build(cfg: &LoadedConfig, registry: &Registry) -> Result<Model, BuildError> {
         let c = &cfg.config;
-        let device = ops::device_from_name(&c.experiment.device).map_err(|m| cfg.error_at("experiment.device", m))?;
-        let runtime = Runtime::new(device, float_dtype(&c.experiment.dtype), c.experiment.seed);
+        Self::build_parts(&c.experiment, &c.model, c.adapter.as_ref(), cfg, registry)
+    }
+
+    /// Build from the sections that describe a model; `cfg` locates errors.
+    pub fn build_parts(
+        experiment: &ExperimentSection,
+        model: &ModelSection,
+        adapter: Option<&AdapterSection>,
+        cfg: &dyn Locate,
+        registry: &Registry,
+    ) -> Result<Model, BuildError> {
+        let device = ops::device_from_name(&experiment.device).map_err(|m| cfg.error_at("experiment.device", m))?;
+        let runtime = Runtime::new(device, float_dtype(&experiment.dtype), experiment.seed);
         let get = |section: &str, name: &str, kind: &str| {
             registry.get(name, kind).map_err(|m| BuildError::Config(cfg.error_at(&format!("{section}.plugin"), m)))
         };
-        let m = &c.model;
+        let m = &with_checkpoint(model);
         let tokenizer = TokenizerInstance::create(
             get("model.tokenizer", &m.tokenizer.plugin, "tokenizer")?,
             &runtime,
@@ -107,7 +141,16 @@ impl Model {
         let logit_scale = runtime
             .param("logit_scale", &[1], ParamInit::constant(m.logit_scale_init), m.learn_logit_scale)
             .map_err(BuildError::Other)?;
-        let adapter = match &c.adapter {
+        if let Some(path) = &m.checkpoint {
+            let file = checkpoint_file(path);
+            let value = runtime
+                .checkpoint_tensor(&file, "logit_scale")
+                .map_err(|e| BuildError::Config(cfg.error_at("model.checkpoint", e)))?;
+            let value = value.reshape(1).map_err(|e| BuildError::Other(e.to_string()))?;
+            runtime.param_assign(&logit_scale, &value).map_err(BuildError::Other)?;
+        }
+        let adapter_section = adapter;
+        let adapter = match adapter_section {
             Some(a) => Some(
                 AdapterInstance::create(get("adapter", &a.plugin, "adapter")?, &runtime, &a.options_text())
                     .map_err(|e| locate_failure(cfg, "adapter", e))?,
@@ -124,16 +167,20 @@ impl Model {
             context_length: tspec.input_size as usize,
             runtime,
         };
-        model.apply_freezing(cfg)?;
+        model.apply_freezing(m, adapter_section, cfg)?;
         tracing::debug!(vocab, "model assembled");
         Ok(model)
     }
 
     /// Freeze what the config asks: `model.frozen` globs, and the adapter's `freeze_base`.
-    fn apply_freezing(&self, cfg: &LoadedConfig) -> Result<(), BuildError> {
-        let c = &cfg.config;
+    fn apply_freezing(
+        &self,
+        model: &ModelSection,
+        adapter: Option<&AdapterSection>,
+        cfg: &dyn Locate,
+    ) -> Result<(), BuildError> {
         let mut b = GlobSetBuilder::new();
-        for (i, p) in c.model.frozen.iter().enumerate() {
+        for (i, p) in model.frozen.iter().enumerate() {
             b.add(
                 Glob::new(p)
                     .map_err(|e| BuildError::Config(cfg.error_at("model.frozen", format!("pattern {i} `{p}`: {e}"))))?,
@@ -142,7 +189,7 @@ impl Model {
         let frozen = b.build().map_err(|e| BuildError::Other(e.to_string()))?;
         let mut adapted_params: Vec<String> = Vec::new();
         let mut adapter_prefix = None;
-        if let (Some(a), Some(inst)) = (&c.adapter, &self.adapter) {
+        if let (Some(a), Some(inst)) = (adapter, &self.adapter) {
             let sites = self.runtime.sites();
             match a.freeze_base {
                 FreezeBase::Adapted => {

@@ -257,6 +257,15 @@ pub struct TaskInfo {
     pub n_steps: u64,
 }
 
+/// One tensor listed in a checkpoint file.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct CheckpointEntry {
+    pub name: RString,
+    pub shape: RVec<u64>,
+    pub dtype: DType,
+}
+
 /// Result of a host call.
 pub type HostResult<T> = RResult<T, RString>;
 /// Result of a plugin call.
@@ -335,6 +344,12 @@ pub struct HostApi {
     pub log: extern "C" fn(HostCtx, u32, RStr<'_>),
     #[sabi(last_prefix_field)]
     pub is_training: extern "C" fn(HostCtx) -> bool,
+    // ---- appended in 1.1 ----
+    /// The tensors of a checkpoint file (safetensors): names, shapes, dtypes.
+    pub checkpoint_index: extern "C" fn(HostCtx, RStr<'_>) -> HostResult<RVec<CheckpointEntry>>,
+    /// One tensor of a checkpoint file, as a constant in the runtime's float dtype (integer
+    /// tensors keep their dtype).
+    pub checkpoint_tensor: extern "C" fn(HostCtx, RStr<'_>, RStr<'_>) -> HostResult<TensorId>,
     #[cfg(feature = "abi-next")]
     /// Appended after 1.0 (present only in SDK builds with the `abi-next` feature, which exists
     /// to test ABI evolution): returns the number of live tensor handles.

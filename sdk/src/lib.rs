@@ -33,6 +33,7 @@
 //! ```
 
 pub mod abi;
+pub mod checkpoint;
 pub mod config;
 mod error;
 mod kinds;

@@ -145,6 +145,24 @@ impl Host {
         self.wrap((self.api.attention())(self.ctx, q.id, k.id, v.id, causal, mask, scale))
     }
 
+    /// The tensors of a checkpoint file: `(name, shape)` sorted by name. Needs a host with
+    /// recall-sdk >= 1.1.
+    pub fn checkpoint_index(&self, path: &str) -> Result<Vec<(String, Vec<usize>)>> {
+        let f = self.api.checkpoint_index().ok_or_else(|| Error::new(OLD_HOST_CHECKPOINTS))?;
+        let mut v: Vec<(String, Vec<usize>)> = lift(f(self.ctx, RStr::from_str(path)))?
+            .into_iter()
+            .map(|e| (e.name.into_string(), e.shape.iter().map(|&d| d as usize).collect()))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// One tensor of a checkpoint file, in the runtime's float dtype.
+    pub fn checkpoint_tensor(&self, path: &str, name: &str) -> Result<Tensor> {
+        let f = self.api.checkpoint_tensor().ok_or_else(|| Error::new(OLD_HOST_CHECKPOINTS))?;
+        self.wrap(f(self.ctx, RStr::from_str(path), RStr::from_str(name)))
+    }
+
     /// Whether the host is in a training step (dropout active).
     pub fn is_training(&self) -> bool {
         (self.api.is_training())(self.ctx)
@@ -169,6 +187,9 @@ impl Host {
         }
     }
 }
+
+const OLD_HOST_CHECKPOINTS: &str =
+    "this recall host predates checkpoint loading (recall-sdk 1.1); upgrade recall to load checkpoints";
 
 fn names(inputs: &[NamedTensor]) -> String {
     let v: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();

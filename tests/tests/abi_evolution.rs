@@ -116,11 +116,12 @@ fn a_plugin_for_another_major_version_is_refused_readably() {
     let ws = root.join("target/abi-v2-src");
     std::fs::create_dir_all(ws.join("sdk/src")).unwrap();
     std::fs::create_dir_all(ws.join("probe/src")).unwrap();
-    for f in ["abi.rs", "config.rs", "error.rs", "kinds.rs", "lib.rs", "nn.rs", "tensor.rs"] {
+    for f in ["abi.rs", "checkpoint.rs", "config.rs", "error.rs", "kinds.rs", "lib.rs", "nn.rs", "tensor.rs"] {
         std::fs::copy(root.join("sdk/src").join(f), ws.join("sdk/src").join(f)).unwrap();
     }
+    let current = recall_sdk::abi::ABI_VERSION;
     let sdk_toml = std::fs::read_to_string(root.join("sdk/Cargo.toml")).unwrap().replacen(
-        "version = \"1.0.0\"",
+        &format!("version = \"{current}\""),
         "version = \"2.0.0\"",
         1,
     );
@@ -129,10 +130,12 @@ fn a_plugin_for_another_major_version_is_refused_readably() {
     std::fs::copy(root.join("tests/fixtures/abi-probe/Cargo.toml"), ws.join("probe/Cargo.toml")).unwrap();
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     let deps = &manifest[manifest.find("[workspace.package]").unwrap()..];
-    let deps = deps.replace(
-        "recall-sdk = { path = \"sdk\", version = \"1.0.0\" }",
-        "recall-sdk = { path = \"sdk\", version = \"2.0.0\" }",
-    );
+    let deps = deps
+        .replace(
+            &format!("recall-sdk = {{ path = \"sdk\", version = \"{current}\" }}"),
+            "recall-sdk = { path = \"sdk\", version = \"2.0.0\" }",
+        )
+        .replace("recall-clip-common = { path = \"plugins/clip-common\" }\n", "");
     std::fs::write(
         ws.join("Cargo.toml"),
         format!("[workspace]\nresolver = \"2\"\nmembers = [\"sdk\", \"probe\"]\n\n{deps}"),
@@ -148,7 +151,7 @@ fn a_plugin_for_another_major_version_is_refused_readably() {
     assert!(matches!(e.kind, LoadErrorKind::Incompatible { .. }), "{e}");
     let msg = e.to_string();
     assert!(!msg.contains('\n'), "one paragraph: {msg}");
-    for needle in [lib.display().to_string().as_str(), "recall-sdk 2.0.0", "1.0.0", "rebuild the plugin"] {
+    for needle in [lib.display().to_string().as_str(), "recall-sdk 2.0.0", current, "rebuild the plugin"] {
         assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
     }
     assert!(e.detail.as_deref().is_some_and(|d| d.contains("2.0.0")), "the raw report is kept for --verbose");

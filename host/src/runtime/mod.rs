@@ -54,6 +54,7 @@ pub struct Runtime {
     adapters: RefCell<Vec<AdapterHook>>,
     rng: RefCell<StdRng>,
     training: Cell<bool>,
+    checkpoints: RefCell<HashMap<std::path::PathBuf, Rc<candle_core::safetensors::MmapedSafetensors>>>,
 }
 
 /// The state behind one plugin instance's `HostCtx`: which runtime, which parameter scope,
@@ -87,6 +88,7 @@ impl Runtime {
             adapters: RefCell::default(),
             rng: RefCell::new(StdRng::seed_from_u64(seed)),
             training: Cell::new(false),
+            checkpoints: RefCell::default(),
         })
     }
 
@@ -192,6 +194,54 @@ impl Runtime {
     /// Every parameter's value by name, copied.
     pub fn snapshot(&self) -> Result<HashMap<String, Tensor>, String> {
         self.params.borrow().snapshot().map_err(|e| e.to_string())
+    }
+
+    // ---- checkpoints ----
+
+    /// A checkpoint file, opened once (memory-mapped) and kept for later lookups.
+    pub fn checkpoint(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Rc<candle_core::safetensors::MmapedSafetensors>, String> {
+        if let Some(c) = self.checkpoints.borrow().get(path) {
+            return Ok(c.clone());
+        }
+        if !path.is_file() {
+            return Err(format!("checkpoint {} does not exist or is not a file", path.display()));
+        }
+        // SAFETY: the file is mapped read-only; Recall does not support modifying a checkpoint
+        // while a run reads it (the mapping would then change underneath).
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
+            format!("checkpoint {} is not a readable safetensors file (truncated or corrupt?): {e}", path.display())
+        })?;
+        let st = Rc::new(st);
+        self.checkpoints.borrow_mut().insert(path.to_path_buf(), st.clone());
+        Ok(st)
+    }
+
+    /// Names, shapes and dtypes of a checkpoint's tensors.
+    pub fn checkpoint_index(&self, path: &std::path::Path) -> Result<Vec<(String, Vec<usize>, DType)>, String> {
+        let st = self.checkpoint(path)?;
+        let mut v: Vec<(String, Vec<usize>, DType)> = Vec::new();
+        for (name, view) in st.tensors() {
+            let dtype = DType::try_from(view.dtype())
+                .map_err(|e| format!("checkpoint {}: tensor {name}: {e}", path.display()))?;
+            v.push((name, view.shape().to_vec(), dtype));
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(v)
+    }
+
+    /// One checkpoint tensor on the runtime's device; floats in the runtime's float dtype.
+    pub fn checkpoint_tensor(&self, path: &std::path::Path, name: &str) -> Result<Tensor, String> {
+        let st = self.checkpoint(path)?;
+        let t =
+            st.load(name, &self.device).map_err(|e| format!("checkpoint {}: tensor `{name}`: {e}", path.display()))?;
+        if t.dtype().is_float() {
+            t.to_dtype(self.float).map_err(|e| e.to_string())
+        } else {
+            Ok(t)
+        }
     }
 
     // ---- linear sites and adapters ----

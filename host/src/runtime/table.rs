@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use candle_core::{DType as CDType, Tensor};
-use recall_sdk::abi::{DType, HostApi, HostApiRef, HostCtx, HostResult, TensorId};
+use recall_sdk::abi::{CheckpointEntry, DType, HostApi, HostApiRef, HostCtx, HostResult, TensorId};
 use recall_sdk::{panic_message, ParamInit};
 
 use super::{ops, PluginCtx, Runtime};
@@ -61,6 +61,8 @@ pub fn host_api() -> HostApiRef {
             to_dtype,
             log,
             is_training,
+            checkpoint_index,
+            checkpoint_tensor,
             #[cfg(feature = "abi-next")]
             live_handles,
         }
@@ -374,6 +376,28 @@ extern "C" fn is_training(ctx: HostCtx) -> bool {
         RResult::ROk(b) => b,
         RResult::RErr(_) => false,
     }
+}
+
+extern "C" fn checkpoint_index(ctx: HostCtx, path: RStr<'_>) -> HostResult<RVec<CheckpointEntry>> {
+    call(ctx, "checkpoint_index", |pc| {
+        Ok(pc
+            .runtime
+            .checkpoint_index(std::path::Path::new(path.as_str()))?
+            .into_iter()
+            .map(|(name, shape, dtype)| CheckpointEntry {
+                name: name.into(),
+                shape: shape.iter().map(|&d| d as u64).collect(),
+                dtype: from_candle(dtype),
+            })
+            .collect())
+    })
+}
+
+extern "C" fn checkpoint_tensor(ctx: HostCtx, path: RStr<'_>, name: RStr<'_>) -> HostResult<TensorId> {
+    call(ctx, "checkpoint_tensor", |pc| {
+        let t = pc.runtime.checkpoint_tensor(std::path::Path::new(path.as_str()), name.as_str())?;
+        Ok(pc.runtime.insert(t))
+    })
 }
 
 #[cfg(feature = "abi-next")]

@@ -4,67 +4,146 @@
 //! ln_final -> the features at the end-of-text token (the highest id in CLIP's vocabulary, so
 //! the position of the row's maximum id, as in OpenAI CLIP) -> text projection.
 
+use recall_clip_common::{
+    activation_from_name, agree, count_blocks, json_f64, json_usize, load, load_block, open, Layout, Source,
+};
 use recall_sdk::nn::{Activation, LayerNorm, Transformer, TransformerConfig};
 use recall_sdk::prelude::*;
 use serde::Deserialize;
+use serde_json::Value;
 
-/// Architecture of the text tower. Defaults are OpenAI CLIP's.
-#[derive(Deserialize, Debug, Clone)]
+/// The text tower's config. With `checkpoint`, the architecture comes from the checkpoint
+/// (and its config); keys given as well must agree. Without, unset keys take OpenAI CLIP's
+/// defaults (ViT-B text tower).
+#[derive(Deserialize, Debug, Clone, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default = "d::vocab_size")]
-    pub vocab_size: usize,
-    #[serde(default = "d::context_length")]
-    pub context_length: usize,
-    #[serde(default = "d::width")]
-    pub width: usize,
-    #[serde(default = "d::layers")]
-    pub layers: usize,
-    #[serde(default = "d::heads")]
-    pub heads: usize,
-    #[serde(default)]
+    /// A transformers CLIPModel directory or an OpenAI/open_clip safetensors file.
+    pub checkpoint: Option<String>,
+    pub vocab_size: Option<usize>,
+    pub context_length: Option<usize>,
+    pub width: Option<usize>,
+    pub layers: Option<usize>,
+    pub heads: Option<usize>,
     pub mlp_hidden: Option<usize>,
-    #[serde(default = "d::embed_dim")]
-    pub embed_dim: usize,
-    #[serde(default = "d::activation")]
-    pub activation: Activation,
-    #[serde(default = "d::eps")]
-    pub layer_norm_eps: f64,
+    pub embed_dim: Option<usize>,
+    pub activation: Option<Activation>,
+    pub layer_norm_eps: Option<f64>,
     /// Pool at the first occurrence of this id instead of at the row's highest id.
-    #[serde(default)]
     pub eot_token_id: Option<u32>,
 }
 
-mod d {
-    use super::Activation;
-    pub fn vocab_size() -> usize {
-        49408
+/// The resolved architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arch {
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp_hidden: usize,
+    pub embed_dim: usize,
+    pub activation: Activation,
+    pub layer_norm_eps: f64,
+    pub eot_token_id: Option<u32>,
+}
+
+impl Arch {
+    fn from_config(c: &Config) -> Arch {
+        let width = c.width.unwrap_or(512);
+        Arch {
+            vocab_size: c.vocab_size.unwrap_or(49408),
+            context_length: c.context_length.unwrap_or(77),
+            width,
+            layers: c.layers.unwrap_or(12),
+            heads: c.heads.unwrap_or(8),
+            mlp_hidden: c.mlp_hidden.unwrap_or(4 * width),
+            embed_dim: c.embed_dim.unwrap_or(512),
+            activation: c.activation.unwrap_or(Activation::QuickGelu),
+            layer_norm_eps: c.layer_norm_eps.unwrap_or(1e-5),
+            eot_token_id: c.eot_token_id,
+        }
     }
-    pub fn context_length() -> usize {
-        77
-    }
-    pub fn width() -> usize {
-        512
-    }
-    pub fn layers() -> usize {
-        12
-    }
-    pub fn heads() -> usize {
-        8
-    }
-    pub fn embed_dim() -> usize {
-        512
-    }
-    pub fn activation() -> Activation {
-        Activation::QuickGelu
-    }
-    pub fn eps() -> f64 {
-        1e-5
+
+    fn from_checkpoint(c: &Config, src: &Source) -> Result<Arch> {
+        let r = &src.reader;
+        let cfg = src.config.as_ref();
+        let (tok, pos, proj, blocks, probe, fc1) = match src.layout {
+            Layout::HuggingFace => (
+                "text_model.embeddings.token_embedding.weight",
+                "text_model.embeddings.position_embedding.weight",
+                "text_projection.weight",
+                "text_model.encoder.layers.",
+                ".layer_norm1.weight",
+                "text_model.encoder.layers.0.mlp.fc1.weight",
+            ),
+            Layout::OpenClip => (
+                "token_embedding.weight",
+                "positional_embedding",
+                "text_projection",
+                "transformer.resblocks.",
+                ".ln_1.weight",
+                "transformer.resblocks.0.mlp.c_fc.weight",
+            ),
+        };
+        let shape = |n: &str| {
+            r.shape(n).map(<[usize]>::to_vec).ok_or_else(|| Error::new(format!("{}: no tensor `{n}`", r.path())))
+        };
+        let t = shape(tok)?;
+        let (vocab, width) = (t[0], t[1]);
+        let context = shape(pos)?[0];
+        let embed_dim = match src.layout {
+            Layout::HuggingFace => shape(proj)?[0],
+            Layout::OpenClip => shape(proj)?[1],
+        };
+        let layers = count_blocks(r, blocks, probe);
+        let mlp = shape(fc1)?[0];
+        let (heads, activation, eps, eot) = match src.layout {
+            Layout::HuggingFace => {
+                // transformers pools at the first end-of-text token unless eos_token_id is 2
+                // (old configs), where it takes the row's highest id.
+                let eos = json_usize(cfg, &["text_config", "eos_token_id"]).map(|e| e as u32);
+                (
+                    json_usize(cfg, &["text_config", "num_attention_heads"]).or(c.heads).unwrap_or(width / 64),
+                    match cfg.and_then(|v| v["text_config"]["hidden_act"].as_str()) {
+                        Some(a) => activation_from_name(a)?,
+                        None => c.activation.unwrap_or(Activation::QuickGelu),
+                    },
+                    json_f64(cfg, &["text_config", "layer_norm_eps"]).or(c.layer_norm_eps).unwrap_or(1e-5),
+                    eos.filter(|&e| e != 2).or(c.eot_token_id),
+                )
+            }
+            Layout::OpenClip => {
+                let quick = cfg.and_then(|v| v.get("quick_gelu")).and_then(Value::as_bool);
+                (
+                    json_usize(cfg, &["text_cfg", "heads"]).or(c.heads).unwrap_or((width / 64).max(1)),
+                    match quick {
+                        Some(true) => Activation::QuickGelu,
+                        Some(false) => Activation::Gelu,
+                        None => c.activation.unwrap_or(Activation::QuickGelu),
+                    },
+                    c.layer_norm_eps.unwrap_or(1e-5),
+                    c.eot_token_id,
+                )
+            }
+        };
+        Ok(Arch {
+            vocab_size: agree("vocab_size", c.vocab_size, vocab)?,
+            context_length: agree("context_length", c.context_length, context)?,
+            width: agree("width", c.width, width)?,
+            layers: agree("layers", c.layers, layers)?,
+            heads: agree("heads", c.heads, heads)?,
+            mlp_hidden: agree("mlp_hidden", c.mlp_hidden, mlp)?,
+            embed_dim: agree("embed_dim", c.embed_dim, embed_dim)?,
+            activation: agree("activation", c.activation, activation)?,
+            layer_norm_eps: eps,
+            eot_token_id: eot,
+        })
     }
 }
 
 pub struct ClipText {
-    cfg: Config,
+    cfg: Arch,
     token_embedding: Tensor,
     positional_embedding: Tensor,
     transformer: Transformer,
@@ -75,7 +154,12 @@ pub struct ClipText {
 impl Encoder for ClipText {
     type Config = Config;
 
-    fn create(host: &Host, cfg: Config) -> Result<Self> {
+    fn create(host: &Host, config: Config) -> Result<Self> {
+        let source = config.checkpoint.as_deref().map(|p| open(host, p)).transpose()?;
+        let cfg = match &source {
+            Some(src) => Arch::from_checkpoint(&config, src)?,
+            None => Arch::from_config(&config),
+        };
         if cfg.heads == 0 || !cfg.width.is_multiple_of(cfg.heads) {
             return Err(Error::config("heads", format!("width {} is not divisible by heads {}", cfg.width, cfg.heads)));
         }
@@ -87,11 +171,11 @@ impl Encoder for ClipText {
             width: w,
             layers: cfg.layers,
             heads: cfg.heads,
-            mlp_hidden: cfg.mlp_hidden.unwrap_or(4 * w),
+            mlp_hidden: cfg.mlp_hidden,
             activation: cfg.activation,
             layer_norm_eps: cfg.layer_norm_eps,
         };
-        Ok(ClipText {
+        let tower = ClipText {
             token_embedding: host.param("token_embedding", &[cfg.vocab_size, w], ParamInit::normal(0.0, 0.02), true)?,
             positional_embedding: host.param(
                 "positional_embedding",
@@ -110,7 +194,11 @@ impl Encoder for ClipText {
                 ParamInit::zeros(),
             )?,
             cfg,
-        })
+        };
+        if let Some(src) = source {
+            tower.load(host, src)?;
+        }
+        Ok(tower)
     }
 
     fn spec(&self) -> EncoderSpec {
@@ -145,6 +233,50 @@ impl Encoder for ClipText {
         let index = host.tensor_u32(&rows, &[b])?;
         let pooled = x.reshape(&[(b * l) as i64, w as i64])?.index_select(&index, 0)?;
         host.linear(self.projection, &pooled)
+    }
+}
+
+impl ClipText {
+    /// Copy the checkpoint's text tensors into this tower's parameters.
+    fn load(&self, host: &Host, src: Source) -> Result<()> {
+        let a = &self.cfg;
+        let w = a.width;
+        let mut reader = src.reader;
+        let r = &mut reader;
+        let (tok, pos, blocks, ln, proj, proj_t) = match src.layout {
+            Layout::HuggingFace => (
+                "text_model.embeddings.token_embedding.weight",
+                "text_model.embeddings.position_embedding.weight",
+                "text_model.encoder.layers.",
+                "text_model.final_layer_norm",
+                "text_projection.weight",
+                false,
+            ),
+            Layout::OpenClip => (
+                "token_embedding.weight",
+                "positional_embedding",
+                "transformer.resblocks.",
+                "ln_final",
+                "text_projection",
+                true,
+            ),
+        };
+        load(host, r, "token_embedding", tok, &[a.vocab_size, w], false)?;
+        load(host, r, "positional_embedding", pos, &[a.context_length, w], false)?;
+        for i in 0..a.layers {
+            load_block(host, r, src.layout, &format!("blocks.{i}"), &format!("{blocks}{i}"), w, a.mlp_hidden)?;
+        }
+        load(host, r, "ln_final.weight", &format!("{ln}.weight"), &[w], false)?;
+        load(host, r, "ln_final.bias", &format!("{ln}.bias"), &[w], false)?;
+        load(host, r, "text_projection.weight", proj, &[a.embed_dim, w], proj_t)?;
+        r.skip("text_model.embeddings.position_ids");
+        let prefixes: &[&str] = match src.layout {
+            Layout::HuggingFace => &["text_model.", "text_projection"],
+            Layout::OpenClip => {
+                &["token_embedding", "positional_embedding", "transformer.", "ln_final", "text_projection"]
+            }
+        };
+        reader.finish(prefixes)
     }
 }
 

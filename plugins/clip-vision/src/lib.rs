@@ -4,71 +4,140 @@
 //! positional embeddings -> ln_pre -> pre-LN transformer blocks -> ln_post on the class token
 //! -> projection. Every linear layer (q/k/v/out, MLP, projection) is an adapter site.
 
+use recall_clip_common::{
+    activation_from_name, agree, count_blocks, json_f64, json_usize, load, load_block, open, Layout, Source,
+};
 use recall_sdk::nn::{Activation, LayerNorm, Transformer, TransformerConfig};
 use recall_sdk::prelude::*;
 use serde::Deserialize;
+use serde_json::Value;
 
-/// Architecture of the vision tower. Defaults are ViT-B/32 at 224 px.
-#[derive(Deserialize, Debug, Clone)]
+/// The vision tower's config. With `checkpoint`, the architecture comes from the checkpoint
+/// (and its config.json / open_clip_config.json); keys given as well must agree with it.
+/// Without, unset keys take ViT-B/32 (224 px) defaults.
+#[derive(Deserialize, Debug, Clone, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default = "d::image_size")]
-    pub image_size: usize,
-    #[serde(default = "d::patch_size")]
-    pub patch_size: usize,
-    #[serde(default = "d::width")]
-    pub width: usize,
-    #[serde(default = "d::layers")]
-    pub layers: usize,
-    #[serde(default = "d::heads")]
-    pub heads: usize,
+    /// A transformers CLIPModel directory or an OpenAI/open_clip safetensors file.
+    pub checkpoint: Option<String>,
+    pub image_size: Option<usize>,
+    pub patch_size: Option<usize>,
+    pub width: Option<usize>,
+    pub layers: Option<usize>,
+    pub heads: Option<usize>,
     /// Hidden width of the MLP; default 4x width.
-    #[serde(default)]
     pub mlp_hidden: Option<usize>,
     /// Output (joint embedding) width.
-    #[serde(default = "d::embed_dim")]
-    pub embed_dim: usize,
-    #[serde(default = "d::activation")]
-    pub activation: Activation,
-    #[serde(default = "d::eps")]
-    pub layer_norm_eps: f64,
-    #[serde(default = "d::channels")]
-    pub channels: usize,
+    pub embed_dim: Option<usize>,
+    pub activation: Option<Activation>,
+    pub layer_norm_eps: Option<f64>,
 }
 
-mod d {
-    use super::Activation;
-    pub fn image_size() -> usize {
-        224
+/// The resolved architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arch {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp_hidden: usize,
+    pub embed_dim: usize,
+    pub activation: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl Arch {
+    fn from_config(c: &Config) -> Arch {
+        let width = c.width.unwrap_or(768);
+        Arch {
+            image_size: c.image_size.unwrap_or(224),
+            patch_size: c.patch_size.unwrap_or(32),
+            width,
+            layers: c.layers.unwrap_or(12),
+            heads: c.heads.unwrap_or(12),
+            mlp_hidden: c.mlp_hidden.unwrap_or(4 * width),
+            embed_dim: c.embed_dim.unwrap_or(512),
+            activation: c.activation.unwrap_or(Activation::QuickGelu),
+            layer_norm_eps: c.layer_norm_eps.unwrap_or(1e-5),
+        }
     }
-    pub fn patch_size() -> usize {
-        32
-    }
-    pub fn width() -> usize {
-        768
-    }
-    pub fn layers() -> usize {
-        12
-    }
-    pub fn heads() -> usize {
-        12
-    }
-    pub fn embed_dim() -> usize {
-        512
-    }
-    pub fn activation() -> Activation {
-        Activation::QuickGelu
-    }
-    pub fn eps() -> f64 {
-        1e-5
-    }
-    pub fn channels() -> usize {
-        3
+
+    /// The architecture a checkpoint describes, checked against explicit keys.
+    fn from_checkpoint(c: &Config, src: &Source) -> Result<Arch> {
+        let r = &src.reader;
+        let cfg = src.config.as_ref();
+        let (patch_w, pos, proj, blocks, probe, fc1) = match src.layout {
+            Layout::HuggingFace => (
+                "vision_model.embeddings.patch_embedding.weight",
+                "vision_model.embeddings.position_embedding.weight",
+                "visual_projection.weight",
+                "vision_model.encoder.layers.",
+                ".layer_norm1.weight",
+                "vision_model.encoder.layers.0.mlp.fc1.weight",
+            ),
+            Layout::OpenClip => (
+                "visual.conv1.weight",
+                "visual.positional_embedding",
+                "visual.proj",
+                "visual.transformer.resblocks.",
+                ".ln_1.weight",
+                "visual.transformer.resblocks.0.mlp.c_fc.weight",
+            ),
+        };
+        let shape = |n: &str| {
+            r.shape(n).map(<[usize]>::to_vec).ok_or_else(|| Error::new(format!("{}: no tensor `{n}`", r.path())))
+        };
+        let pw = shape(patch_w)?;
+        let (width, patch) = (pw[0], pw[2]);
+        let n_pos = shape(pos)?[0];
+        let grid = ((n_pos.saturating_sub(1)) as f64).sqrt().round() as usize;
+        let embed_dim = match src.layout {
+            Layout::HuggingFace => shape(proj)?[0],
+            Layout::OpenClip => shape(proj)?[1],
+        };
+        let layers = count_blocks(r, blocks, probe);
+        let mlp = shape(fc1)?[0];
+        let (heads, activation, eps) = match src.layout {
+            Layout::HuggingFace => (
+                json_usize(cfg, &["vision_config", "num_attention_heads"]).or(c.heads).unwrap_or(width / 64),
+                match cfg.and_then(|v| v["vision_config"]["hidden_act"].as_str()) {
+                    Some(a) => activation_from_name(a)?,
+                    None => c.activation.unwrap_or(Activation::QuickGelu),
+                },
+                json_f64(cfg, &["vision_config", "layer_norm_eps"]).or(c.layer_norm_eps).unwrap_or(1e-5),
+            ),
+            Layout::OpenClip => {
+                let head_width = json_usize(cfg, &["vision_cfg", "head_width"]).unwrap_or(64);
+                let quick = cfg.and_then(|v| v.get("quick_gelu")).and_then(Value::as_bool);
+                (
+                    c.heads.unwrap_or((width / head_width).max(1)),
+                    match quick {
+                        Some(true) => Activation::QuickGelu,
+                        Some(false) => Activation::Gelu,
+                        // OpenAI's weights use QuickGELU.
+                        None => c.activation.unwrap_or(Activation::QuickGelu),
+                    },
+                    c.layer_norm_eps.unwrap_or(1e-5),
+                )
+            }
+        };
+        Ok(Arch {
+            image_size: agree("image_size", c.image_size, grid * patch)?,
+            patch_size: agree("patch_size", c.patch_size, patch)?,
+            width: agree("width", c.width, width)?,
+            layers: agree("layers", c.layers, layers)?,
+            heads: agree("heads", c.heads, heads)?,
+            mlp_hidden: agree("mlp_hidden", c.mlp_hidden, mlp)?,
+            embed_dim: agree("embed_dim", c.embed_dim, embed_dim)?,
+            activation: agree("activation", c.activation, activation)?,
+            layer_norm_eps: eps,
+        })
     }
 }
 
 pub struct ClipVision {
-    cfg: Config,
+    cfg: Arch,
     patch_weight: Tensor,
     class_embedding: Tensor,
     positional_embedding: Tensor,
@@ -81,7 +150,12 @@ pub struct ClipVision {
 impl Encoder for ClipVision {
     type Config = Config;
 
-    fn create(host: &Host, cfg: Config) -> Result<Self> {
+    fn create(host: &Host, config: Config) -> Result<Self> {
+        let source = config.checkpoint.as_deref().map(|p| open(host, p)).transpose()?;
+        let cfg = match &source {
+            Some(src) => Arch::from_checkpoint(&config, src)?,
+            None => Arch::from_config(&config),
+        };
         if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(Error::config(
                 "patch_size",
@@ -98,16 +172,16 @@ impl Encoder for ClipVision {
             width: w,
             layers: cfg.layers,
             heads: cfg.heads,
-            mlp_hidden: cfg.mlp_hidden.unwrap_or(4 * w),
+            mlp_hidden: cfg.mlp_hidden,
             activation: cfg.activation,
             layer_norm_eps: cfg.layer_norm_eps,
         };
         let p = cfg.patch_size;
-        let fan_in = (cfg.channels * p * p) as f64;
-        Ok(ClipVision {
+        let fan_in = (3 * p * p) as f64;
+        let tower = ClipVision {
             patch_weight: host.param(
                 "patch_embed.weight",
-                &[w, cfg.channels, p, p],
+                &[w, 3, p, p],
                 ParamInit::normal(0.0, fan_in.powf(-0.5)),
                 true,
             )?,
@@ -130,7 +204,11 @@ impl Encoder for ClipVision {
                 ParamInit::zeros(),
             )?,
             cfg,
-        })
+        };
+        if let Some(src) = source {
+            tower.load(host, src)?;
+        }
+        Ok(tower)
     }
 
     fn spec(&self) -> EncoderSpec {
@@ -144,7 +222,7 @@ impl Encoder for ClipVision {
     fn forward(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {
         let pixels = host.input(inputs, "pixel_values")?;
         let shape = pixels.shape()?;
-        let expected = [self.cfg.channels, self.cfg.image_size, self.cfg.image_size];
+        let expected = [3, self.cfg.image_size, self.cfg.image_size];
         if shape.len() != 4 || shape[1..] != expected {
             bail!(
                 "clip-vision expects pixel_values [B, {}, {}, {}], got {shape:?}",
@@ -162,6 +240,67 @@ impl Encoder for ClipVision {
         let x = self.transformer.forward(host, &x, false, None)?;
         let pooled = self.ln_post.forward(&x.narrow(1, 0, 1)?.reshape(&[b as i64, w as i64])?)?;
         host.linear(self.proj, &pooled)
+    }
+}
+
+impl ClipVision {
+    /// Copy the checkpoint's vision tensors into this tower's parameters.
+    fn load(&self, host: &Host, src: Source) -> Result<()> {
+        let a = &self.cfg;
+        let (w, p, n_pos) = (a.width, a.patch_size, (a.image_size / a.patch_size).pow(2) + 1);
+        let mut reader = src.reader;
+        let r = &mut reader;
+        match src.layout {
+            Layout::HuggingFace => {
+                load(
+                    host,
+                    r,
+                    "patch_embed.weight",
+                    "vision_model.embeddings.patch_embedding.weight",
+                    &[w, 3, p, p],
+                    false,
+                )?;
+                load(host, r, "class_embedding", "vision_model.embeddings.class_embedding", &[w], false)?;
+                load(
+                    host,
+                    r,
+                    "positional_embedding",
+                    "vision_model.embeddings.position_embedding.weight",
+                    &[n_pos, w],
+                    false,
+                )?;
+                for (own, ext) in [("ln_pre", "vision_model.pre_layrnorm"), ("ln_post", "vision_model.post_layernorm")]
+                {
+                    load(host, r, &format!("{own}.weight"), &format!("{ext}.weight"), &[w], false)?;
+                    load(host, r, &format!("{own}.bias"), &format!("{ext}.bias"), &[w], false)?;
+                }
+                for i in 0..a.layers {
+                    let ext = format!("vision_model.encoder.layers.{i}");
+                    load_block(host, r, src.layout, &format!("blocks.{i}"), &ext, w, a.mlp_hidden)?;
+                }
+                load(host, r, "proj.weight", "visual_projection.weight", &[a.embed_dim, w], false)?;
+                r.skip("vision_model.embeddings.position_ids");
+            }
+            Layout::OpenClip => {
+                load(host, r, "patch_embed.weight", "visual.conv1.weight", &[w, 3, p, p], false)?;
+                load(host, r, "class_embedding", "visual.class_embedding", &[w], false)?;
+                load(host, r, "positional_embedding", "visual.positional_embedding", &[n_pos, w], false)?;
+                for own in ["ln_pre", "ln_post"] {
+                    load(host, r, &format!("{own}.weight"), &format!("visual.{own}.weight"), &[w], false)?;
+                    load(host, r, &format!("{own}.bias"), &format!("visual.{own}.bias"), &[w], false)?;
+                }
+                for i in 0..a.layers {
+                    let ext = format!("visual.transformer.resblocks.{i}");
+                    load_block(host, r, src.layout, &format!("blocks.{i}"), &ext, w, a.mlp_hidden)?;
+                }
+                load(host, r, "proj.weight", "visual.proj", &[a.embed_dim, w], true)?;
+            }
+        }
+        let prefixes: &[&str] = match src.layout {
+            Layout::HuggingFace => &["vision_model.", "visual_projection."],
+            Layout::OpenClip => &["visual."],
+        };
+        reader.finish(prefixes)
     }
 }
 
