@@ -44,6 +44,36 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Write image and text embeddings (raw and L2-normalised), logits and token ids.
+    Embed {
+        /// A checkpoint (transformers directory or OpenAI/open_clip file), an experiment .toml,
+        /// or a run directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Image files or directories of images.
+        #[arg(long, num_args = 1..)]
+        images: Vec<PathBuf>,
+        /// A text file, one caption per line.
+        #[arg(long)]
+        texts: Option<PathBuf>,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+    },
+    /// Tokenize standard input, one JSON array of ids per line.
+    Tokenize {
+        /// Tokenizer plugin name (e.g. clip-bpe).
+        #[arg(long)]
+        tokenizer: String,
+        /// Context length (default: the tokenizer's).
+        #[arg(long)]
+        context: Option<usize>,
+        /// Print padded rows instead of stopping at the last real token.
+        #[arg(long)]
+        pad: bool,
+    },
     /// Time one training step through the plugins against the same ops linked in directly.
     Bench {
         #[arg(long, default_value_t = 30)]
@@ -114,6 +144,42 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let report = recall_host::conformance::check(&plugin, &options);
             print!("{report}");
             Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Embed { model, images, texts, out, batch } => {
+            let reg = registry(cli, &[]);
+            let m = recall_host::embed::model_from_spec(model, &reg)?;
+            let files = recall_host::embed::image_files(images)?;
+            let lines = match texts {
+                Some(t) => recall_host::embed::read_lines(t)?,
+                None => Vec::new(),
+            };
+            let s = recall_host::embed::embed(&m, &files, &lines, out, *batch)?;
+            if !cli.quiet {
+                println!("{} images, {} texts -> {}", s.n_images, s.n_texts, s.out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tokenize { tokenizer, context, pad } => {
+            let reg = registry(cli, &[]);
+            let plugin = reg.get(tokenizer, "tokenizer").map_err(anyhow::Error::msg)?;
+            let rt = recall_host::runtime::Runtime::new(candle_core::Device::Cpu, candle_core::DType::F32, 0);
+            let tok = recall_host::plugin::TokenizerInstance::create(plugin, &rt, "")?;
+            let mut input = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut input).context("cannot read standard input")?;
+            let lines: Vec<String> = input.lines().map(str::to_string).collect();
+            if lines.is_empty() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let batch = tok.encode(&lines, *context)?;
+            let cols = batch.n_cols as usize;
+            let mut out = String::new();
+            for (ids, mask) in batch.ids.chunks(cols).zip(batch.attention_mask.chunks(cols)) {
+                let len = if *pad { cols } else { mask.iter().rposition(|&m| m == 1).map_or(0, |p| p + 1) };
+                out.push_str(&serde_json::to_string(&ids[..len])?);
+                out.push('\n');
+            }
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench { steps, batch } => {
             let reg = registry(cli, &[]);

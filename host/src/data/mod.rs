@@ -1,5 +1,6 @@
 //! Image-text data: examples, splits and batching into tensors.
 
+pub mod preprocess;
 pub mod shapes;
 
 use candle_core::{Device, Tensor};
