@@ -6,8 +6,10 @@
 //! and wrapped in `<start_of_text>` / `<end_of_text>`. Sequences longer than the context are
 //! truncated keeping the end-of-text token last, as open_clip does.
 //!
-//! Not yet done: ftfy's mojibake repair (open_clip runs `ftfy.fix_text` first); strings that
-//! need it tokenize differently.
+//! open_clip first runs `ftfy.fix_text`; [`fix_text`] implements the parts of it that change
+//! well-formed text (HTML unescaping, ligatures, character width, curly quotes, line breaks,
+//! control characters, NFC). Not done: ftfy's mojibake repair (`fix_encoding`,
+//! `fix_c1_controls`), which only changes text that was mis-decoded upstream.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -141,9 +143,11 @@ impl Bpe {
         ids
     }
 
-    /// Clean as open_clip's `lower` cleaner (minus ftfy).
+    /// Clean as open_clip's `lower` cleaner: ftfy, HTML-unescape twice, collapse whitespace,
+    /// lower-case.
     pub fn clean(text: &str) -> String {
-        let once = html_escape::decode_html_entities(text);
+        let fixed = fix_text(text);
+        let once = html_escape::decode_html_entities(&fixed);
         let twice = html_escape::decode_html_entities(&once);
         twice.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
     }
@@ -179,6 +183,76 @@ impl Bpe {
         row.resize(context, 0);
         row
     }
+}
+
+/// The text fixes of `ftfy.fix_text` that apply to well-formed text, in ftfy's order.
+pub fn fix_text(text: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    // ftfy unescapes HTML only when the text has no literal tags.
+    let text = if text.contains('<') { text.to_string() } else { html_escape::decode_html_entities(text).into_owned() };
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // Ligatures.
+            'Ĳ' => out.push_str("IJ"),
+            'ĳ' => out.push_str("ij"),
+            'ŉ' => out.push_str("ʼn"),
+            'Ǳ' => out.push_str("DZ"),
+            'ǲ' => out.push_str("Dz"),
+            'ǳ' => out.push_str("dz"),
+            'Ǆ' => out.push_str("DŽ"),
+            'ǅ' => out.push_str("Dž"),
+            'ǆ' => out.push_str("dž"),
+            'Ǉ' => out.push_str("LJ"),
+            'ǈ' => out.push_str("Lj"),
+            'ǉ' => out.push_str("lj"),
+            'Ǌ' => out.push_str("NJ"),
+            'ǋ' => out.push_str("Nj"),
+            'ǌ' => out.push_str("nj"),
+            'ﬀ' => out.push_str("ff"),
+            'ﬁ' => out.push_str("fi"),
+            'ﬂ' => out.push_str("fl"),
+            'ﬃ' => out.push_str("ffi"),
+            'ﬄ' => out.push_str("ffl"),
+            'ﬅ' => out.push_str("ſt"),
+            'ﬆ' => out.push_str("st"),
+            // Character width: the ideographic space, and full/half-width forms by NFKC.
+            '\u{3000}' => out.push(' '),
+            '\u{ff01}'..='\u{ffef}' => out.extend(std::iter::once(c).nfkc()),
+            // Curly quotes.
+            '\u{2bc}' | '\u{2018}'..='\u{201b}' => out.push('\''),
+            '\u{201c}'..='\u{201f}' => out.push('"'),
+            // Line breaks.
+            '\r' => {
+                if chars.peek() == Some(&'\n') {
+                    chars.next();
+                }
+                out.push('\n');
+            }
+            '\u{2028}' | '\u{2029}' | '\u{85}' => out.push('\n'),
+            // Terminal escapes (ESC [ ... letter).
+            '\u{1b}' if chars.peek() == Some(&'[') => {
+                chars.next();
+                while let Some(&n) = chars.peek() {
+                    chars.next();
+                    if n.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            // Control characters.
+            '\u{0}'..='\u{8}'
+            | '\u{b}'
+            | '\u{e}'..='\u{1f}'
+            | '\u{7f}'
+            | '\u{206a}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffc}' => {}
+            c => out.push(c),
+        }
+    }
+    out.nfc().collect()
 }
 
 pub struct ClipBpe {
