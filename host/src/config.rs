@@ -412,12 +412,15 @@ pub fn parse(src: &str, file: &str) -> Result<LoadedConfig, ConfigError> {
     let mut config: ExperimentConfig = toml::from_str(src).map_err(|e| located(file, src, &e))?;
     // Paths in the file are relative to the file.
     if let Some(dir) = Path::new(file).parent().filter(|d| !d.as_os_str().is_empty() && d.is_dir()) {
-        if let Some(ck) = config.model.checkpoint.as_mut().filter(|p| p.is_relative()) {
+        if let Some(ck) =
+            config.model.checkpoint.as_mut().filter(|p| p.is_relative() && !p.to_string_lossy().starts_with("asset:"))
+        {
             *ck = dir.join(&*ck);
         }
     }
-    let loaded = LoadedConfig { config, source: src.to_string(), file: file.to_string() };
+    let mut loaded = LoadedConfig { config, source: src.to_string(), file: file.to_string() };
     validate(&loaded)?;
+    resolve_assets(&mut loaded)?;
     Ok(loaded)
 }
 
@@ -432,6 +435,62 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedConfig, ConfigErr
     })?;
     let src = apply_overrides(&src, &file, overrides)?;
     parse(&src, &file)
+}
+
+/// `asset:NAME/sub/path` in a plugin option (or `model.checkpoint`) names a file of a fetched
+/// asset; it becomes the absolute path in the cache. An asset that is not cached is an error
+/// that says how to fetch it.
+pub fn resolve_asset(value: &str) -> Result<Option<PathBuf>, String> {
+    let Some(rest) = value.strip_prefix("asset:") else { return Ok(None) };
+    let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
+    let registry = crate::fetch::Registry::load().map_err(|e| e.to_string())?;
+    let asset = registry.get(name).map_err(|e| e.to_string())?;
+    let home = crate::fetch::recall_home();
+    if !crate::fetch::is_cached(&home, asset) {
+        return Err(format!("asset `{name}` is not in the cache ({}); run `recall fetch {name}`", home.display()));
+    }
+    let dir = crate::fetch::asset_dir(&home, asset);
+    Ok(Some(if sub.is_empty() { dir } else { dir.join(sub) }))
+}
+
+fn resolve_assets(c: &mut LoadedConfig) -> Result<(), ConfigError> {
+    let mut sections: Vec<(String, &mut toml::Table)> = vec![
+        ("model.tokenizer".into(), &mut c.config.model.tokenizer.options),
+        ("model.vision".into(), &mut c.config.model.vision.options),
+        ("model.text".into(), &mut c.config.model.text.options),
+    ];
+    if let Some(a) = c.config.adapter.as_mut() {
+        sections.push(("adapter".into(), &mut a.options));
+    }
+    for (i, s) in c.config.strategies.iter_mut().enumerate() {
+        sections.push((format!("strategy[{i}]"), &mut s.options));
+    }
+    for (i, s) in c.config.evaluators.iter_mut().enumerate() {
+        sections.push((format!("evaluator[{i}]"), &mut s.options));
+    }
+    let mut failure = None;
+    for (section, table) in sections {
+        for (key, value) in table.iter_mut() {
+            if let toml::Value::String(s) = value {
+                match resolve_asset(s) {
+                    Ok(Some(p)) => *s = p.display().to_string(),
+                    Ok(None) => {}
+                    Err(m) => failure = failure.or(Some((format!("{section}.{key}"), m))),
+                }
+            }
+        }
+    }
+    if let Some(ck) = c.config.model.checkpoint.as_mut() {
+        match resolve_asset(&ck.to_string_lossy()) {
+            Ok(Some(p)) => *ck = p,
+            Ok(None) => {}
+            Err(m) => failure = failure.or(Some(("model.checkpoint".into(), m))),
+        }
+    }
+    match failure {
+        Some((key, m)) => Err(c.error_at(&key, m)),
+        None => Ok(()),
+    }
 }
 
 /// Checks serde cannot express.

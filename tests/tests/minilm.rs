@@ -86,3 +86,34 @@ fn minilm_matches_sentence_transformers() {
         assert!((cos(cat, &emb[idx(other)]) - want).abs() < 0.001, "{other}: {}", cos(cat, &emb[idx(other)]));
     }
 }
+
+#[test]
+fn wordpiece_and_bert_pass_conformance() {
+    let dir = minilm_dir().display().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    for (krate, cfg) in [
+        ("recall-plugin-wordpiece", format!("path = {dir:?}\n")),
+        ("recall-plugin-bert", format!("checkpoint = {dir:?}\ncontext_length = 16\nprojection_dim = 32\n")),
+    ] {
+        let f = tmp.path().join(format!("{krate}.toml"));
+        std::fs::write(&f, cfg).unwrap();
+        let out =
+            Command::new(recall_bin()).arg("check-plugin").arg(cdylib(krate)).arg("--config").arg(&f).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{krate}:\n{text}");
+    }
+}
+
+#[test]
+fn a_missing_asset_names_the_fetch_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = workspace_root().join("experiments/minilm-shapes.toml");
+    let out = Command::new(recall_bin()).args(["run", "-q"]).arg(&exp).env("RECALL_HOME", tmp.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("asset `minilm-l6` is not in the cache") && err.contains("run `recall fetch minilm-l6`"),
+        "{err}"
+    );
+    assert!(err.contains("minilm-shapes.toml:"), "located: {err}");
+}
