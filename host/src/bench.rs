@@ -88,7 +88,7 @@ pub fn run(registry: &Registry, steps: usize, batch: usize) -> anyhow::Result<Be
     let rt = model.runtime.clone();
     let task = shapes::generate(&cfg.config.tasks[0], model.image_size, 0);
     let examples: Vec<&data::Example> = task.train.iter().cycle().take(batch).collect();
-    let pixels = data::pixel_batch(&examples, model.image_size, rt.device(), rt.float_dtype())?;
+    let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
     let captions: Vec<String> = examples.iter().map(|e| e.captions[0].clone()).collect();
     let (ids, mask) = model.tokenize(&captions)?;
     let mut opt = AdamW::new(&rt.params(), &cfg.config.optimizer).map_err(anyhow::Error::msg)?;

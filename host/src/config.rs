@@ -117,11 +117,28 @@ pub struct ModelSection {
     /// Glob patterns of parameters to keep frozen (e.g. `text.token_embedding`).
     #[serde(default)]
     pub frozen: Vec<String>,
+    /// Image normalisation (the size comes from the vision tower).
+    #[serde(default)]
+    pub preprocess: PreprocessSection,
     /// A pretrained CLIP checkpoint (transformers directory or OpenAI/open_clip safetensors)
     /// for both towers and `logit_scale`; passed to each tower as its `checkpoint` unless the
     /// tower names its own. Relative paths are relative to the experiment file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<PathBuf>,
+}
+
+/// Per-model image normalisation; CLIP's mean and std by default.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessSection {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for PreprocessSection {
+    fn default() -> Self {
+        PreprocessSection { mean: crate::data::CLIP_MEAN, std: crate::data::CLIP_STD }
+    }
 }
 
 /// Which base weights to freeze while an adapter trains.

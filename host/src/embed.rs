@@ -7,7 +7,6 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 
 use crate::config::{self, ExperimentSection, ModelSection, NamedSource};
-use crate::data::preprocess::Preprocess;
 use crate::fsutil::write_atomic_with;
 use crate::loader::Registry;
 use crate::model::Model;
@@ -95,7 +94,7 @@ pub fn embed(
 ) -> anyhow::Result<EmbedSummary> {
     let rt = &model.runtime;
     rt.set_training(false);
-    let pre = Preprocess::clip(model.image_size);
+    let pre = &model.preprocess;
     let mut tensors = std::collections::HashMap::new();
     let mut img_norm = None;
     if !images.is_empty() {

@@ -92,7 +92,7 @@ fn embed_split(model: &Model, split: &[data::Example], batch: usize) -> anyhow::
     let mut img = Vec::new();
     for chunk in split.chunks(batch.max(1)) {
         let refs: Vec<&data::Example> = chunk.iter().collect();
-        let px = data::pixel_batch(&refs, model.image_size, rt.device(), rt.float_dtype())?;
+        let px = data::pixel_batch(&refs, &model.preprocess, rt.device(), rt.float_dtype())?;
         img.push(model.encode_images(&px)?.detach());
     }
     let mut captions = Vec::new();
@@ -320,7 +320,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 for s in &strategies {
                     s.before_step(global_step as u64)?;
                 }
-                let pixels = data::pixel_batch(&examples, model.image_size, rt.device(), rt.float_dtype())?;
+                let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
                 let (ids, mask) = model.tokenize(&captions)?;
                 let img = model.encode_images(&pixels)?;
                 let txt = model.encode_texts(&ids, &mask)?;

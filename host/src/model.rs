@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 use globset::{Glob, GlobSetBuilder};
 
 use crate::config::{AdapterSection, ExperimentSection, FreezeBase, LoadedConfig, Locate, ModelSection};
+use crate::data::preprocess::Preprocess;
 use crate::loader::Registry;
 use crate::plugin::{AdapterInstance, EncoderInstance, PluginFailure, TokenizerInstance};
 use crate::runtime::{ops, Runtime};
@@ -34,6 +35,8 @@ pub struct Model {
     pub logit_scale: Tensor,
     pub image_size: usize,
     pub context_length: usize,
+    /// How images become `pixel_values` for this model.
+    pub preprocess: Preprocess,
     pub runtime: Rc<Runtime>,
 }
 
@@ -165,6 +168,7 @@ impl Model {
             logit_scale,
             image_size: vspec.input_size as usize,
             context_length: tspec.input_size as usize,
+            preprocess: Preprocess { size: vspec.input_size as usize, mean: m.preprocess.mean, std: m.preprocess.std },
             runtime,
         };
         model.apply_freezing(m, adapter_section, cfg)?;

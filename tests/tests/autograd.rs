@@ -25,7 +25,7 @@ fn plugin_gradients_equal_direct_candle_gradients() {
     let rt = model.runtime.clone();
     let task = recall_host::engine::load_tasks(&cfg, model.image_size).remove(0);
     let examples: Vec<&data::Example> = task.train.iter().take(6).collect();
-    let pixels = data::pixel_batch(&examples, model.image_size, rt.device(), rt.float_dtype()).unwrap();
+    let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype()).unwrap();
     let captions: Vec<String> = examples.iter().map(|e| e.captions[0].clone()).collect();
     let (ids, mask) = model.tokenize(&captions).unwrap();
     let shape = TowerShape { heads: 2, quick_gelu: true, eps: 1e-5 };

@@ -20,7 +20,7 @@ fn batch(model: &Model) -> (Tensor, Tensor, Tensor) {
     let task = recall_host::engine::load_tasks(&cfg, model.image_size).remove(0);
     let ex: Vec<&data::Example> = task.test.iter().take(5).collect();
     let rt = &model.runtime;
-    let px = data::pixel_batch(&ex, model.image_size, rt.device(), rt.float_dtype()).unwrap();
+    let px = data::pixel_batch(&ex, &model.preprocess, rt.device(), rt.float_dtype()).unwrap();
     let caps: Vec<String> = ex.iter().map(|e| e.captions[0].clone()).collect();
     let (ids, mask) = model.tokenize(&caps).unwrap();
     (px, ids, mask)

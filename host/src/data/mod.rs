@@ -25,19 +25,20 @@ pub struct TaskData {
     pub test: Vec<Example>,
 }
 
-/// Stack examples into a normalised [B, 3, S, S] tensor.
+/// Stack examples into a [B, 3, S, S] tensor normalised as `pre` says.
 pub fn pixel_batch(
     examples: &[&Example],
-    image_size: usize,
+    pre: &preprocess::Preprocess,
     device: &Device,
     dtype: candle_core::DType,
 ) -> candle_core::Result<Tensor> {
-    let plane = image_size * image_size;
-    let mut data = Vec::with_capacity(examples.len() * 3 * plane);
+    let s = pre.size;
+    let mut data = Vec::with_capacity(examples.len() * 3 * s * s);
     for ex in examples {
-        for c in 0..3 {
-            data.extend(ex.pixels[c * plane..(c + 1) * plane].iter().map(|&v| (v - CLIP_MEAN[c]) / CLIP_STD[c]));
+        if ex.pixels.len() != 3 * s * s {
+            candle_core::bail!("an example has {} pixel values, expected 3 x {s} x {s}", ex.pixels.len());
         }
+        data.extend(pre.normalize(&ex.pixels));
     }
-    Tensor::from_vec(data, (examples.len(), 3, image_size, image_size), device)?.to_dtype(dtype)
+    Tensor::from_vec(data, (examples.len(), 3, s, s), device)?.to_dtype(dtype)
 }

@@ -32,6 +32,12 @@ impl Preprocess {
         Preprocess { size, mean: super::CLIP_MEAN, std: super::CLIP_STD }
     }
 
+    /// Normalise CHW values in [0, 1].
+    pub fn normalize(&self, chw: &[f32]) -> Vec<f32> {
+        let plane = self.size * self.size;
+        chw.iter().enumerate().map(|(i, &v)| (v - self.mean[i / plane]) / self.std[i / plane]).collect()
+    }
+
     /// Decode and preprocess an image file -> normalised CHW values.
     pub fn load(&self, path: &Path) -> Result<Vec<f32>, ImageError> {
         let p = path.display().to_string();
@@ -59,11 +65,11 @@ impl Preprocess {
             for x in 0..s {
                 let px = resized.get_pixel((left + x) as u32, (top + y) as u32);
                 for c in 0..3 {
-                    out[c * s * s + y * s + x] = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
+                    out[c * s * s + y * s + x] = px[c] as f32 / 255.0;
                 }
             }
         }
-        out
+        self.normalize(&out)
     }
 }
 
