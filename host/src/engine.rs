@@ -68,6 +68,8 @@ pub struct RunSummary {
     /// Mean training loss of each epoch, per task.
     pub epoch_losses: Vec<Vec<f64>>,
     pub results: ResultMatrix,
+    /// Continual-learning summaries (Last, Avg, BWT, forgetting, transfer) per metric.
+    pub continual: BTreeMap<String, crate::metrics::ClSummary>,
     pub steps: usize,
     pub train_seconds: f64,
 }
@@ -409,6 +411,31 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             );
         }
     }
+    let continual: BTreeMap<String, crate::metrics::ClSummary> = results
+        .metric_names()
+        .into_iter()
+        .filter_map(|m| crate::metrics::summarize(&results.metric(&m), None).ok().map(|s| (m, s)))
+        .collect();
+    if !opts.quiet {
+        println!(
+            "\n{:<26}{:>9}{:>9}{:>9}{:>12}{:>10}",
+            "continual summary", "last", "avg", "bwt", "forgetting", "transfer"
+        );
+        for m in &shown {
+            if let Some(s) = continual.get(m) {
+                let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+                println!(
+                    "{:<26}{:>9.2}{:>9.2}{:>9}{:>12}{:>10.2}",
+                    m,
+                    s.last,
+                    s.avg,
+                    opt(s.bwt),
+                    opt(s.forgetting),
+                    s.transfer
+                );
+            }
+        }
+    }
     let summary = RunSummary {
         name: c.experiment.name.clone(),
         seed: c.experiment.seed,
@@ -418,6 +445,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         batch_size: bs,
         epoch_losses,
         results,
+        continual,
         steps: global_step,
         train_seconds: started.elapsed().as_secs_f64(),
     };

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod fetch;
 pub mod fsutil;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod plugin;
