@@ -282,8 +282,8 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
         Err(e) => return add("create with the given config", Err(err(e))),
     };
     let task = TaskInfo { index: 0, name: "conformance".into(), n_steps: 1 };
-    let feats = |_: u64| Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu);
-    let (img, txt) = (feats(0).unwrap(), feats(1).unwrap());
+    let feats = || Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
+    let (img, txt, old_img, old_txt) = (feats(), feats(), feats(), feats());
     let scale = rt.param("logit_scale", &[1], ParamInit::constant(2.0), true).unwrap();
     add(
         "hooks in order; loss terms are finite scalars",
@@ -291,7 +291,13 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
             s.before_task(&task).map_err(err)?;
             s.before_step(0).map_err(err)?;
             let terms = s
-                .loss_terms(&[("image_features", &img), ("text_features", &txt), ("logit_scale", &scale)])
+                .loss_terms(&[
+                    ("image_features", &img),
+                    ("text_features", &txt),
+                    ("old_image_features", &old_img),
+                    ("old_text_features", &old_txt),
+                    ("logit_scale", &scale),
+                ])
                 .map_err(err)?;
             for (name, t) in &terms {
                 ensure(t.elem_count() == 1, || format!("term `{name}` has shape {:?}", t.dims()))?;

@@ -93,12 +93,15 @@ fn check_plugin_passes_on_every_in_tree_plugin() {
         "vocab_size = 64\ncontext_length = 12\nwidth = 32\nlayers = 2\nheads = 2\nembed_dim = 16\n",
     )
     .unwrap();
+    let small_ckc = dir.path().join("ckc.toml");
+    std::fs::write(&small_ckc, "dim = 8\n").unwrap();
     let cases = [
         ("recall-plugin-clip-bpe", None),
         ("recall-plugin-clip-vision", Some(&small_vision)),
         ("recall-plugin-clip-text", Some(&small_text)),
         ("recall-plugin-lora", None),
         ("recall-plugin-finetune", None),
+        ("recall-plugin-ckc", Some(&small_ckc)),
         ("recall-plugin-retrieval", None),
     ];
     for (krate, config) in cases {

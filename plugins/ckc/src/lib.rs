@@ -1,0 +1,191 @@
+//! `ckc`: C-CLIP's Contrastive Knowledge Consolidation (REFERENCES.md).
+//!
+//! For a batch of N pairs, the current image and text features are stacked into 2N rows and
+//! passed through a learnable projector h (default Linear(D, 4D) -> BatchNorm1d -> ReLU ->
+//! Linear(4D, D), one projector shared by both modalities), then L2-normalised (p). The old
+//! model's features on the same batch are stacked likewise and normalised (z). With
+//! logits = p z^T / tau, row i's positive is column i only, and
+//! loss = 1/2 [CE(p z^T / tau, diag) + CE(z p^T / tau, diag)], times `weight`.
+//! tau = 1 / exp(logit_scale) (learned, as the paper's code) unless `temperature` is set.
+//!
+//! Inputs: `image_features`, `text_features`, `old_image_features`, `old_text_features`
+//! (the host provides the old ones from its frozen snapshot), `logit_scale`.
+//! BatchNorm uses batch statistics (the projector is only used in training).
+
+use recall_sdk::prelude::*;
+use serde::Deserialize;
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Width of the features (the joint embedding width).
+    pub dim: usize,
+    /// `mlp` (Linear-BN-ReLU-Linear) or `linear`.
+    #[serde(default = "d::projector")]
+    pub projector: String,
+    /// Hidden width of the MLP projector as a multiple of `dim`.
+    #[serde(default = "d::hidden_mult")]
+    pub hidden_mult: usize,
+    /// A fixed temperature instead of 1 / exp(logit_scale).
+    pub temperature: Option<f64>,
+    /// Weight of the term in the total loss.
+    #[serde(default = "d::weight")]
+    pub weight: f64,
+    /// L2-normalise the current features before the projector.
+    #[serde(default = "d::yes")]
+    pub normalize_inputs: bool,
+}
+
+mod d {
+    pub fn projector() -> String {
+        "mlp".into()
+    }
+    pub fn hidden_mult() -> usize {
+        4
+    }
+    pub fn weight() -> f64 {
+        1.0
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+enum Projector {
+    Linear(Site),
+    Mlp { fc1: Site, bn_weight: Tensor, bn_bias: Tensor, fc2: Site },
+}
+
+pub struct Ckc {
+    /// Index of the task being trained (set by `before_task`).
+    task: u64,
+    projector: Projector,
+    temperature: Option<f64>,
+    weight: f64,
+    normalize_inputs: bool,
+}
+
+/// BatchNorm1d in training mode: normalise each column by the batch mean and biased variance.
+fn batch_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean(&[0], true)?;
+    let centered = x.sub(&mean)?;
+    let var = centered.sqr()?.mean(&[0], true)?;
+    centered.div(&var.add_scalar(eps)?.sqrt()?)?.mul(weight)?.add(bias)
+}
+
+/// Symmetric InfoNCE with the diagonal as positives.
+fn symmetric_ce(logits: &Tensor, host: &Host) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    let labels: Vec<u32> = (0..n as u32).collect();
+    let idx = host.tensor_u32(&labels, &[n, 1])?;
+    let ce = |l: &Tensor| -> Result<Tensor> { l.log_softmax(1)?.gather(&idx, 1)?.neg()?.mean_all() };
+    ce(logits)?.add(&ce(&logits.t()?)?)?.scale(0.5)
+}
+
+impl Ckc {
+    fn project(&self, host: &Host, x: &Tensor) -> Result<Tensor> {
+        match &self.projector {
+            Projector::Linear(site) => host.linear(*site, x),
+            Projector::Mlp { fc1, bn_weight, bn_bias, fc2 } => {
+                let h = batch_norm(&host.linear(*fc1, x)?, bn_weight, bn_bias, 1e-5)?.relu()?;
+                host.linear(*fc2, &h)
+            }
+        }
+    }
+}
+
+impl Strategy for Ckc {
+    type Config = Config;
+
+    fn create(host: &Host, cfg: Config) -> Result<Self> {
+        if cfg.dim == 0 {
+            return Err(Error::config("dim", "dim must be positive"));
+        }
+        if let Some(t) = cfg.temperature {
+            if t <= 0.0 || !t.is_finite() {
+                return Err(Error::config("temperature", "temperature must be a positive number"));
+            }
+        }
+        let d = cfg.dim;
+        let std = (d as f64).powf(-0.5);
+        let projector = match cfg.projector.as_str() {
+            "linear" => Projector::Linear(host.declare_linear(
+                "projector.fc",
+                d,
+                d,
+                true,
+                ParamInit::normal(0.0, std),
+                ParamInit::zeros(),
+            )?),
+            "mlp" => {
+                let h = d * cfg.hidden_mult.max(1);
+                Projector::Mlp {
+                    fc1: host.declare_linear(
+                        "projector.fc1",
+                        d,
+                        h,
+                        true,
+                        ParamInit::uniform(-std, std),
+                        ParamInit::zeros(),
+                    )?,
+                    bn_weight: host.param("projector.bn.weight", &[h], ParamInit::ones(), true)?,
+                    bn_bias: host.param("projector.bn.bias", &[h], ParamInit::zeros(), true)?,
+                    fc2: host.declare_linear(
+                        "projector.fc2",
+                        h,
+                        d,
+                        true,
+                        ParamInit::uniform(-(h as f64).powf(-0.5), (h as f64).powf(-0.5)),
+                        ParamInit::zeros(),
+                    )?,
+                }
+            }
+            other => {
+                return Err(Error::config("projector", format!("unknown projector `{other}`; expected mlp or linear")))
+            }
+        };
+        Ok(Ckc {
+            task: 0,
+            projector,
+            temperature: cfg.temperature,
+            weight: cfg.weight,
+            normalize_inputs: cfg.normalize_inputs,
+        })
+    }
+
+    fn before_task(&mut self, _host: &Host, task: &TaskInfo) -> Result<()> {
+        self.task = task.index;
+        Ok(())
+    }
+
+    fn loss_terms(&mut self, host: &Host, inputs: &[NamedTensor]) -> Result<Vec<(String, Tensor)>> {
+        let (Some(old_img), Some(old_txt)) =
+            (host.find_input(inputs, "old_image_features")?, host.find_input(inputs, "old_text_features")?)
+        else {
+            if self.task > 0 {
+                // Training on without the old model would silently turn C-CLIP into fine-tuning.
+                bail!("ckc needs the old model's features (`old_image_features`, `old_text_features`) from task 2 on, and this host did not pass them");
+            }
+            // The first task has no old model: nothing to consolidate.
+            return Ok(Vec::new());
+        };
+        let img = host.input(inputs, "image_features")?;
+        let txt = host.input(inputs, "text_features")?;
+        let cur = host.cat(&[&img, &txt], 0)?;
+        let cur = if self.normalize_inputs { cur.l2_normalize(1e-12)? } else { cur };
+        let p = self.project(host, &cur)?.l2_normalize(1e-12)?;
+        let z = host.cat(&[&old_img, &old_txt], 0)?.detach()?.l2_normalize(1e-12)?;
+        let sims = p.matmul(&z.t()?)?;
+        let logits = match self.temperature {
+            Some(t) => sims.scale(1.0 / t)?,
+            None => sims.mul(&host.input(inputs, "logit_scale")?.exp()?)?,
+        };
+        Ok(vec![("ckc".to_string(), symmetric_ce(&logits, host)?.scale(self.weight)?)])
+    }
+}
+
+recall_sdk::export_plugin! {
+    name: "ckc",
+    description: "C-CLIP contrastive knowledge consolidation (projector + InfoNCE between current and old features)",
+    strategy: Ckc,
+}

@@ -1,0 +1,100 @@
+//! Strategy losses against PyTorch references on fixed tensors: values and gradients within
+//! 1e-5 (fixtures and their generators in tests/fixtures/strategies/).
+
+use candle_core::{DType, Device, Tensor, Var};
+use recall_host::loader::load_plugin;
+use recall_host::plugin::StrategyInstance;
+use recall_host::runtime::Runtime;
+use recall_tests::{cdylib, workspace_root};
+
+/// max |a - b| / max |b|; a reference below 1e-6 in magnitude is compared absolutely, since
+/// gradients that vanish in theory (a bias before batch norm) are pure rounding noise.
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let s = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-6);
+    d / s
+}
+
+#[test]
+fn ckc_value_and_gradients_match_pytorch() {
+    let fx = candle_core::safetensors::load(
+        workspace_root().join("tests/fixtures/strategies/ckc.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let plugin = load_plugin(&cdylib("recall-plugin-ckc")).unwrap();
+    for (case, config) in [("learned", "dim = 8\n"), ("fixed", "dim = 8\ntemperature = 0.1\n")] {
+        let rt = Runtime::new(Device::Cpu, DType::F64, 0);
+        let s = StrategyInstance::create(&plugin, &rt, "strategy.", config).unwrap();
+        // The projector's parameters take the fixture's values.
+        for p in ["fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "fc2.weight", "fc2.bias"] {
+            let params = rt.params();
+            let param =
+                params.get(&format!("strategy.projector.{p}")).unwrap_or_else(|| panic!("no projector parameter {p}"));
+            param.var.set(&fx[p]).unwrap();
+        }
+        let vars: Vec<(&str, Var)> =
+            ["image_features", "text_features", "old_image_features", "old_text_features", "logit_scale"]
+                .into_iter()
+                .map(|n| (n, Var::from_tensor(&fx[n]).unwrap()))
+                .collect();
+        let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
+        let terms = s.loss_terms(&inputs).unwrap();
+        assert_eq!(terms.len(), 1);
+        let loss = &terms[0].1;
+        let value = loss.to_scalar::<f64>().unwrap();
+        let expected = fx[&format!("{case}.loss")].to_vec1::<f64>().unwrap()[0];
+        assert!((value - expected).abs() / expected.abs() <= 1e-5, "{case}: loss {value} vs {expected}");
+        let grads = loss.backward().unwrap();
+        for (name, v) in &vars {
+            let key = format!("{case}.grad.{name}");
+            match fx.get(&key) {
+                Some(g) => {
+                    let ours = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+                    let e = max_rel(&ours.reshape(g.dims()).unwrap(), g);
+                    assert!(e <= 1e-5, "{case}: gradient of {name} off by {e:e}");
+                }
+                // Old features are detached: no gradient may reach them.
+                None => assert!(
+                    grads.get(v.as_tensor()).is_none_or(|g| g
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                        == 0.0),
+                    "{case}: {name} got a gradient"
+                ),
+            }
+        }
+        let params = rt.params();
+        for p in ["fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "fc2.weight", "fc2.bias"] {
+            let param = params.get(&format!("strategy.projector.{p}")).unwrap();
+            let ours = grads.get(param.var.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {p}"));
+            let e = max_rel(ours, &fx[&format!("{case}.grad.{p}")]);
+            assert!(e <= 1e-5, "{case}: gradient of projector {p} off by {e:e}");
+        }
+    }
+}
+
+#[test]
+fn ckc_adds_nothing_without_an_old_model() {
+    let rt = Runtime::new(Device::Cpu, DType::F32, 0);
+    let s = StrategyInstance::create(&load_plugin(&cdylib("recall-plugin-ckc")).unwrap(), &rt, "strategy.", "dim = 4")
+        .unwrap();
+    let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(s.loss_terms(&[("image_features", &x), ("text_features", &x)]).unwrap().is_empty());
+    // From the second task on, missing old features are an error, not a silent no-op.
+    s.before_task(&recall_sdk::TaskInfo { index: 1, name: "b".into(), n_steps: 1 }).unwrap();
+    let e = s.loss_terms(&[("image_features", &x), ("text_features", &x)]).unwrap_err();
+    assert!(e.message.contains("needs the old model's features"), "{}", e.message);
+    let e = StrategyInstance::create(
+        &load_plugin(&cdylib("recall-plugin-ckc")).unwrap(),
+        &rt,
+        "s2.",
+        "dim = 4\nprojector = \"conv\"",
+    )
+    .unwrap_err();
+    assert_eq!(e.config_key.as_deref(), Some("projector"));
+}
