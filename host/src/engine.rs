@@ -67,6 +67,8 @@ pub struct RunSummary {
     pub batch_size: usize,
     /// Mean training loss of each epoch, per task.
     pub epoch_losses: Vec<Vec<f64>>,
+    /// Mean of each strategy loss term per epoch, per task (the task loss is `clip`).
+    pub epoch_terms: Vec<Vec<BTreeMap<String, f64>>>,
     pub results: ResultMatrix,
     /// Continual-learning summaries (Last, Avg, BWT, forgetting, transfer) per metric.
     pub continual: BTreeMap<String, crate::metrics::ClSummary>,
@@ -218,6 +220,11 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
+    // A frozen copy of the model for strategies that compare against the old model (CKC,
+    // LwF): built once, its parameters overwritten with the trained ones before each task.
+    let wants_old =
+        strategies.iter().map(StrategyInstance::wants_old_model).collect::<Result<Vec<_>, _>>()?.into_iter().any(|w| w);
+    let old_model = if wants_old { Some(Model::build(cfg, registry)?) } else { None };
     let tasks = load_tasks(cfg, model.image_size);
     let run_dir = match &opts.run_dir {
         Some(d) => {
@@ -269,6 +276,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     }
 
     let mut epoch_losses = Vec::new();
+    let mut epoch_terms = Vec::new();
     let mut global_step = 0usize;
     // Live handles after a step must not grow: a plugin that keeps handles it no longer needs
     // leaks memory every step.
@@ -290,6 +298,13 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 }
             }
         }
+        let old = match &old_model {
+            Some(m) if t_idx > 0 => {
+                copy_parameters(&model, m)?;
+                Some(m)
+            }
+            _ => None,
+        };
         for s in &strategies {
             s.before_task(&info)?;
         }
@@ -302,12 +317,14 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         // Captions: each training image is paired with one of its captions per epoch.
         let pb = progress(opts.quiet, n_steps as u64, format!("task {} {}", t_idx + 1, task.name), "steps");
         let mut losses = Vec::new();
+        let mut terms: Vec<BTreeMap<String, f64>> = Vec::new();
         let mut step_in_task = 0usize;
         for epoch in 0..c.train.epochs {
             let mut rng = StdRng::seed_from_u64(c.experiment.seed ^ ((t_idx as u64) << 32) ^ epoch as u64);
             let mut order: Vec<usize> = (0..task.train.len()).collect();
             order.shuffle(&mut rng);
             let mut epoch_loss = 0.0;
+            let mut term_sums: BTreeMap<String, f64> = BTreeMap::new();
             let mut n_batches = 0;
             for chunk in order.chunks(bs) {
                 if chunk.len() < 2 {
@@ -327,15 +344,26 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 let img = model.encode_images(&pixels)?;
                 let txt = model.encode_texts(&ids, &mask)?;
                 let loss = ops::clip_loss(&img, &txt, &model.logit_scale)?;
+                *term_sums.entry("clip".into()).or_default() +=
+                    loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 let mut total = loss.clone();
+                let old_features = match old {
+                    Some(m) => Some((m.encode_images(&pixels)?.detach(), m.encode_texts(&ids, &mask)?.detach())),
+                    None => None,
+                };
+                let mut inputs: Vec<(&str, &Tensor)> = vec![
+                    ("image_features", &img),
+                    ("text_features", &txt),
+                    ("logit_scale", &model.logit_scale),
+                    ("pixel_values", &pixels),
+                    ("input_ids", &ids),
+                ];
+                if let Some((oi, ot)) = &old_features {
+                    inputs.push(("old_image_features", oi));
+                    inputs.push(("old_text_features", ot));
+                }
                 for s in &strategies {
-                    let terms = s.loss_terms(&[
-                        ("image_features", &img),
-                        ("text_features", &txt),
-                        ("logit_scale", &model.logit_scale),
-                        ("pixel_values", &pixels),
-                        ("input_ids", &ids),
-                    ])?;
+                    let terms = s.loss_terms(&inputs)?;
                     for (name, term) in terms {
                         if term.elem_count() != 1 {
                             bail!(
@@ -344,7 +372,10 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                                 term.dims()
                             );
                         }
-                        total = total.broadcast_add(&term.reshape(())?.to_dtype(total.dtype())?)?;
+                        let term = term.reshape(())?.to_dtype(total.dtype())?;
+                        *term_sums.entry(name).or_default() +=
+                            term.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                        total = total.broadcast_add(&term)?;
                     }
                 }
                 let value = total.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
@@ -386,6 +417,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             let mean = epoch_loss / n_batches.max(1) as f64;
             tracing::debug!(task = %task.name, epoch, loss = mean, live_handles = rt.live_handles(), "epoch done");
             losses.push(mean);
+            terms.push(term_sums.into_iter().map(|(k, v)| (k, v / n_batches.max(1) as f64)).collect());
         }
         pb.finish_and_clear();
         rt.set_training(false);
@@ -401,6 +433,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             s.after_task(&info)?;
         }
         epoch_losses.push(losses);
+        epoch_terms.push(terms);
         rt.params().save(&run_dir.join("checkpoints").join(format!("task-{:02}.safetensors", t_idx + 1)))?;
         eval_stage(&mut results, &mut metrics_log, t_idx + 1)?;
         if !opts.quiet {
@@ -444,6 +477,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         total_parameters: total,
         batch_size: bs,
         epoch_losses,
+        epoch_terms,
         results,
         continual,
         steps: global_step,
@@ -459,6 +493,19 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     }
     write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
+}
+
+/// Overwrite the frozen copy's parameters with the trained model's (same names: both were
+/// built from one config); the one copy per task that strategies comparing against the old
+/// model need.
+fn copy_parameters(from: &Model, to: &Model) -> anyhow::Result<()> {
+    let src = from.runtime.params();
+    let dst = to.runtime.params();
+    for p in dst.iter() {
+        let q = src.get(&p.name).with_context(|| format!("the old-model copy has `{}`, the model does not", p.name))?;
+        p.var.set(&q.var.as_tensor().detach())?;
+    }
+    Ok(())
 }
 
 /// CLIP clamps `logit_scale` to [0, ln 100].

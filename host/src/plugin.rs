@@ -275,6 +275,14 @@ impl StrategyInstance {
             .collect()
     }
 
+    /// Whether the strategy wants the old model's features (plugins older than SDK 1.2 do not).
+    pub fn wants_old_model(&self) -> Result<bool, PluginFailure> {
+        match self.fns.wants_old_model() {
+            Some(f) => lift(&self.plugin, "wants_old_model", f(self.state)),
+            None => Ok(false),
+        }
+    }
+
     pub fn save_state(&self) -> Result<Vec<u8>, PluginFailure> {
         lift(&self.plugin, "save_state", (self.fns.save_state())(self.state, self.ctx.handle())).map(RVec::into_vec)
     }

@@ -422,6 +422,11 @@ pub struct StrategyFns {
     pub save_state: extern "C" fn(StatePtr, HostHandle) -> PluginResult<RVec<u8>>,
     #[sabi(last_prefix_field)]
     pub load_state: extern "C" fn(StatePtr, HostHandle, RSlice<u8>) -> PluginResult<()>,
+    // ---- appended in 1.2 ----
+    /// Whether `loss_terms` needs the old model's features (`old_image_features`,
+    /// `old_text_features`): the host then keeps a frozen snapshot of the model from the end of
+    /// the previous task. Absent in older plugins, which are taken not to need it.
+    pub wants_old_model: extern "C" fn(StatePtr) -> PluginResult<bool>,
 }
 
 /// Functions of an evaluator plugin.

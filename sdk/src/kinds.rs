@@ -85,6 +85,11 @@ pub trait Strategy: Sized + 'static {
     fn load_state(&mut self, _host: &Host, _bytes: &[u8]) -> Result<()> {
         Ok(())
     }
+    /// Return true to receive `old_image_features` and `old_text_features` (the model as it
+    /// was at the end of the previous task, on the current batch) in `loss_terms`.
+    fn wants_old_model(&self) -> bool {
+        false
+    }
 }
 
 /// Computes named metrics from embeddings the host provides.
@@ -327,6 +332,11 @@ extern "C" fn strategy_load_state<T: Strategy>(s: StatePtr, h: HostHandle, bytes
     guard("load_state", || unsafe { state::<T>(s) }.borrow_mut().load_state(&Host::from_handle(h), bytes.as_slice()))
 }
 
+extern "C" fn strategy_wants_old_model<T: Strategy>(s: StatePtr) -> PluginResult<bool> {
+    // SAFETY: `s` came from strategy_create::<T>.
+    guard("wants_old_model", || Ok(unsafe { state::<T>(s) }.borrow().wants_old_model()))
+}
+
 #[doc(hidden)]
 pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo) -> PluginModuleRef {
     let fns = StrategyFns {
@@ -340,6 +350,7 @@ pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo) -> Plug
         after_task: strategy_after_task::<T>,
         save_state: strategy_save_state::<T>,
         load_state: strategy_load_state::<T>,
+        wants_old_model: strategy_wants_old_model::<T>,
     }
     .leak_into_prefix();
     PluginModule { info, tokenizer: RNone, encoder: RNone, adapter: RNone, strategy: RSome(fns), evaluator: RNone }

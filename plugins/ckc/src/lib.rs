@@ -153,6 +153,10 @@ impl Strategy for Ckc {
         })
     }
 
+    fn wants_old_model(&self) -> bool {
+        true
+    }
+
     fn before_task(&mut self, _host: &Host, task: &TaskInfo) -> Result<()> {
         self.task = task.index;
         Ok(())
