@@ -101,6 +101,48 @@ pub fn activation_from_name(name: &str) -> Result<Activation> {
     }
 }
 
+/// What a tower's own config says about settings a checkpoint may not carry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Explicit {
+    pub heads: Option<usize>,
+    pub activation: Option<Activation>,
+    pub layer_norm_eps: Option<f64>,
+}
+
+/// Heads, activation and layer-norm eps of one tower. The checkpoint's config wins where it
+/// has them (`hf_section` is `vision_config` or `text_config`; `open_clip_heads` is what
+/// open_clip_config.json implies); then the tower's own keys; then CLIP's defaults (64-wide
+/// heads, QuickGELU as in OpenAI's weights, eps 1e-5).
+pub fn tower_settings(
+    src: &Source,
+    hf_section: &str,
+    open_clip_heads: Option<usize>,
+    width: usize,
+    explicit: Explicit,
+) -> Result<(usize, Activation, f64)> {
+    let cfg = src.config.as_ref();
+    let default_heads = (width / 64).max(1);
+    Ok(match src.layout {
+        Layout::HuggingFace => (
+            json_usize(cfg, &[hf_section, "num_attention_heads"]).or(explicit.heads).unwrap_or(default_heads),
+            match cfg.and_then(|v| v[hf_section]["hidden_act"].as_str()) {
+                Some(a) => activation_from_name(a)?,
+                None => explicit.activation.unwrap_or(Activation::QuickGelu),
+            },
+            json_f64(cfg, &[hf_section, "layer_norm_eps"]).or(explicit.layer_norm_eps).unwrap_or(1e-5),
+        ),
+        Layout::OpenClip => (
+            open_clip_heads.or(explicit.heads).unwrap_or(default_heads),
+            match cfg.and_then(|v| v.get("quick_gelu")).and_then(Value::as_bool) {
+                Some(true) => Activation::QuickGelu,
+                Some(false) => Activation::Gelu,
+                None => explicit.activation.unwrap_or(Activation::QuickGelu),
+            },
+            explicit.layer_norm_eps.unwrap_or(1e-5),
+        ),
+    })
+}
+
 /// Number of blocks under `prefix` + `{i}.` that have `probe` (e.g. `.ln_1.weight`).
 pub fn count_blocks(reader: &CheckpointReader, prefix: &str, probe: &str) -> usize {
     (0..).take_while(|i| reader.has(&format!("{prefix}{i}{probe}"))).count()

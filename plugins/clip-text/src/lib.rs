@@ -5,12 +5,11 @@
 //! the position of the row's maximum id, as in OpenAI CLIP) -> text projection.
 
 use recall_clip_common::{
-    activation_from_name, agree, count_blocks, json_f64, json_usize, load, load_block, open, Layout, Source,
+    agree, count_blocks, json_usize, load, load_block, open, tower_settings, Explicit, Layout, Source,
 };
 use recall_sdk::nn::{Activation, LayerNorm, Transformer, TransformerConfig};
 use recall_sdk::prelude::*;
 use serde::Deserialize;
-use serde_json::Value;
 
 /// The text tower's config. With `checkpoint`, the architecture comes from the checkpoint
 /// (and its config); keys given as well must agree. Without, unset keys take OpenAI CLIP's
@@ -98,34 +97,17 @@ impl Arch {
         };
         let layers = count_blocks(r, blocks, probe);
         let mlp = shape(fc1)?[0];
-        let (heads, activation, eps, eot) = match src.layout {
-            Layout::HuggingFace => {
-                // transformers pools at the first end-of-text token unless eos_token_id is 2
-                // (old configs), where it takes the row's highest id.
-                let eos = json_usize(cfg, &["text_config", "eos_token_id"]).map(|e| e as u32);
-                (
-                    json_usize(cfg, &["text_config", "num_attention_heads"]).or(c.heads).unwrap_or(width / 64),
-                    match cfg.and_then(|v| v["text_config"]["hidden_act"].as_str()) {
-                        Some(a) => activation_from_name(a)?,
-                        None => c.activation.unwrap_or(Activation::QuickGelu),
-                    },
-                    json_f64(cfg, &["text_config", "layer_norm_eps"]).or(c.layer_norm_eps).unwrap_or(1e-5),
-                    eos.filter(|&e| e != 2).or(c.eot_token_id),
-                )
-            }
-            Layout::OpenClip => {
-                let quick = cfg.and_then(|v| v.get("quick_gelu")).and_then(Value::as_bool);
-                (
-                    json_usize(cfg, &["text_cfg", "heads"]).or(c.heads).unwrap_or((width / 64).max(1)),
-                    match quick {
-                        Some(true) => Activation::QuickGelu,
-                        Some(false) => Activation::Gelu,
-                        None => c.activation.unwrap_or(Activation::QuickGelu),
-                    },
-                    c.layer_norm_eps.unwrap_or(1e-5),
-                    c.eot_token_id,
-                )
-            }
+        let explicit = Explicit { heads: c.heads, activation: c.activation, layer_norm_eps: c.layer_norm_eps };
+        let open_clip_heads = json_usize(cfg, &["text_cfg", "heads"]);
+        let (heads, activation, eps) = tower_settings(src, "text_config", open_clip_heads, width, explicit)?;
+        // transformers pools at the first end-of-text token unless eos_token_id is 2 (old
+        // configs), where it takes the row's highest id; open_clip always takes the highest id.
+        let eot = match src.layout {
+            Layout::HuggingFace => json_usize(cfg, &["text_config", "eos_token_id"])
+                .map(|e| e as u32)
+                .filter(|&e| e != 2)
+                .or(c.eot_token_id),
+            Layout::OpenClip => c.eot_token_id,
         };
         Ok(Arch {
             vocab_size: agree("vocab_size", c.vocab_size, vocab)?,

@@ -5,12 +5,11 @@
 //! -> projection. Every linear layer (q/k/v/out, MLP, projection) is an adapter site.
 
 use recall_clip_common::{
-    activation_from_name, agree, count_blocks, json_f64, json_usize, load, load_block, open, Layout, Source,
+    agree, count_blocks, json_usize, load, load_block, open, tower_settings, Explicit, Layout, Source,
 };
 use recall_sdk::nn::{Activation, LayerNorm, Transformer, TransformerConfig};
 use recall_sdk::prelude::*;
 use serde::Deserialize;
-use serde_json::Value;
 
 /// The vision tower's config. With `checkpoint`, the architecture comes from the checkpoint
 /// (and its config.json / open_clip_config.json); keys given as well must agree with it.
@@ -98,30 +97,9 @@ impl Arch {
         };
         let layers = count_blocks(r, blocks, probe);
         let mlp = shape(fc1)?[0];
-        let (heads, activation, eps) = match src.layout {
-            Layout::HuggingFace => (
-                json_usize(cfg, &["vision_config", "num_attention_heads"]).or(c.heads).unwrap_or(width / 64),
-                match cfg.and_then(|v| v["vision_config"]["hidden_act"].as_str()) {
-                    Some(a) => activation_from_name(a)?,
-                    None => c.activation.unwrap_or(Activation::QuickGelu),
-                },
-                json_f64(cfg, &["vision_config", "layer_norm_eps"]).or(c.layer_norm_eps).unwrap_or(1e-5),
-            ),
-            Layout::OpenClip => {
-                let head_width = json_usize(cfg, &["vision_cfg", "head_width"]).unwrap_or(64);
-                let quick = cfg.and_then(|v| v.get("quick_gelu")).and_then(Value::as_bool);
-                (
-                    c.heads.unwrap_or((width / head_width).max(1)),
-                    match quick {
-                        Some(true) => Activation::QuickGelu,
-                        Some(false) => Activation::Gelu,
-                        // OpenAI's weights use QuickGELU.
-                        None => c.activation.unwrap_or(Activation::QuickGelu),
-                    },
-                    c.layer_norm_eps.unwrap_or(1e-5),
-                )
-            }
-        };
+        let open_clip_heads = json_usize(cfg, &["vision_cfg", "head_width"]).map(|hw| (width / hw.max(1)).max(1));
+        let explicit = Explicit { heads: c.heads, activation: c.activation, layer_norm_eps: c.layer_norm_eps };
+        let (heads, activation, eps) = tower_settings(src, "vision_config", open_clip_heads, width, explicit)?;
         Ok(Arch {
             image_size: agree("image_size", c.image_size, grid * patch)?,
             patch_size: agree("patch_size", c.patch_size, patch)?,
