@@ -348,7 +348,11 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                     loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 let mut total = loss.clone();
                 let old_features = match old {
-                    Some(m) => Some((m.encode_images(&pixels)?.detach(), m.encode_texts(&ids, &mask)?.detach())),
+                    Some(m) => Some((
+                        m.encode_images(&pixels)?.detach(),
+                        m.encode_texts(&ids, &mask)?.detach(),
+                        m.logit_scale.detach(),
+                    )),
                     None => None,
                 };
                 let mut inputs: Vec<(&str, &Tensor)> = vec![
@@ -358,9 +362,10 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                     ("pixel_values", &pixels),
                     ("input_ids", &ids),
                 ];
-                if let Some((oi, ot)) = &old_features {
+                if let Some((oi, ot, os)) = &old_features {
                     inputs.push(("old_image_features", oi));
                     inputs.push(("old_text_features", ot));
+                    inputs.push(("old_logit_scale", os));
                 }
                 for s in &strategies {
                     let terms = s.loss_terms(&inputs)?;

@@ -102,6 +102,7 @@ fn check_plugin_passes_on_every_in_tree_plugin() {
         ("recall-plugin-lora", None),
         ("recall-plugin-finetune", None),
         ("recall-plugin-ckc", Some(&small_ckc)),
+        ("recall-plugin-lwf", None),
         ("recall-plugin-retrieval", None),
     ];
     for (krate, config) in cases {

@@ -98,3 +98,45 @@ fn ckc_adds_nothing_without_an_old_model() {
     .unwrap_err();
     assert_eq!(e.config_key.as_deref(), Some("projector"));
 }
+
+#[test]
+fn lwf_value_and_gradients_match_pytorch() {
+    let fx = candle_core::safetensors::load(
+        workspace_root().join("tests/fixtures/strategies/lwf.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let plugin = load_plugin(&cdylib("recall-plugin-lwf")).unwrap();
+    for (case, config) in [("zscl", ""), ("cclip", "temperature = 1.0\naverage_directions = true\nweight = 2.0\n")] {
+        let rt = Runtime::new(Device::Cpu, DType::F64, 0);
+        let s = StrategyInstance::create(&plugin, &rt, "strategy.", config).unwrap();
+        let vars: Vec<(&str, Var)> = [
+            "image_features",
+            "text_features",
+            "logit_scale",
+            "old_image_features",
+            "old_text_features",
+            "old_logit_scale",
+        ]
+        .into_iter()
+        .map(|n| (n, Var::from_tensor(&fx[n]).unwrap()))
+        .collect();
+        let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
+        let terms = s.loss_terms(&inputs).unwrap();
+        let loss = &terms[0].1;
+        let value = loss.to_scalar::<f64>().unwrap();
+        let expected = fx[&format!("{case}.loss")].to_vec1::<f64>().unwrap()[0];
+        assert!((value - expected).abs() / expected.abs() <= 1e-5, "{case}: loss {value} vs {expected}");
+        let grads = loss.backward().unwrap();
+        for (name, v) in &vars {
+            match fx.get(&format!("{case}.grad.{name}")) {
+                Some(g) => {
+                    let ours = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+                    let e = max_rel(&ours.reshape(g.dims()).unwrap(), g);
+                    assert!(e <= 1e-5, "{case}: gradient of {name} off by {e:e}");
+                }
+                None => assert!(grads.get(v.as_tensor()).is_none(), "{case}: the teacher's {name} got a gradient"),
+            }
+        }
+    }
+}
