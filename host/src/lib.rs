@@ -19,3 +19,4 @@ pub mod optim;
 pub mod plugin;
 pub mod reference;
 pub mod runtime;
+pub mod scaffold;

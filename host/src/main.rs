@@ -82,12 +82,32 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// Scaffold a new plugin crate (out of tree, depending on recall-sdk only).
+    New {
+        #[command(subcommand)]
+        what: NewCommand,
+    },
     /// Time one training step through the plugins against the same ops linked in directly.
     Bench {
         #[arg(long, default_value_t = 30)]
         steps: usize,
         #[arg(long, default_value_t = 64)]
         batch: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum NewCommand {
+    /// A strategy plugin.
+    Strategy {
+        /// Plugin name (lower-case, dashes), e.g. `my-ewc`.
+        name: String,
+        /// Where to create the crate (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The recall-sdk crate to depend on (default: the one this recall was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
 }
 
@@ -216,6 +236,25 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 if !cli.quiet {
                     println!("{} {}", if was { "cached " } else { "fetched" }, dir.display());
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::New { what: NewCommand::Strategy { name, dir, sdk } } => {
+            let dir = dir.clone().unwrap_or_else(|| PathBuf::from(name));
+            let sdk = match sdk.clone().or_else(recall_host::scaffold::default_sdk_path) {
+                Some(s) => s,
+                None => anyhow::bail!(
+                    "cannot find the recall-sdk sources this recall was built from; pass --sdk PATH/TO/recall/sdk"
+                ),
+            };
+            recall_host::scaffold::new_strategy(name, &dir, &sdk)?;
+            if !cli.quiet {
+                let lib = format!("librecall_plugin_{}{}", name.replace('-', "_"), std::env::consts::DLL_SUFFIX);
+                println!("created {}", dir.display());
+                println!(
+                    "next: cd {} && cargo build --release && recall check-plugin target/release/{lib}",
+                    dir.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
