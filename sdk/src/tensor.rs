@@ -179,6 +179,22 @@ impl Host {
             .ok_or_else(|| Error::new(format!("missing input `{name}`; the host passed: {}", names(inputs))))
     }
 
+    /// The previous model's `old_image_features` and `old_text_features` (passed to strategies
+    /// whose `wants_old_model` is true). `None` during the first task (`task_index` 0); from
+    /// the second task on their absence is an error, since consolidating against nothing would
+    /// silently turn the method into fine-tuning.
+    pub fn old_features(&self, inputs: &[NamedTensor], task_index: u64) -> Result<Option<(Tensor, Tensor)>> {
+        match (self.find_input(inputs, "old_image_features")?, self.find_input(inputs, "old_text_features")?) {
+            (Some(img), Some(txt)) => Ok(Some((img.detach()?, txt.detach()?))),
+            _ if task_index == 0 => Ok(None),
+            _ => Err(Error::new(format!(
+                "the old model's features (`old_image_features`, `old_text_features`) are needed from task 2 on, \
+                 and the host passed none for task {}; does the host support `wants_old_model` (recall-sdk >= 1.2)?",
+                task_index + 1
+            ))),
+        }
+    }
+
     /// Like [`Host::input`], for optional inputs.
     pub fn find_input(&self, inputs: &[NamedTensor], name: &str) -> Result<Option<Tensor>> {
         match inputs.iter().find(|t| t.name.as_str() == name) {

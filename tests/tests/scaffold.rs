@@ -7,11 +7,11 @@ use recall_tests::{recall_bin, workspace_root};
 
 #[test]
 fn scaffolded_strategy_builds_and_passes_check_plugin() {
-    // Under target/ so the build is cached between runs; recreated each time.
-    let dir = workspace_root().join("target/scaffold-test/my-reg");
-    let _ = std::fs::remove_dir_all(dir.join("src"));
-    let _ = std::fs::remove_file(dir.join("Cargo.toml"));
-    let _ = std::fs::remove_file(dir.join(".gitignore"));
+    // A fresh crate every run; its build goes to a target directory under the workspace's,
+    // so dependencies stay compiled between runs.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("my-reg");
+    let target = workspace_root().join("target/scaffold-test");
     let out = Command::new(recall_bin()).args(["new", "strategy", "my-reg", "--dir"]).arg(&dir).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
@@ -22,11 +22,11 @@ fn scaffolded_strategy_builds_and_passes_check_plugin() {
     let build = Command::new(cargo)
         .args(["build", "--offline"])
         .current_dir(&dir)
-        .env_remove("CARGO_TARGET_DIR")
+        .env("CARGO_TARGET_DIR", &target)
         .output()
         .unwrap();
     assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
-    let lib = dir.join("target/debug").join(format!("librecall_plugin_my_reg{}", std::env::consts::DLL_SUFFIX));
+    let lib = target.join("debug").join(format!("librecall_plugin_my_reg{}", std::env::consts::DLL_SUFFIX));
     let check = Command::new(recall_bin()).arg("check-plugin").arg(&lib).output().unwrap();
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success() && text.contains(" 0 failed"), "{text}{}", String::from_utf8_lossy(&check.stderr));

@@ -15,13 +15,19 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
     d / s
 }
 
+fn fixture(name: &str) -> std::collections::HashMap<String, Tensor> {
+    let path = workspace_root().join("tests/fixtures/strategies").join(name);
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// Each named fixture tensor as a variable, so gradients reach it.
+fn variables<'a>(fx: &std::collections::HashMap<String, Tensor>, names: &[&'a str]) -> Vec<(&'a str, Var)> {
+    names.iter().map(|n| (*n, Var::from_tensor(&fx[*n]).unwrap())).collect()
+}
+
 #[test]
 fn ckc_value_and_gradients_match_pytorch() {
-    let fx = candle_core::safetensors::load(
-        workspace_root().join("tests/fixtures/strategies/ckc.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let fx = fixture("ckc.safetensors");
     let plugin = load_plugin(&cdylib("recall-plugin-ckc")).unwrap();
     for (case, config) in [("learned", "dim = 8\n"), ("fixed", "dim = 8\ntemperature = 0.1\n")] {
         let rt = Runtime::new(Device::Cpu, DType::F64, 0);
@@ -33,11 +39,10 @@ fn ckc_value_and_gradients_match_pytorch() {
                 params.get(&format!("strategy.projector.{p}")).unwrap_or_else(|| panic!("no projector parameter {p}"));
             param.var.set(&fx[p]).unwrap();
         }
-        let vars: Vec<(&str, Var)> =
-            ["image_features", "text_features", "old_image_features", "old_text_features", "logit_scale"]
-                .into_iter()
-                .map(|n| (n, Var::from_tensor(&fx[n]).unwrap()))
-                .collect();
+        let vars = variables(
+            &fx,
+            &["image_features", "text_features", "old_image_features", "old_text_features", "logit_scale"],
+        );
         let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
         let terms = s.loss_terms(&inputs).unwrap();
         assert_eq!(terms.len(), 1);
@@ -88,7 +93,7 @@ fn ckc_adds_nothing_without_an_old_model() {
     // From the second task on, missing old features are an error, not a silent no-op.
     s.before_task(&recall_sdk::TaskInfo { index: 1, name: "b".into(), n_steps: 1 }).unwrap();
     let e = s.loss_terms(&[("image_features", &x), ("text_features", &x)]).unwrap_err();
-    assert!(e.message.contains("needs the old model's features"), "{}", e.message);
+    assert!(e.message.contains("are needed from task 2 on"), "{}", e.message);
     let e = StrategyInstance::create(
         &load_plugin(&cdylib("recall-plugin-ckc")).unwrap(),
         &rt,
@@ -101,26 +106,22 @@ fn ckc_adds_nothing_without_an_old_model() {
 
 #[test]
 fn lwf_value_and_gradients_match_pytorch() {
-    let fx = candle_core::safetensors::load(
-        workspace_root().join("tests/fixtures/strategies/lwf.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let fx = fixture("lwf.safetensors");
     let plugin = load_plugin(&cdylib("recall-plugin-lwf")).unwrap();
     for (case, config) in [("zscl", ""), ("cclip", "temperature = 1.0\naverage_directions = true\nweight = 2.0\n")] {
         let rt = Runtime::new(Device::Cpu, DType::F64, 0);
         let s = StrategyInstance::create(&plugin, &rt, "strategy.", config).unwrap();
-        let vars: Vec<(&str, Var)> = [
-            "image_features",
-            "text_features",
-            "logit_scale",
-            "old_image_features",
-            "old_text_features",
-            "old_logit_scale",
-        ]
-        .into_iter()
-        .map(|n| (n, Var::from_tensor(&fx[n]).unwrap()))
-        .collect();
+        let vars = variables(
+            &fx,
+            &[
+                "image_features",
+                "text_features",
+                "logit_scale",
+                "old_image_features",
+                "old_text_features",
+                "old_logit_scale",
+            ],
+        );
         let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
         let terms = s.loss_terms(&inputs).unwrap();
         let loss = &terms[0].1;

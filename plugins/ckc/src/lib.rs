@@ -163,13 +163,7 @@ impl Strategy for Ckc {
     }
 
     fn loss_terms(&mut self, host: &Host, inputs: &[NamedTensor]) -> Result<Vec<(String, Tensor)>> {
-        let (Some(old_img), Some(old_txt)) =
-            (host.find_input(inputs, "old_image_features")?, host.find_input(inputs, "old_text_features")?)
-        else {
-            if self.task > 0 {
-                // Training on without the old model would silently turn C-CLIP into fine-tuning.
-                bail!("ckc needs the old model's features (`old_image_features`, `old_text_features`) from task 2 on, and this host did not pass them");
-            }
+        let Some((old_img, old_txt)) = host.old_features(inputs, self.task)? else {
             // The first task has no old model: nothing to consolidate.
             return Ok(Vec::new());
         };
@@ -178,7 +172,7 @@ impl Strategy for Ckc {
         let cur = host.cat(&[&img, &txt], 0)?;
         let cur = if self.normalize_inputs { cur.l2_normalize(1e-12)? } else { cur };
         let p = self.project(host, &cur)?.l2_normalize(1e-12)?;
-        let z = host.cat(&[&old_img, &old_txt], 0)?.detach()?.l2_normalize(1e-12)?;
+        let z = host.cat(&[&old_img, &old_txt], 0)?.l2_normalize(1e-12)?;
         let sims = p.matmul(&z.t()?)?;
         let logits = match self.temperature {
             Some(t) => sims.scale(1.0 / t)?,

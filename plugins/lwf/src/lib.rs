@@ -74,12 +74,7 @@ impl Strategy for Lwf {
     }
 
     fn loss_terms(&mut self, host: &Host, inputs: &[NamedTensor]) -> Result<Vec<(String, Tensor)>> {
-        let (Some(old_img), Some(old_txt)) =
-            (host.find_input(inputs, "old_image_features")?, host.find_input(inputs, "old_text_features")?)
-        else {
-            if self.task > 0 {
-                bail!("lwf needs the old model's features (`old_image_features`, `old_text_features`) from task 2 on, and this host did not pass them");
-            }
+        let Some((old_img, old_txt)) = host.old_features(inputs, self.task)? else {
             return Ok(Vec::new());
         };
         let scale = host.input(inputs, "logit_scale")?;
@@ -88,7 +83,7 @@ impl Strategy for Lwf {
             None => scale.detach()?,
         };
         let student = logits(&host.input(inputs, "image_features")?, &host.input(inputs, "text_features")?, &scale)?;
-        let teacher = logits(&old_img.detach()?, &old_txt.detach()?, &old_scale.detach()?)?;
+        let teacher = logits(&old_img, &old_txt, &old_scale.detach()?)?;
         let t = self.cfg.temperature;
         let both = distill(&student, &teacher, t)?.add(&distill(&student.t()?, &teacher.t()?, t)?)?;
         let coef = if self.cfg.average_directions { 0.5 } else { 1.0 };
