@@ -66,7 +66,10 @@ pub struct ExperimentConfig {
     #[serde(rename = "task")]
     pub tasks: Vec<TaskSection>,
     #[serde(default, rename = "evaluator")]
-    pub evaluators: Vec<PluginSection>,
+    pub evaluators: Vec<EvaluatorSection>,
+    /// Held-out sets for zero-shot classification after every task (retention, PD).
+    #[serde(default, rename = "zeroshot", skip_serializing_if = "Vec::is_empty")]
+    pub zeroshot: Vec<TaskSection>,
     #[serde(default)]
     pub plugins: PluginsSection,
 }
@@ -125,6 +128,12 @@ pub struct ModelSection {
     /// tower names its own. Relative paths are relative to the experiment file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<PathBuf>,
+    /// Start from a Recall checkpoint: a run directory (its last finished task) or a
+    /// `task-NN.safetensors`. Every tensor in it must fit the model; parameters it lacks
+    /// (adapters, strategy parameters) keep their initialisation. Relative paths are relative
+    /// to the experiment file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
 }
 
 /// Per-model image normalisation; CLIP's mean and std by default.
@@ -228,13 +237,52 @@ pub struct TrainSection {
     pub eval_batch_size: usize,
 }
 
-/// One task of the sequence. `source = "shapes"` is the embedded generator (no download).
+/// One task of the sequence, or one held-out zero-shot set: a name and where its data comes
+/// from. `source = "shapes"` is the embedded generator (no download); the others read
+/// image-text data from disk (see `data::source`).
 #[derive(Deserialize, Serialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSection {
     pub name: String,
+    /// `shapes`, `jsonl`, `csv`, `folders` or `karpathy`.
     #[serde(default = "d::source")]
     pub source: String,
+    /// The data: a file or a directory; `dataset:NAME` names a dataset `recall data prepare`
+    /// made, `asset:NAME/...` a fetched asset. Relative paths are relative to the experiment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Where image paths in a CSV/JSONL/Karpathy file are relative to (default: the file's
+    /// directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<PathBuf>,
+    /// Fraction of the examples held out for testing when the data has no split of its own.
+    #[serde(default = "d::test_fraction")]
+    pub test_fraction: f64,
+    /// Seed of that split and of subsampling; independent of the experiment's seed so every
+    /// seed of a sweep sees the same test set.
+    #[serde(default)]
+    pub split_seed: u64,
+    /// Keep at most this many training / test examples (a seeded subsample).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_train: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_test: Option<usize>,
+    /// Keep only examples of these classes / categories (empty: all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
+    /// Caption templates for class-labelled data (`{}` or `{class}` is the class name): the
+    /// captions of class folders and the prompts of zero-shot classification. Default: the
+    /// dataset's own (dataset.json), else "a photo of a {}.".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<String>,
+    /// A missing or undecodable image: `fail` (default) stops with the file's name; `skip`
+    /// counts it, records it in the run directory and goes on.
+    #[serde(default = "d::on_error")]
+    pub on_error: OnError,
+    // ---- the shapes generator ----
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shapes: Vec<String>,
     #[serde(default = "d::colors")]
     pub colors: Vec<String>,
@@ -244,6 +292,36 @@ pub struct TaskSection {
     /// Training images per (color, shape, position) combination.
     #[serde(default = "d::train_per_combo")]
     pub train_per_combo: usize,
+    /// A task made of several sources (e.g. a pretraining mix): each part is a data section
+    /// of its own; their splits are concatenated. The task's own source is then unused.
+    #[serde(default, rename = "part", skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<TaskSection>,
+}
+
+/// What to do with an image that cannot be read.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    Fail,
+    Skip,
+}
+
+/// An evaluator plugin and which data it judges.
+#[derive(Deserialize, Serialize, Clone, Debug)]
+pub struct EvaluatorSection {
+    pub plugin: String,
+    /// `tasks` (default): every task's test split with its captions (retrieval);
+    /// `zeroshot`: every `[[zeroshot]]` set with its class prompts (classification).
+    #[serde(default = "d::suite")]
+    pub suite: String,
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+impl EvaluatorSection {
+    pub fn options_text(&self) -> String {
+        toml::to_string(&self.options).unwrap_or_default()
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default)]
@@ -303,6 +381,15 @@ mod d {
     }
     pub fn train_per_combo() -> usize {
         6
+    }
+    pub fn test_fraction() -> f64 {
+        0.2
+    }
+    pub fn on_error() -> super::OnError {
+        super::OnError::Fail
+    }
+    pub fn suite() -> String {
+        "tasks".into()
     }
 }
 
@@ -434,9 +521,14 @@ pub fn parse(src: &str, file: &str) -> Result<LoadedConfig, ConfigError> {
         {
             *ck = dir.join(&*ck);
         }
+        if let Some(init) = config.model.init.as_mut().filter(|p| p.is_relative()) {
+            *init = dir.join(&*init);
+        }
     }
+    let base = Path::new(file).parent().filter(|d| !d.as_os_str().is_empty() && d.is_dir()).map(Path::to_path_buf);
     let mut loaded = LoadedConfig { config, source: src.to_string(), file: file.to_string() };
     validate(&loaded)?;
+    resolve_data_paths(&mut loaded, base.as_deref())?;
     resolve_assets(&mut loaded)?;
     Ok(loaded)
 }
@@ -510,6 +602,44 @@ fn resolve_assets(c: &mut LoadedConfig) -> Result<(), ConfigError> {
     }
 }
 
+/// Task and zero-shot data paths: `dataset:NAME` (prepared), `asset:NAME/...` (fetched), or
+/// relative to the experiment file.
+fn resolve_data_paths(c: &mut LoadedConfig, base: Option<&Path>) -> Result<(), ConfigError> {
+    let mut failure = None;
+    let mut slots: Vec<(String, &mut Option<PathBuf>)> = Vec::new();
+    for (key, sets) in [("task", &mut c.config.tasks), ("zeroshot", &mut c.config.zeroshot)] {
+        for (i, t) in sets.iter_mut().enumerate() {
+            slots.push((format!("{key}[{i}].path"), &mut t.path));
+            slots.push((format!("{key}[{i}].images"), &mut t.images));
+            for (j, part) in t.parts.iter_mut().enumerate() {
+                slots.push((format!("{key}[{i}].part[{j}].path"), &mut part.path));
+                slots.push((format!("{key}[{i}].part[{j}].images"), &mut part.images));
+            }
+        }
+    }
+    for (at, slot) in slots {
+        let Some(p) = slot.as_mut() else { continue };
+        let text = p.to_string_lossy().into_owned();
+        let resolved = match crate::data::convert::resolve(&text) {
+            Ok(None) => resolve_asset(&text),
+            other => other,
+        };
+        match resolved {
+            Ok(Some(r)) => *p = r,
+            Ok(None) => {
+                if let Some(b) = base.filter(|_| p.is_relative()) {
+                    *p = b.join(&*p);
+                }
+            }
+            Err(m) => failure = failure.or(Some((at, m))),
+        }
+    }
+    match failure {
+        Some((key, m)) => Err(c.error_at(&key, m)),
+        None => Ok(()),
+    }
+}
+
 /// Checks serde cannot express.
 fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     let cfg = &c.config;
@@ -533,15 +663,35 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     if cfg.optimizer.lr <= 0.0 || !cfg.optimizer.lr.is_finite() {
         return Err(c.error_at("optimizer.lr", "lr must be a positive number"));
     }
-    for (i, t) in cfg.tasks.iter().enumerate() {
-        if t.source != "shapes" {
+    for (key, sets) in [("task", &cfg.tasks), ("zeroshot", &cfg.zeroshot)] {
+        for (i, t) in sets.iter().enumerate() {
+            if t.parts.is_empty() {
+                if let Err((field, m)) = crate::data::source::validate(t) {
+                    return Err(
+                        c.error_at(&format!("{key}[{i}]{}", field.map(|f| format!(".{f}")).unwrap_or_default()), m)
+                    );
+                }
+            }
+            for (j, part) in t.parts.iter().enumerate() {
+                if let Err((field, m)) = crate::data::source::validate(part) {
+                    let at = format!("{key}[{i}].part[{j}]{}", field.map(|f| format!(".{f}")).unwrap_or_default());
+                    return Err(c.error_at(&at, m));
+                }
+            }
+        }
+    }
+    for (i, e) in cfg.evaluators.iter().enumerate() {
+        if !matches!(e.suite.as_str(), "tasks" | "zeroshot") {
             return Err(c.error_at(
-                &format!("task[{i}].source"),
-                format!("unknown data source `{}`; available: shapes", t.source),
+                &format!("evaluator[{i}].suite"),
+                format!("unknown suite `{}`; expected `tasks` or `zeroshot`", e.suite),
             ));
         }
-        if let Err(m) = crate::data::shapes::validate(t) {
-            return Err(c.error_at(&format!("task[{i}]"), m));
+        if e.suite == "zeroshot" && cfg.zeroshot.is_empty() {
+            return Err(c.error_at(
+                &format!("evaluator[{i}].suite"),
+                "this evaluator judges the [[zeroshot]] sets, but the experiment declares none",
+            ));
         }
     }
     if cfg.evaluators.is_empty() {

@@ -24,15 +24,7 @@ pub fn model_from_spec(spec: &Path, registry: &Registry) -> anyhow::Result<Model
     if spec.join("config.resolved.toml").is_file() {
         let cfg = config::load(&spec.join("config.resolved.toml"), &[])?;
         let model = Model::build(&cfg, registry)?;
-        let mut checkpoints: Vec<PathBuf> = std::fs::read_dir(spec.join("checkpoints"))
-            .with_context(|| format!("run {} has no checkpoints/ directory", spec.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-            .collect();
-        checkpoints.sort();
-        let last =
-            checkpoints.last().with_context(|| format!("run {} has no finished task checkpoint", spec.display()))?;
-        model.runtime.params().load(last)?;
+        model.runtime.params().load(&crate::model::last_checkpoint(spec)?)?;
         return Ok(model);
     }
     if !spec.exists() {

@@ -17,10 +17,10 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use recall_sdk::TaskInfo;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::LoadedConfig;
-use crate::data::{self, shapes, TaskData};
+use crate::data::{self, TaskData};
 use crate::fsutil::write_atomic;
 use crate::loader::Registry;
 use crate::model::{locate_failure, Model};
@@ -35,11 +35,13 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Use this run directory instead of a fresh one under `output_dir`.
     pub run_dir: Option<PathBuf>,
+    /// Continue the run in `run_dir` from its last finished task.
+    pub resume: bool,
 }
 
 /// Scores after each stage: `rows[t][i]` = metrics on task i after training t tasks (t = 0:
 /// the initial model).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ResultMatrix {
     pub tasks: Vec<String>,
     pub rows: Vec<Vec<BTreeMap<String, f64>>>,
@@ -70,53 +72,133 @@ pub struct RunSummary {
     /// Mean of each strategy loss term per epoch, per task (the task loss is `clip`).
     pub epoch_terms: Vec<Vec<BTreeMap<String, f64>>>,
     pub results: ResultMatrix,
+    /// Zero-shot scores on the held-out sets after each stage (columns: the sets).
+    pub heldout: ResultMatrix,
     /// Continual-learning summaries (Last, Avg, BWT, forgetting, transfer) per metric.
     pub continual: BTreeMap<String, crate::metrics::ClSummary>,
+    /// PD per zero-shot metric and held-out set: initial score minus final score.
+    pub performance_drop: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Examples per task and split, and images skipped.
+    pub data: BTreeMap<String, DataCounts>,
     pub steps: usize,
     pub train_seconds: f64,
+}
+
+/// How much data a task had.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DataCounts {
+    pub train: usize,
+    pub test: usize,
+    pub skipped: usize,
 }
 
 #[derive(Serialize)]
 struct MetricRecord<'a> {
     stage: usize,
     trained_tasks: usize,
+    suite: &'a str,
     eval_task: &'a str,
     metric: &'a str,
     value: f64,
 }
 
-/// Generate every task's data at the vision tower's image size.
-pub fn load_tasks(cfg: &LoadedConfig, image_size: usize) -> Vec<TaskData> {
-    cfg.config.tasks.iter().map(|t| shapes::generate(t, image_size, cfg.config.experiment.seed)).collect()
+/// What a run directory holds about finished tasks: enough to continue after a kill.
+#[derive(Serialize, Deserialize)]
+struct Progress {
+    finished_tasks: usize,
+    global_step: usize,
+    train_seconds: f64,
+    epoch_losses: Vec<Vec<f64>>,
+    epoch_terms: Vec<Vec<BTreeMap<String, f64>>>,
+    results: ResultMatrix,
+    heldout: ResultMatrix,
 }
 
-/// Image and caption embeddings of a test split, computed in evaluation mode.
-fn embed_split(model: &Model, split: &[data::Example], batch: usize) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+/// Load (or generate) every task's data at the model's preprocessing.
+pub fn load_tasks(cfg: &LoadedConfig, pre: &crate::data::preprocess::Preprocess) -> anyhow::Result<Vec<TaskData>> {
+    load_sets(cfg, &cfg.config.tasks, "task", pre)
+}
+
+fn load_sets(
+    cfg: &LoadedConfig,
+    sets: &[crate::config::TaskSection],
+    key: &str,
+    pre: &crate::data::preprocess::Preprocess,
+) -> anyhow::Result<Vec<TaskData>> {
+    sets.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let d = data::load(t, pre, cfg.config.experiment.seed)
+                .with_context(|| format!("{}: loading the data of {key}[{i}] `{}`", cfg.file, t.name))?;
+            if d.test.is_empty() {
+                bail!("{}: {key}[{i}] `{}` has no test examples; check its path, filters and test_fraction", cfg.file, t.name);
+            }
+            tracing::info!(set = %t.name, train = d.train.len(), test = d.test.len(), skipped = d.skipped.len(), "data loaded");
+            Ok(d)
+        })
+        .collect()
+}
+
+/// Retrieval inputs of a test split. Images whose caption sets are equal (class captions
+/// such as "a handwritten digit seven") form a group: any image of the group is a right
+/// answer, and the group's captions are listed once. Returns (texts, text -> image,
+/// image -> group).
+pub fn retrieval_texts(split: &[data::Example]) -> (Vec<String>, Vec<u32>, Vec<u32>) {
+    let mut first: std::collections::HashMap<Vec<&str>, u32> = std::collections::HashMap::new();
+    let mut group = Vec::with_capacity(split.len());
+    let mut texts = Vec::new();
+    let mut index = Vec::new();
+    for (i, ex) in split.iter().enumerate() {
+        let mut key: Vec<&str> = ex.captions.iter().map(String::as_str).collect();
+        key.sort_unstable();
+        let g = *first.entry(key).or_insert(i as u32);
+        group.push(g);
+        if g == i as u32 {
+            for c in &ex.captions {
+                texts.push(c.clone());
+                index.push(i as u32);
+            }
+        }
+    }
+    (texts, index, group)
+}
+
+/// Image embeddings of examples, in evaluation mode.
+fn embed_images(model: &Model, examples: &[data::Example], batch: usize) -> anyhow::Result<Tensor> {
     let rt = &model.runtime;
     let mut img = Vec::new();
-    for chunk in split.chunks(batch.max(1)) {
+    for chunk in examples.chunks(batch.max(1)) {
         let refs: Vec<&data::Example> = chunk.iter().collect();
         let px = data::pixel_batch(&refs, &model.preprocess, rt.device(), rt.float_dtype())?;
         img.push(model.encode_images(&px)?.detach());
     }
-    let mut captions = Vec::new();
-    let mut index = Vec::new();
-    for (i, ex) in split.iter().enumerate() {
-        for c in &ex.captions {
-            captions.push(c.clone());
-            index.push(i as u32);
-        }
-    }
+    Ok(Tensor::cat(&img, 0)?)
+}
+
+/// Text embeddings, in evaluation mode.
+fn embed_texts(model: &Model, texts: &[String], batch: usize) -> anyhow::Result<Tensor> {
     let mut txt = Vec::new();
-    for chunk in captions.chunks(batch.max(1)) {
+    for chunk in texts.chunks(batch.max(1)) {
         let (ids, mask) = model.tokenize(chunk)?;
         txt.push(model.encode_texts(&ids, &mask)?.detach());
     }
-    let index = Tensor::from_vec(index.clone(), index.len(), rt.device())?;
-    Ok((Tensor::cat(&img, 0)?, Tensor::cat(&txt, 0)?, index))
+    Ok(Tensor::cat(&txt, 0)?)
 }
 
-/// Every evaluator on one task's test split; metric names are `{plugin}/{metric}`.
+fn run_evaluators(
+    evaluators: &[EvaluatorInstance],
+    inputs: &[(&str, &Tensor)],
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for e in evaluators {
+        for (name, value) in e.evaluate(inputs)? {
+            out.insert(format!("{}/{}", e.plugin, name), value);
+        }
+    }
+    Ok(out)
+}
+
+/// Every task-suite evaluator on one task's test split; metric names are `{plugin}/{metric}`.
 pub fn evaluate(
     model: &Model,
     evaluators: &[EvaluatorInstance],
@@ -124,16 +206,54 @@ pub fn evaluate(
     batch: usize,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
     model.runtime.set_training(false);
-    let (img, txt, index) = embed_split(model, &task.test, batch)?;
-    let mut out = BTreeMap::new();
-    for e in evaluators {
-        for (name, value) in
-            e.evaluate(&[("image_embeds", &img), ("text_embeds", &txt), ("text_image_index", &index)])?
-        {
-            out.insert(format!("{}/{}", e.plugin, name), value);
-        }
+    let dev = model.runtime.device();
+    let img = embed_images(model, &task.test, batch)?;
+    let (texts, index, group) = retrieval_texts(&task.test);
+    let txt = embed_texts(model, &texts, batch)?;
+    let index = Tensor::from_vec(index.clone(), index.len(), dev)?;
+    let group = Tensor::from_vec(group.clone(), group.len(), dev)?;
+    run_evaluators(
+        evaluators,
+        &[("image_embeds", &img), ("text_embeds", &txt), ("text_image_index", &index), ("image_group", &group)],
+    )
+}
+
+/// Class embeddings for zero-shot classification: per class, the normalised mean of the
+/// normalised embeddings of every template filled with the class name (CLIP's recipe).
+pub fn class_embeddings(model: &Model, classes: &[String], templates: &[String], batch: usize) -> anyhow::Result<Tensor> {
+    let prompts: Vec<String> =
+        classes.iter().flat_map(|c| templates.iter().map(move |t| data::source::fill(t, c))).collect();
+    let e = embed_texts(model, &prompts, batch)?;
+    let norm = |x: &Tensor| -> candle_core::Result<Tensor> { x.broadcast_div(&x.sqr()?.sum_keepdim(1)?.sqrt()?) };
+    let (n, d) = (classes.len(), e.dim(1)?);
+    let mean = norm(&e)?.reshape((n, templates.len(), d))?.mean(1)?;
+    Ok(norm(&mean)?)
+}
+
+/// Every zero-shot evaluator on one held-out set's test split.
+pub fn evaluate_zeroshot(
+    model: &Model,
+    evaluators: &[EvaluatorInstance],
+    set: &TaskData,
+    batch: usize,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    model.runtime.set_training(false);
+    if set.classes.is_empty() {
+        bail!("zero-shot set `{}` has no classes; zero-shot classification needs class-labelled data", set.name);
     }
-    Ok(out)
+    let labels = set
+        .test
+        .iter()
+        .map(|e| {
+            e.class.as_ref().and_then(|c| set.classes.iter().position(|k| k == c)).map(|p| p as u32).with_context(
+                || format!("zero-shot set `{}`: example {} has no class among {:?}", set.name, e.id, set.classes),
+            )
+        })
+        .collect::<anyhow::Result<Vec<u32>>>()?;
+    let img = embed_images(model, &set.test, batch)?;
+    let classes = class_embeddings(model, &set.classes, &set.templates, batch)?;
+    let labels = Tensor::from_vec(labels.clone(), labels.len(), model.runtime.device())?;
+    run_evaluators(evaluators, &[("image_embeds", &img), ("class_embeds", &classes), ("labels", &labels)])
 }
 
 /// A fresh run directory `output_dir/NAME-seedS-N` (N counts up).
@@ -192,7 +312,53 @@ pub fn format_table(results: &ResultMatrix, stage: usize, metrics: &[&str]) -> S
     s
 }
 
-/// Run an experiment end to end.
+/// A table of one stage's zero-shot scores.
+fn format_heldout(heldout: &ResultMatrix, stage: usize) -> String {
+    let names: Vec<String> = heldout.metric_names();
+    let mut s = format!("{:<20}", "zero-shot set");
+    for m in &names {
+        s.push_str(&format!("{:>16}", m));
+    }
+    s.push('\n');
+    for (i, set) in heldout.tasks.iter().enumerate() {
+        s.push_str(&format!("{set:<20}"));
+        for m in &names {
+            s.push_str(&format!("{:>16.2}", heldout.rows[stage][i].get(m).copied().unwrap_or(f64::NAN)));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// metrics.jsonl: one line per (stage, suite, set, metric).
+fn metrics_lines(results: &ResultMatrix, heldout: &ResultMatrix) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for (suite, m) in [("tasks", results), ("zeroshot", heldout)] {
+        for (stage, row) in m.rows.iter().enumerate() {
+            for (i, metrics) in row.iter().enumerate() {
+                for (metric, value) in metrics {
+                    let rec =
+                        MetricRecord { stage, trained_tasks: stage, suite, eval_task: &m.tasks[i], metric, value: *value };
+                    out.push_str(&serde_json::to_string(&rec)?);
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn checkpoint_path(run_dir: &Path, task: usize, what: &str) -> PathBuf {
+    run_dir.join("checkpoints").join(format!("task-{task:02}.{what}"))
+}
+
+/// The seed of the runtime's generator for a task: reseeding per task makes a resumed run
+/// draw the same dropout masks and re-initialisations as an unbroken one.
+fn task_seed(seed: u64, task: usize) -> u64 {
+    seed ^ (task as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Run an experiment end to end (or continue it: `opts.resume`).
 pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let c = &cfg.config;
     let model = Model::build(cfg, registry)?;
@@ -208,86 +374,142 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 .map_err(|e| anyhow::Error::new(locate_failure(cfg, &format!("strategy[{i}]"), e)))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let evaluators = c
-        .evaluators
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let p =
-                registry.get(&s.plugin, "evaluator").map_err(|m| cfg.error_at(&format!("evaluator[{i}].plugin"), m))?;
-            EvaluatorInstance::create(p, &rt, &s.options_text())
-                .map_err(|e| anyhow::Error::new(locate_failure(cfg, &format!("evaluator[{i}]"), e)))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut task_evaluators = Vec::new();
+    let mut zeroshot_evaluators = Vec::new();
+    for (i, s) in c.evaluators.iter().enumerate() {
+        let p = registry.get(&s.plugin, "evaluator").map_err(|m| cfg.error_at(&format!("evaluator[{i}].plugin"), m))?;
+        let e = EvaluatorInstance::create(p, &rt, &s.options_text())
+            .map_err(|e| anyhow::Error::new(locate_failure(cfg, &format!("evaluator[{i}]"), e)))?;
+        if s.suite == "zeroshot" {
+            zeroshot_evaluators.push(e)
+        } else {
+            task_evaluators.push(e)
+        }
+    }
+    if !c.zeroshot.is_empty() && zeroshot_evaluators.is_empty() {
+        bail!(
+            "{}: the experiment declares [[zeroshot]] sets but no evaluator judges them; add \
+             `[[evaluator]] plugin = \"zeroshot\"` with `suite = \"zeroshot\"`",
+            cfg.file
+        );
+    }
 
     // A frozen copy of the model for strategies that compare against the old model (CKC,
     // LwF): built once, its parameters overwritten with the trained ones before each task.
     let wants_old =
         strategies.iter().map(StrategyInstance::wants_old_model).collect::<Result<Vec<_>, _>>()?.into_iter().any(|w| w);
     let old_model = if wants_old { Some(Model::build(cfg, registry)?) } else { None };
-    let tasks = load_tasks(cfg, model.image_size);
+    let tasks = load_tasks(cfg, &model.preprocess)?;
+    let heldout_sets = load_sets(cfg, &c.zeroshot, "zeroshot", &model.preprocess)?;
     let run_dir = match &opts.run_dir {
         Some(d) => {
-            std::fs::create_dir_all(d)?;
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create run directory {}", d.display()))?;
             d.clone()
         }
         None => new_run_dir(&c.experiment.output_dir, &c.experiment.name, c.experiment.seed)?,
     };
-    write_atomic(&run_dir.join("config.resolved.toml"), toml::to_string(c)?.as_bytes())?;
-    let plugins: Vec<serde_json::Value> = registry
-        .plugins
-        .iter()
-        .map(|p| serde_json::json!({"name": p.name, "kind": p.kind, "version": p.version, "sdk": p.sdk_version, "path": p.path}))
-        .collect();
-    write_atomic(&run_dir.join("plugins.json"), serde_json::to_string_pretty(&plugins)?.as_bytes())?;
+    let progress_file = run_dir.join("progress.json");
+    let previous: Option<Progress> = if opts.resume && progress_file.is_file() {
+        let text = std::fs::read_to_string(&progress_file)
+            .with_context(|| format!("cannot read {}", progress_file.display()))?;
+        Some(serde_json::from_str(&text).with_context(|| format!("{} is not a Recall progress file", progress_file.display()))?)
+    } else {
+        None
+    };
+    if !opts.resume {
+        write_atomic(&run_dir.join("config.resolved.toml"), toml::to_string(c)?.as_bytes())?;
+        let plugins: Vec<serde_json::Value> = registry
+            .plugins
+            .iter()
+            .map(|p| serde_json::json!({"name": p.name, "kind": p.kind, "version": p.version, "sdk": p.sdk_version, "path": p.path}))
+            .collect();
+        write_atomic(&run_dir.join("plugins.json"), serde_json::to_string_pretty(&plugins)?.as_bytes())?;
+        let splits = serde_json::json!({
+            "tasks": data::source::split_record(&tasks),
+            "zeroshot": data::source::split_record(&heldout_sets),
+        });
+        write_atomic(&run_dir.join("splits.json"), serde_json::to_string(&splits)?.as_bytes())?;
+    }
     let trainable = model.trainable_parameters();
     let total = rt.params().iter().map(|p| p.var.elem_count()).sum::<usize>();
     tracing::info!(run_dir = %run_dir.display(), trainable, total, "run started");
 
-    let mut results = ResultMatrix { tasks: tasks.iter().map(|t| t.name.clone()).collect(), rows: Vec::new() };
-    let mut metrics_log = String::new();
-    let eval_stage = |results: &mut ResultMatrix, metrics_log: &mut String, stage: usize| -> anyhow::Result<()> {
-        let mut row = Vec::new();
-        let pb = progress(opts.quiet, tasks.len() as u64, "evaluating".into(), "tasks");
-        for t in &tasks {
-            let m = evaluate(&model, &evaluators, t, c.train.eval_batch_size)?;
-            pb.inc(1);
-            for (name, value) in &m {
-                let rec = MetricRecord { stage, trained_tasks: stage, eval_task: &t.name, metric: name, value: *value };
-                metrics_log.push_str(&serde_json::to_string(&rec)?);
-                metrics_log.push('\n');
-            }
-            row.push(m);
+    let empty = |sets: &[TaskData]| ResultMatrix { tasks: sets.iter().map(|t| t.name.clone()).collect(), rows: Vec::new() };
+    let mut p = match previous {
+        Some(p) => p,
+        None => Progress {
+            finished_tasks: 0,
+            global_step: 0,
+            train_seconds: 0.0,
+            epoch_losses: Vec::new(),
+            epoch_terms: Vec::new(),
+            results: empty(&tasks),
+            heldout: empty(&heldout_sets),
+        },
+    };
+    if p.results.tasks != empty(&tasks).tasks || p.finished_tasks > tasks.len() {
+        bail!("{} does not belong to this experiment's tasks; start a fresh run instead", progress_file.display());
+    }
+    if p.finished_tasks > 0 {
+        // Continue from the last finished task: its parameters and each strategy's state.
+        let k = p.finished_tasks;
+        rt.params().load(&checkpoint_path(&run_dir, k, "safetensors"))?;
+        for (i, s) in strategies.iter().enumerate() {
+            let f = checkpoint_path(&run_dir, k, &format!("strategy-{i}.bin"));
+            let bytes = std::fs::read(&f).with_context(|| format!("cannot read strategy state {}", f.display()))?;
+            s.load_state(&bytes)?;
         }
+        if !opts.quiet {
+            println!("resuming {} after task {k} of {}", run_dir.display(), tasks.len());
+        }
+    }
+    let eval_stage = |p: &mut Progress| -> anyhow::Result<()> {
+        let pb = progress(opts.quiet, (tasks.len() + heldout_sets.len()) as u64, "evaluating".into(), "sets");
+        let mut row = Vec::new();
+        for t in &tasks {
+            row.push(evaluate(&model, &task_evaluators, t, c.train.eval_batch_size)?);
+            pb.inc(1);
+        }
+        p.results.rows.push(row);
+        let mut row = Vec::new();
+        for set in &heldout_sets {
+            row.push(evaluate_zeroshot(&model, &zeroshot_evaluators, set, c.train.eval_batch_size)?);
+            pb.inc(1);
+        }
+        p.heldout.rows.push(row);
         pb.finish_and_clear();
-        results.rows.push(row);
-        write_atomic(&run_dir.join("metrics.jsonl"), metrics_log.as_bytes())?;
+        write_atomic(&run_dir.join("metrics.jsonl"), metrics_lines(&p.results, &p.heldout)?.as_bytes())?;
         Ok(())
     };
-    eval_stage(&mut results, &mut metrics_log, 0)?;
-    let shown: Vec<String> = results
+    if p.results.rows.is_empty() {
+        eval_stage(&mut p)?;
+        write_atomic(&progress_file, serde_json::to_string(&p)?.as_bytes())?;
+    }
+    let shown: Vec<String> = p
+        .results
         .metric_names()
         .into_iter()
         .filter(|m| m.ends_with("_r1") || m.ends_with("_r5") || m.ends_with("mean_recall"))
         .collect();
     let shown_refs: Vec<&str> = shown.iter().map(String::as_str).collect();
-    if !opts.quiet {
-        print!("{}", format_table(&results, 0, &shown_refs));
+    if !opts.quiet && p.finished_tasks == 0 {
+        print!("{}", format_table(&p.results, 0, &shown_refs));
+        if !heldout_sets.is_empty() {
+            print!("{}", format_heldout(&p.heldout, 0));
+        }
     }
 
-    let mut epoch_losses = Vec::new();
-    let mut epoch_terms = Vec::new();
-    let mut global_step = 0usize;
     // Live handles after a step must not grow: a plugin that keeps handles it no longer needs
     // leaks memory every step.
     let mut handles_after_first_step: Option<usize> = None;
     let mut leak_reported = false;
-    let started = Instant::now();
     let bs = c.train.batch_size;
-    for (t_idx, task) in tasks.iter().enumerate() {
+    for (t_idx, task) in tasks.iter().enumerate().skip(p.finished_tasks) {
+        let started = Instant::now();
         if task.train.len() < 2 {
             bail!("task `{}` has {} training examples; at least 2 are needed", task.name, task.train.len());
         }
+        rt.reseed(task_seed(c.experiment.seed, t_idx));
         let steps_per_epoch = task.train.len().div_ceil(bs);
         let n_steps = steps_per_epoch * c.train.epochs;
         let info = TaskInfo { index: t_idx as u64, name: task.name.as_str().into(), n_steps: n_steps as u64 };
@@ -321,23 +543,13 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         let mut step_in_task = 0usize;
         for epoch in 0..c.train.epochs {
             let mut rng = StdRng::seed_from_u64(c.experiment.seed ^ ((t_idx as u64) << 32) ^ epoch as u64);
-            let mut order: Vec<usize> = (0..task.train.len()).collect();
-            order.shuffle(&mut rng);
             let mut epoch_loss = 0.0;
             let mut term_sums: BTreeMap<String, f64> = BTreeMap::new();
             let mut n_batches = 0;
-            for chunk in order.chunks(bs) {
-                if chunk.len() < 2 {
-                    continue;
-                }
-                let examples: Vec<&data::Example> = chunk.iter().map(|&i| &task.train[i]).collect();
-                let captions: Vec<String> = examples
-                    .iter()
-                    .map(|e| e.captions[rand::Rng::random_range(&mut rng, 0..e.captions.len())].clone())
-                    .collect();
+            for (examples, captions) in batches(&task.train, bs, &mut rng) {
                 rt.set_training(true);
                 for s in &strategies {
-                    s.before_step(global_step as u64)?;
+                    s.before_step(p.global_step as u64)?;
                 }
                 let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
                 let (ids, mask) = model.tokenize(&captions)?;
@@ -385,18 +597,19 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 }
                 let value = total.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 if !value.is_finite() {
-                    bail!("the loss became {value} at step {global_step} of task `{}`; lower the learning rate or enable grad_clip", task.name);
+                    bail!("the loss became {value} at step {} of task `{}`; lower the learning rate or enable grad_clip", p.global_step, task.name);
                 }
                 let grads = total.backward()?;
-                for s in &strategies {
-                    s.after_backward(global_step as u64)?;
-                }
+                rt.set_grads(Some(grads));
+                let hooks = strategies.iter().try_for_each(|s| s.after_backward(p.global_step as u64));
+                let grads = rt.set_grads(None).expect("gradients were set above");
+                hooks?;
                 let scale = clip_factor(opt.grad_norm(&grads)?, c.optimizer.grad_clip);
                 let factor = lr_factor(step_in_task, c.optimizer.warmup_steps, n_steps, c.optimizer.min_lr_ratio);
                 opt.step(&grads, factor, scale)?;
                 clamp_logit_scale(&model)?;
                 for s in &strategies {
-                    s.after_step(global_step as u64)?;
+                    s.after_step(p.global_step as u64)?;
                 }
                 drop(grads);
                 let live = rt.live_handles();
@@ -404,7 +617,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                     None => handles_after_first_step = Some(live),
                     Some(first) if live > first && !leak_reported => {
                         tracing::warn!(
-                            step = global_step,
+                            step = p.global_step,
                             live,
                             first,
                             "live tensor handles grow from step to step: a plugin keeps handles it does not release"
@@ -416,7 +629,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 epoch_loss += value;
                 n_batches += 1;
                 step_in_task += 1;
-                global_step += 1;
+                p.global_step += 1;
                 pb.inc(1);
             }
             let mean = epoch_loss / n_batches.max(1) as f64;
@@ -425,6 +638,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             terms.push(term_sums.into_iter().map(|(k, v)| (k, v / n_batches.max(1) as f64)).collect());
         }
         pb.finish_and_clear();
+        gradient_pass(&model, &strategies, task, &info, bs, c.experiment.seed)?;
         rt.set_training(false);
         if let (Some(a), Some(inst)) = (&c.adapter, &model.adapter) {
             if a.merge_after_task {
@@ -437,22 +651,42 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         for s in &strategies {
             s.after_task(&info)?;
         }
-        epoch_losses.push(losses);
-        epoch_terms.push(terms);
-        rt.params().save(&run_dir.join("checkpoints").join(format!("task-{:02}.safetensors", t_idx + 1)))?;
-        eval_stage(&mut results, &mut metrics_log, t_idx + 1)?;
+        p.epoch_losses.push(losses);
+        p.epoch_terms.push(terms);
+        p.train_seconds += started.elapsed().as_secs_f64();
+        // Checkpoint first, progress last: progress.json names only finished checkpoints.
+        rt.params().save(&checkpoint_path(&run_dir, t_idx + 1, "safetensors"))?;
+        for (i, s) in strategies.iter().enumerate() {
+            write_atomic(&checkpoint_path(&run_dir, t_idx + 1, &format!("strategy-{i}.bin")), &s.save_state()?)?;
+        }
+        eval_stage(&mut p)?;
+        p.finished_tasks = t_idx + 1;
+        write_atomic(&progress_file, serde_json::to_string(&p)?.as_bytes())?;
         if !opts.quiet {
-            print!("{}", format_table(&results, t_idx + 1, &shown_refs));
+            print!("{}", format_table(&p.results, t_idx + 1, &shown_refs));
+            if !heldout_sets.is_empty() {
+                print!("{}", format_heldout(&p.heldout, t_idx + 1));
+            }
             println!(
                 "  loss per epoch: {}",
-                epoch_losses[t_idx].iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" ")
+                p.epoch_losses[t_idx].iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" ")
             );
         }
     }
-    let continual: BTreeMap<String, crate::metrics::ClSummary> = results
+    let continual: BTreeMap<String, crate::metrics::ClSummary> = p
+        .results
         .metric_names()
         .into_iter()
-        .filter_map(|m| crate::metrics::summarize(&results.metric(&m), None).ok().map(|s| (m, s)))
+        .filter_map(|m| crate::metrics::summarize(&p.results.metric(&m), None).ok().map(|s| (m, s)))
+        .collect();
+    let performance_drop: BTreeMap<String, BTreeMap<String, f64>> = p
+        .heldout
+        .metric_names()
+        .into_iter()
+        .map(|m| {
+            let pd = crate::metrics::performance_drop(&p.heldout.metric(&m));
+            (m, p.heldout.tasks.iter().cloned().zip(pd).collect())
+        })
         .collect();
     if !opts.quiet {
         println!(
@@ -473,7 +707,17 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 );
             }
         }
+        for (m, sets) in &performance_drop {
+            for (set, pd) in sets {
+                println!("PD {m:<23} {set:<20} {pd:>8.2}");
+            }
+        }
     }
+    let data = tasks
+        .iter()
+        .chain(&heldout_sets)
+        .map(|t| (t.name.clone(), DataCounts { train: t.train.len(), test: t.test.len(), skipped: t.skipped.len() }))
+        .collect();
     let summary = RunSummary {
         name: c.experiment.name.clone(),
         seed: c.experiment.seed,
@@ -481,23 +725,86 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         trainable_parameters: trainable,
         total_parameters: total,
         batch_size: bs,
-        epoch_losses,
-        epoch_terms,
-        results,
+        epoch_losses: p.epoch_losses,
+        epoch_terms: p.epoch_terms,
+        results: p.results,
+        heldout: p.heldout,
         continual,
-        steps: global_step,
-        train_seconds: started.elapsed().as_secs_f64(),
+        performance_drop,
+        data,
+        steps: p.global_step,
+        train_seconds: p.train_seconds,
     };
-    for name in summary.results.metric_names() {
-        let m = summary.results.metric(&name);
-        let mut csv = format!("stage,{}\n", summary.results.tasks.join(","));
-        for (t, row) in m.iter().enumerate() {
-            csv.push_str(&format!("{t},{}\n", row.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(",")));
+    for (suite, m) in [("", &summary.results), ("zeroshot__", &summary.heldout)] {
+        for name in m.metric_names() {
+            let values = m.metric(&name);
+            let mut csv = format!("stage,{}\n", m.tasks.join(","));
+            for (t, row) in values.iter().enumerate() {
+                csv.push_str(&format!("{t},{}\n", row.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(",")));
+            }
+            let file = format!("{suite}{}.csv", name.replace('/', "__"));
+            write_atomic(&run_dir.join("r_matrix").join(file), csv.as_bytes())?;
         }
-        write_atomic(&run_dir.join("r_matrix").join(format!("{}.csv", name.replace('/', "__"))), csv.as_bytes())?;
     }
     write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
+}
+
+/// Shuffle a task's examples and cut them into batches of at least 2, each image with one of
+/// its captions drawn from `rng`.
+fn batches<'a>(
+    train: &'a [data::Example],
+    bs: usize,
+    rng: &mut StdRng,
+) -> Vec<(Vec<&'a data::Example>, Vec<String>)> {
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    order.shuffle(rng);
+    let mut out = Vec::new();
+    for chunk in order.chunks(bs) {
+        if chunk.len() < 2 {
+            continue;
+        }
+        let examples: Vec<&data::Example> = chunk.iter().map(|&i| &train[i]).collect();
+        let captions = examples.iter().map(|e| e.captions[rand::Rng::random_range(rng, 0..e.captions.len())].clone()).collect();
+        out.push((examples, captions));
+    }
+    out
+}
+
+/// Gradients of the task loss on batches of the finished task, for strategies that ask
+/// (EWC's Fisher). Parameters are not updated.
+fn gradient_pass(
+    model: &Model,
+    strategies: &[StrategyInstance],
+    task: &TaskData,
+    info: &TaskInfo,
+    bs: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let wanted: Vec<(usize, &StrategyInstance)> = strategies
+        .iter()
+        .map(|s| s.gradient_batches().map(|n| (n, s)))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .collect();
+    let Some(most) = wanted.iter().map(|(n, _)| *n).max() else { return Ok(()) };
+    let rt = &model.runtime;
+    // Evaluation mode: no dropout, so the gradients are those of the trained function.
+    rt.set_training(false);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6772_6164 ^ info.index);
+    for (b, (examples, captions)) in batches(&task.train, bs, &mut rng).into_iter().take(most).enumerate() {
+        let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
+        let (ids, mask) = model.tokenize(&captions)?;
+        let img = model.encode_images(&pixels)?;
+        let txt = model.encode_texts(&ids, &mask)?;
+        let loss = ops::clip_loss(&img, &txt, &model.logit_scale)?;
+        rt.set_grads(Some(loss.backward()?));
+        let hooks = wanted.iter().filter(|(n, _)| b < *n).try_for_each(|(_, s)| s.on_gradients(info, b as u64));
+        rt.set_grads(None);
+        hooks?;
+    }
+    Ok(())
 }
 
 /// Overwrite the frozen copy's parameters with the trained model's (same names: both were

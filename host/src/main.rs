@@ -27,13 +27,23 @@ struct Cli {
 enum Command {
     /// Run an experiment file.
     Run {
-        file: PathBuf,
+        /// The experiment file (not needed with --resume).
+        #[arg(required_unless_present = "resume")]
+        file: Option<PathBuf>,
         /// Override a config key, e.g. `--set train.epochs=2`; repeatable.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Write the run here instead of a new directory under `output_dir`.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "resume")]
         run_dir: Option<PathBuf>,
+        /// Continue a killed run from its last finished task (with the config it saved).
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["file", "set"])]
+        resume: Option<PathBuf>,
+    },
+    /// Prepare image-text datasets from registry assets (fetching them if needed).
+    Data {
+        #[command(subcommand)]
+        what: DataCommand,
     },
     /// List the plugins found on the plugin path.
     Plugins,
@@ -97,6 +107,18 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum DataCommand {
+    /// Convert datasets into Recall's on-disk format, named `dataset:NAME` in experiments.
+    Prepare {
+        /// Dataset names (see --list).
+        names: Vec<String>,
+        /// List the datasets and whether each is prepared.
+        #[arg(long)]
+        list: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum NewCommand {
     /// A strategy plugin.
     Strategy {
@@ -130,10 +152,23 @@ fn registry(cli: &Cli, configured: &[PathBuf]) -> loader::Registry {
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Command::Run { file, set, run_dir } => {
-            let cfg = config::load(file, set)?;
+        Command::Run { file, set, run_dir, resume } => {
+            let (cfg, opts) = match (resume, file) {
+                (Some(dir), _) => {
+                    let saved = dir.join("config.resolved.toml");
+                    if !saved.is_file() {
+                        anyhow::bail!("{} is not a Recall run directory (no config.resolved.toml)", dir.display());
+                    }
+                    let cfg = config::load(&saved, &[])?;
+                    (cfg, engine::RunOptions { quiet: cli.quiet, run_dir: Some(dir.clone()), resume: true })
+                }
+                (None, Some(file)) => {
+                    let cfg = config::load(file, set)?;
+                    (cfg, engine::RunOptions { quiet: cli.quiet, run_dir: run_dir.clone(), resume: false })
+                }
+                (None, None) => anyhow::bail!("give an experiment file or --resume RUN_DIR"),
+            };
             let reg = registry(cli, &cfg.config.plugins.search_path);
-            let opts = engine::RunOptions { quiet: cli.quiet, run_dir: run_dir.clone() };
             let summary = engine::run(&cfg, &reg, &opts)?;
             if !cli.quiet {
                 println!(
@@ -144,6 +179,24 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     summary.total_parameters,
                     summary.run_dir.display()
                 );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data { what: DataCommand::Prepare { names, list } } => {
+            use recall_host::data::convert;
+            let home = recall_host::fetch::recall_home();
+            if *list || names.is_empty() {
+                println!("{:<16} {:<10} {:<14} DESCRIPTION", "NAME", "PREPARED", "FROM ASSET");
+                for c in convert::CONVERTERS {
+                    let done = if convert::is_prepared(&home, c) { "yes" } else { "no" };
+                    println!("{:<16} {:<10} {:<14} {}", c.name, done, c.asset, c.description);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            for n in names {
+                let c = convert::converter(n)?;
+                let dir = convert::prepare(&home, c)?;
+                println!("prepared {}", dir.display());
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -62,6 +62,22 @@ pub fn checkpoint_file(path: &std::path::Path) -> std::path::PathBuf {
     path.to_path_buf()
 }
 
+/// The last finished task's checkpoint of a run directory (or `path` itself if it is a file).
+pub fn last_checkpoint(path: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let dir = path.join("checkpoints");
+    let mut checkpoints: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("{} is neither a checkpoint file nor a run directory with checkpoints/", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    checkpoints.sort();
+    checkpoints.pop().with_context(|| format!("run {} has no finished task checkpoint", path.display()))
+}
+
 /// The model section with `[model] checkpoint` handed down to towers that name none.
 fn with_checkpoint(model: &ModelSection) -> ModelSection {
     let mut m = model.clone();
@@ -172,6 +188,15 @@ impl Model {
             runtime,
         };
         model.apply_freezing(m, adapter_section, cfg)?;
+        if let Some(init) = &m.init {
+            let file = last_checkpoint(init).map_err(|e| {
+                BuildError::Config(cfg.error_at("model.init", format!("{e:#}; produce it first (see the experiment's comments)")))
+            })?;
+            let absent = model.runtime.params().load_present(&file).map_err(|e| {
+                BuildError::Config(cfg.error_at("model.init", format!("{e:#}")))
+            })?;
+            tracing::info!(file = %file.display(), kept_initialisation = absent.len(), "model initialised from a checkpoint");
+        }
         tracing::debug!(vocab, "model assembled");
         Ok(model)
     }

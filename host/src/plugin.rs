@@ -283,6 +283,21 @@ impl StrategyInstance {
         }
     }
 
+    /// Batches of gradients wanted after each task (plugins older than SDK 1.3: none).
+    pub fn gradient_batches(&self) -> Result<usize, PluginFailure> {
+        match self.fns.gradient_batches() {
+            Some(f) => lift(&self.plugin, "gradient_batches", f(self.state)).map(|n| n as usize),
+            None => Ok(0),
+        }
+    }
+
+    pub fn on_gradients(&self, task: &TaskInfo, batch: u64) -> Result<(), PluginFailure> {
+        match self.fns.on_gradients() {
+            Some(f) => lift(&self.plugin, "on_gradients", f(self.state, self.ctx.handle(), task.clone(), batch)),
+            None => Ok(()),
+        }
+    }
+
     pub fn save_state(&self) -> Result<Vec<u8>, PluginFailure> {
         lift(&self.plugin, "save_state", (self.fns.save_state())(self.state, self.ctx.handle())).map(RVec::into_vec)
     }

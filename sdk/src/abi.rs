@@ -266,6 +266,15 @@ pub struct CheckpointEntry {
     pub dtype: DType,
 }
 
+/// One parameter of the model (listed for strategies such as EWC).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct ParamEntry {
+    pub name: RString,
+    pub shape: RVec<u64>,
+    pub trainable: bool,
+}
+
 /// Result of a host call.
 pub type HostResult<T> = RResult<T, RString>;
 /// Result of a plugin call.
@@ -350,6 +359,17 @@ pub struct HostApi {
     /// One tensor of a checkpoint file, as a constant in the runtime's float dtype (integer
     /// tensors keep their dtype).
     pub checkpoint_tensor: extern "C" fn(HostCtx, RStr<'_>, RStr<'_>) -> HostResult<TensorId>,
+    // ---- appended in 1.3 ----
+    /// Every parameter of the model: full name, shape, whether it trains now.
+    pub model_params: extern "C" fn(HostCtx) -> HostResult<RVec<ParamEntry>>,
+    /// A model parameter by full name: the live tensor (gradients flow into it).
+    pub model_param: extern "C" fn(HostCtx, RStr<'_>) -> HostResult<TensorId>,
+    /// The gradient of a parameter from the latest backward pass, while a strategy hook that
+    /// follows one runs (`after_backward`, `on_gradients`); `None` when it got none.
+    pub grad: extern "C" fn(HostCtx, TensorId) -> HostResult<ROption<TensorId>>,
+    /// A detached copy with storage of its own (`detach` shares storage, so a detached
+    /// parameter changes when the parameter is updated; a snapshot must be a copy).
+    pub copy: extern "C" fn(HostCtx, TensorId) -> HostResult<TensorId>,
     #[cfg(feature = "abi-next")]
     /// Appended after 1.0 (present only in SDK builds with the `abi-next` feature, which exists
     /// to test ABI evolution): returns the number of live tensor handles.
@@ -427,6 +447,13 @@ pub struct StrategyFns {
     /// `old_text_features`): the host then keeps a frozen snapshot of the model from the end of
     /// the previous task. Absent in older plugins, which are taken not to need it.
     pub wants_old_model: extern "C" fn(StatePtr) -> PluginResult<bool>,
+    // ---- appended in 1.3 ----
+    /// How many batches of a finished task's training data the strategy wants gradients of
+    /// (the task loss only, e.g. for EWC's Fisher); 0: none.
+    pub gradient_batches: extern "C" fn(StatePtr) -> PluginResult<u64>,
+    /// Called after each of those backward passes (batch index as the argument), before
+    /// `after_task`; `Host::grad` gives the gradients.
+    pub on_gradients: extern "C" fn(StatePtr, HostHandle, TaskInfo, u64) -> PluginResult<()>,
 }
 
 /// Functions of an evaluator plugin.

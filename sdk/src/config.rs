@@ -95,3 +95,32 @@ mod tests {
         assert!(!e.message().contains("did you mean"), "{}", e.message());
     }
 }
+
+/// Whether a parameter name matches a glob pattern: `*` matches any run of characters
+/// (dots included), everything else matches literally. Strategies use it for their `params`
+/// option.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((head, tail)) => {
+            name.starts_with(head) && (head.len()..=name.len()).any(|i| glob_match(tail, &name[i..]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod glob_tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "vision.layers.0.mlp.fc1.weight"));
+        assert!(glob_match("vision.*", "vision.layers.0.mlp.fc1.weight"));
+        assert!(glob_match("*.bias", "vision.fc.bias"));
+        assert!(!glob_match("*.bias", "vision.fc.weight"));
+        assert!(!glob_match("text.*", "vision.proj.weight"));
+        assert!(glob_match("a*b*c", "a-x-b-y-c"));
+        assert!(!glob_match("vision", "vision.x"));
+        assert!(glob_match("vision.*.fc?", "vision.a.fc?"));
+    }
+}

@@ -78,7 +78,20 @@ pub trait Strategy: Sized + 'static {
     fn after_task(&mut self, _host: &Host, _task: &TaskInfo) -> Result<()> {
         Ok(())
     }
-    /// Serialised strategy state for resuming a run (tensors are saved by the host).
+    /// How many batches of a finished task's training data to compute gradients of (the
+    /// task loss only), before `after_task`; each is followed by `on_gradients`. EWC uses it
+    /// for the Fisher information.
+    fn gradient_batches(&self) -> usize {
+        0
+    }
+    /// Called after each backward pass requested by `gradient_batches`; read gradients with
+    /// `Host::grad`.
+    fn on_gradients(&mut self, _host: &Host, _task: &TaskInfo, _batch: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Serialised strategy state for resuming a run after a finished task. Parameters the
+    /// strategy declared with `Host::param` are saved by the host; tensors it keeps itself
+    /// (a Fisher, a snapshot of weights) belong here: see [`crate::state`].
     fn save_state(&self, _host: &Host) -> Result<Vec<u8>> {
         Ok(Vec::new())
     }
@@ -332,6 +345,21 @@ extern "C" fn strategy_load_state<T: Strategy>(s: StatePtr, h: HostHandle, bytes
     guard("load_state", || unsafe { state::<T>(s) }.borrow_mut().load_state(&Host::from_handle(h), bytes.as_slice()))
 }
 
+extern "C" fn strategy_gradient_batches<T: Strategy>(s: StatePtr) -> PluginResult<u64> {
+    // SAFETY: `s` came from strategy_create::<T>.
+    guard("gradient_batches", || Ok(unsafe { state::<T>(s) }.borrow().gradient_batches() as u64))
+}
+
+extern "C" fn strategy_on_gradients<T: Strategy>(
+    s: StatePtr,
+    h: HostHandle,
+    task: TaskInfo,
+    batch: u64,
+) -> PluginResult<()> {
+    // SAFETY: `s` came from strategy_create::<T>.
+    guard("on_gradients", || unsafe { state::<T>(s) }.borrow_mut().on_gradients(&Host::from_handle(h), &task, batch))
+}
+
 extern "C" fn strategy_wants_old_model<T: Strategy>(s: StatePtr) -> PluginResult<bool> {
     // SAFETY: `s` came from strategy_create::<T>.
     guard("wants_old_model", || Ok(unsafe { state::<T>(s) }.borrow().wants_old_model()))
@@ -351,6 +379,8 @@ pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo) -> Plug
         save_state: strategy_save_state::<T>,
         load_state: strategy_load_state::<T>,
         wants_old_model: strategy_wants_old_model::<T>,
+        gradient_batches: strategy_gradient_batches::<T>,
+        on_gradients: strategy_on_gradients::<T>,
     }
     .leak_into_prefix();
     PluginModule { info, tokenizer: RNone, encoder: RNone, adapter: RNone, strategy: RSome(fns), evaluator: RNone }

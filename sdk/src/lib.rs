@@ -38,6 +38,7 @@ pub mod config;
 mod error;
 mod kinds;
 pub mod nn;
+pub mod state;
 mod tensor;
 
 pub use abi::{DType, EncoderSpec, NamedTensor, ParamInit, SiteInfo, TaskInfo, TokenBatch};

@@ -163,6 +163,35 @@ impl Host {
         self.wrap(f(self.ctx, RStr::from_str(path), RStr::from_str(name)))
     }
 
+    /// Every parameter of the model: `(full name, shape, trainable)`, sorted by name. Needs a
+    /// host with recall-sdk >= 1.3.
+    pub fn model_params(&self) -> Result<Vec<(String, Vec<usize>, bool)>> {
+        let f = self.api.model_params().ok_or_else(|| Error::new(old_host("listing parameters", "1.3")))?;
+        let mut v: Vec<(String, Vec<usize>, bool)> = lift(f(self.ctx))?
+            .into_iter()
+            .map(|e| (e.name.into_string(), e.shape.iter().map(|&d| d as usize).collect(), e.trainable))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(v)
+    }
+
+    /// A model parameter by full name (e.g. `vision.layers.0.mlp.fc1.weight`): the live
+    /// tensor, so a loss built from it trains it. Use `detach` for a constant copy.
+    pub fn model_param(&self, name: &str) -> Result<Tensor> {
+        let f = self.api.model_param().ok_or_else(|| Error::new(old_host("model parameters", "1.3")))?;
+        self.wrap(f(self.ctx, RStr::from_str(name)))
+    }
+
+    /// The gradient of `param` from the latest backward pass (inside `after_backward` and
+    /// `on_gradients`); `None` when the parameter got no gradient.
+    pub fn grad(&self, param: &Tensor) -> Result<Option<Tensor>> {
+        let f = self.api.grad().ok_or_else(|| Error::new(old_host("gradients", "1.3")))?;
+        match lift(f(self.ctx, param.id()))? {
+            RSome(id) => Ok(Some(self.adopt(id))),
+            RNone => Ok(None),
+        }
+    }
+
     /// Whether the host is in a training step (dropout active).
     pub fn is_training(&self) -> bool {
         (self.api.is_training())(self.ctx)
@@ -202,6 +231,10 @@ impl Host {
             None => Ok(None),
         }
     }
+}
+
+fn old_host(what: &str, version: &str) -> String {
+    format!("this recall host predates {what} (recall-sdk {version}); upgrade recall")
 }
 
 const OLD_HOST_CHECKPOINTS: &str =
@@ -485,6 +518,15 @@ impl Tensor {
     }
 
     /// The same values cut from the autograd graph.
+    /// A constant copy with storage of its own: unlike [`Tensor::detach`] (which shares
+    /// storage), it keeps its values when the parameter it was taken from is updated. Use it
+    /// for snapshots of weights (EWC's theta*, WiSE-FT's initial weights). Needs recall-sdk
+    /// >= 1.3 in the host.
+    pub fn copy(&self) -> Result<Tensor> {
+        let f = self.api().copy().ok_or_else(|| Error::new(old_host("copying tensors", "1.3")))?;
+        self.wrap(f(self.host.ctx, self.id))
+    }
+
     pub fn detach(&self) -> Result<Tensor> {
         self.wrap((self.api().detach())(self.host.ctx, self.id))
     }

@@ -23,7 +23,7 @@ fn plugin_gradients_equal_direct_candle_gradients() {
     let cfg = config::parse(SMALL_EXPERIMENT, "small.toml").unwrap();
     let model = Model::build(&cfg, &Registry::discover(&search_path(&[]))).unwrap();
     let rt = model.runtime.clone();
-    let task = recall_host::engine::load_tasks(&cfg, model.image_size).remove(0);
+    let task = recall_host::engine::load_tasks(&cfg, &model.preprocess).unwrap().remove(0);
     let examples: Vec<&data::Example> = task.train.iter().take(6).collect();
     let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype()).unwrap();
     let captions: Vec<String> = examples.iter().map(|e| e.captions[0].clone()).collect();

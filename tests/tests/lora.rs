@@ -17,7 +17,7 @@ fn with_lora(extra: &str) -> Model {
 
 fn batch(model: &Model) -> (Tensor, Tensor, Tensor) {
     let cfg = config::parse(SMALL_EXPERIMENT, "small.toml").unwrap();
-    let task = recall_host::engine::load_tasks(&cfg, model.image_size).remove(0);
+    let task = recall_host::engine::load_tasks(&cfg, &model.preprocess).unwrap().remove(0);
     let ex: Vec<&data::Example> = task.test.iter().take(5).collect();
     let rt = &model.runtime;
     let px = data::pixel_batch(&ex, &model.preprocess, rt.device(), rt.float_dtype()).unwrap();

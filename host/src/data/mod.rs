@@ -1,7 +1,10 @@
 //! Image-text data: examples, splits and batching into tensors.
 
+pub mod convert;
+pub mod pickle;
 pub mod preprocess;
 pub mod shapes;
+pub mod source;
 
 use candle_core::{Device, Tensor};
 
@@ -14,6 +17,10 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_55, 0.261_302_6, 0.275_777_1];
 pub struct Example {
     pub pixels: Vec<f32>,
     pub captions: Vec<String>,
+    /// The class, for class-labelled data (zero-shot classification).
+    pub class: Option<String>,
+    /// Where the example came from (an image path, or a generated id), for the split record.
+    pub id: String,
 }
 
 /// A task's data: a training split and a test split.
@@ -23,6 +30,47 @@ pub struct TaskData {
     pub image_size: usize,
     pub train: Vec<Example>,
     pub test: Vec<Example>,
+    /// Class names (empty for caption-only data).
+    pub classes: Vec<String>,
+    /// Prompt templates for zero-shot classification (`{}` is the class).
+    pub templates: Vec<String>,
+    /// Images that could not be read and were skipped (`on_error = "skip"`).
+    pub skipped: Vec<String>,
+}
+
+/// Load a task or zero-shot set from its source at the model's preprocessing.
+pub fn load(t: &crate::config::TaskSection, pre: &preprocess::Preprocess, seed: u64) -> Result<TaskData, source::DataError> {
+    if !t.parts.is_empty() {
+        let mut out = TaskData {
+            name: t.name.clone(),
+            image_size: pre.size,
+            train: Vec::new(),
+            test: Vec::new(),
+            classes: Vec::new(),
+            templates: Vec::new(),
+            skipped: Vec::new(),
+        };
+        for part in &t.parts {
+            let d = load(part, pre, seed)?;
+            out.train.extend(d.train);
+            out.test.extend(d.test);
+            out.skipped.extend(d.skipped);
+            for c in d.classes {
+                if !out.classes.contains(&c) {
+                    out.classes.push(c);
+                }
+            }
+            if out.templates.is_empty() {
+                out.templates = d.templates;
+            }
+        }
+        return Ok(out);
+    }
+    if t.source == "shapes" {
+        Ok(shapes::generate(t, pre.size, seed))
+    } else {
+        source::load(t, pre)
+    }
 }
 
 /// Stack examples into a [B, 3, S, S] tensor normalised as `pre` says.

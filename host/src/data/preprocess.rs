@@ -40,6 +40,11 @@ impl Preprocess {
 
     /// Decode and preprocess an image file -> normalised CHW values.
     pub fn load(&self, path: &Path) -> Result<Vec<f32>, ImageError> {
+        Ok(self.normalize(&self.load_pixels(path)?))
+    }
+
+    /// Decode, resize and crop an image file -> CHW values in [0, 1] (not yet normalised).
+    pub fn load_pixels(&self, path: &Path) -> Result<Vec<f32>, ImageError> {
         let p = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| ImageError::Read { path: p.clone(), reason: e.to_string() })?;
         let img = image::load_from_memory(&bytes)
@@ -47,11 +52,16 @@ impl Preprocess {
         if img.width() == 0 || img.height() == 0 {
             return Err(ImageError::Empty { path: p, width: img.width(), height: img.height() });
         }
-        Ok(self.apply(&img.to_rgb8()))
+        Ok(self.resize_crop(&img.to_rgb8()))
     }
 
     /// Preprocess decoded RGB pixels -> normalised CHW values.
     pub fn apply(&self, rgb: &image::RgbImage) -> Vec<f32> {
+        self.normalize(&self.resize_crop(rgb))
+    }
+
+    /// Resize the shorter side, centre-crop -> CHW values in [0, 1].
+    pub fn resize_crop(&self, rgb: &image::RgbImage) -> Vec<f32> {
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
         let s = self.size;
         // torchvision Resize(size): the shorter side becomes `size`, the longer one is truncated.
@@ -69,7 +79,7 @@ impl Preprocess {
                 }
             }
         }
-        self.normalize(&out)
+        out
     }
 }
 

@@ -146,17 +146,22 @@ pub fn generate(t: &TaskSection, image_size: usize, seed: u64) -> TaskData {
                 test.push(Example {
                     pixels: render(shape, rgb, offset, &t.style, image_size, false, &mut rng),
                     captions: vec![caption.clone()],
+                    class: Some(shape.clone()),
+                    id: format!("shapes:{}/test/{}", t.name, test.len()),
                 });
                 for _ in 0..t.train_per_combo {
                     train.push(Example {
                         pixels: render(shape, rgb, offset, &t.style, image_size, true, &mut rng),
                         captions: vec![caption.clone()],
+                        class: Some(shape.clone()),
+                        id: format!("shapes:{}/train/{}", t.name, train.len()),
                     });
                 }
             }
         }
     }
-    TaskData { name: t.name.clone(), image_size, train, test }
+    let templates = if t.templates.is_empty() { vec!["a {}".to_string()] } else { t.templates.clone() };
+    TaskData { name: t.name.clone(), image_size, train, test, classes: t.shapes.clone(), templates, skipped: Vec::new() }
 }
 
 #[cfg(test)]
@@ -164,14 +169,11 @@ mod tests {
     use super::*;
 
     fn task() -> TaskSection {
-        TaskSection {
-            name: "t".into(),
-            source: "shapes".into(),
-            shapes: vec!["circle".into(), "cross".into()],
-            colors: vec!["red".into(), "blue".into()],
-            style: "filled".into(),
-            train_per_combo: 2,
-        }
+        let mut t: TaskSection = toml::from_str("name = \"t\"").unwrap();
+        t.shapes = vec!["circle".into(), "cross".into()];
+        t.colors = vec!["red".into(), "blue".into()];
+        t.train_per_combo = 2;
+        t
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct Runtime {
     rng: RefCell<StdRng>,
     training: Cell<bool>,
     checkpoints: RefCell<HashMap<std::path::PathBuf, Rc<candle_core::safetensors::MmapedSafetensors>>>,
+    /// Gradients of the latest backward pass, while strategy hooks that read them run.
+    grads: RefCell<Option<candle_core::backprop::GradStore>>,
 }
 
 /// The state behind one plugin instance's `HostCtx`: which runtime, which parameter scope,
@@ -89,6 +91,7 @@ impl Runtime {
             rng: RefCell::new(StdRng::seed_from_u64(seed)),
             training: Cell::new(false),
             checkpoints: RefCell::default(),
+            grads: RefCell::default(),
         })
     }
 
@@ -189,6 +192,20 @@ impl Runtime {
         }
         let value = value.detach().to_dtype(p.var.dtype()).map_err(|e| e.to_string())?;
         p.var.set(&value).map_err(|e| e.to_string())
+    }
+
+    /// Expose (or, with `None`, withdraw) the gradients strategies may read.
+    pub fn set_grads(&self, grads: Option<candle_core::backprop::GradStore>) -> Option<candle_core::backprop::GradStore> {
+        std::mem::replace(&mut *self.grads.borrow_mut(), grads)
+    }
+
+    /// The gradient of parameter `t` from the exposed gradients.
+    pub fn grad_of(&self, t: &Tensor) -> Result<Option<Tensor>, String> {
+        let params = self.params.borrow();
+        let p = params.by_tensor(t).ok_or("grad: the tensor is not a model parameter")?;
+        let grads = self.grads.borrow();
+        let g = grads.as_ref().ok_or("grad: no gradients now; they exist in after_backward and on_gradients")?;
+        Ok(g.get(p.var.as_tensor()).cloned())
     }
 
     /// Every parameter's value by name, copied.

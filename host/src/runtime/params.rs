@@ -110,6 +110,39 @@ impl ParamStore {
         crate::fsutil::write_atomic_with(path, |tmp| candle_core::safetensors::save(&tensors, tmp).map_err(Into::into))
     }
 
+    /// Load the values a checkpoint has, by name: every tensor in the file must exist in the
+    /// model with the same shape (all mismatches reported together); parameters the file
+    /// lacks keep their values and are returned.
+    pub fn load_present(&self, path: &Path) -> anyhow::Result<Vec<String>> {
+        let device = self.params.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+        let loaded = candle_core::safetensors::load(path, &device)
+            .map_err(|e| anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()))?;
+        let mut problems = Vec::new();
+        for (name, t) in &loaded {
+            match self.get(name) {
+                None => problems.push(format!("unexpected: {name} {:?}", t.dims())),
+                Some(p) if p.var.dims() != t.dims() => problems.push(format!(
+                    "mis-shaped: {name} is {:?} in the file, {:?} in the model",
+                    t.dims(),
+                    p.var.dims()
+                )),
+                Some(_) => {}
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort();
+            anyhow::bail!("checkpoint {} does not fit the model:\n  {}", path.display(), problems.join("\n  "));
+        }
+        let mut absent = Vec::new();
+        for p in &self.params {
+            match loaded.get(&p.name) {
+                Some(t) => p.var.set(&t.to_dtype(p.var.dtype())?)?,
+                None => absent.push(p.name.clone()),
+            }
+        }
+        Ok(absent)
+    }
+
     /// Load values by name. Every name in the file must exist with the same shape, and every
     /// parameter must be present; all mismatches are reported together.
     pub fn load(&self, path: &Path) -> anyhow::Result<()> {

@@ -7,9 +7,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
 use abi_stable::prefix_type::PrefixTypeTrait;
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::std_types::{RNone, ROption, RResult, RSlice, RSome, RStr, RString, RVec};
 use candle_core::{DType as CDType, Tensor};
-use recall_sdk::abi::{CheckpointEntry, DType, HostApi, HostApiRef, HostCtx, HostResult, TensorId};
+use recall_sdk::abi::{CheckpointEntry, DType, HostApi, HostApiRef, HostCtx, HostResult, ParamEntry, TensorId};
 use recall_sdk::{panic_message, ParamInit};
 
 use super::{ops, PluginCtx, Runtime};
@@ -63,6 +63,10 @@ pub fn host_api() -> HostApiRef {
             is_training,
             checkpoint_index,
             checkpoint_tensor,
+            model_params,
+            model_param,
+            grad,
+            copy,
             #[cfg(feature = "abi-next")]
             live_handles,
         }
@@ -396,6 +400,50 @@ extern "C" fn checkpoint_index(ctx: HostCtx, path: RStr<'_>) -> HostResult<RVec<
 extern "C" fn checkpoint_tensor(ctx: HostCtx, path: RStr<'_>, name: RStr<'_>) -> HostResult<TensorId> {
     call(ctx, "checkpoint_tensor", |pc| {
         let t = pc.runtime.checkpoint_tensor(std::path::Path::new(path.as_str()), name.as_str())?;
+        Ok(pc.runtime.insert(t))
+    })
+}
+
+extern "C" fn model_params(ctx: HostCtx) -> HostResult<RVec<ParamEntry>> {
+    call(ctx, "model_params", |pc| {
+        Ok(pc
+            .runtime
+            .params()
+            .iter()
+            .map(|p| ParamEntry {
+                name: p.name.as_str().into(),
+                shape: p.var.dims().iter().map(|&d| d as u64).collect(),
+                trainable: p.trainable,
+            })
+            .collect())
+    })
+}
+
+extern "C" fn model_param(ctx: HostCtx, name: RStr<'_>) -> HostResult<TensorId> {
+    call(ctx, "model_param", |pc| {
+        let t = pc
+            .runtime
+            .params()
+            .get(name.as_str())
+            .map(|p| p.var.as_tensor().clone())
+            .ok_or_else(|| format!("the model has no parameter `{}`", name.as_str()))?;
+        Ok(pc.runtime.insert(t))
+    })
+}
+
+extern "C" fn grad(ctx: HostCtx, param: TensorId) -> HostResult<ROption<TensorId>> {
+    call(ctx, "grad", |pc| {
+        let t = pc.runtime.get(param)?;
+        Ok(match pc.runtime.grad_of(&t)? {
+            Some(g) => RSome(pc.runtime.insert(g)),
+            None => RNone,
+        })
+    })
+}
+
+extern "C" fn copy(ctx: HostCtx, t: TensorId) -> HostResult<TensorId> {
+    call(ctx, "copy", |pc| {
+        let t = pc.runtime.get(t)?.detach().copy().map_err(|e| e.to_string())?;
         Ok(pc.runtime.insert(t))
     })
 }

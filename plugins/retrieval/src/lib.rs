@@ -38,7 +38,15 @@ pub fn best_rank(scores: &[f32], is_correct: impl Fn(usize) -> bool) -> Option<u
 }
 
 /// Recall@K for both directions from a row-major [Ni, Nt] similarity matrix.
-pub fn recall_at_k(sims: &[f32], n_images: usize, text_image: &[u32], ks: &[usize]) -> Result<Vec<(String, f64)>> {
+/// Recall@K both ways. `group[i]` (optional) makes images interchangeable: a text is a right
+/// answer for every image of its image's group (class captions shared by many images).
+pub fn recall_at_k(
+    sims: &[f32],
+    n_images: usize,
+    text_image: &[u32],
+    group: Option<&[u32]>,
+    ks: &[usize],
+) -> Result<Vec<(String, f64)>> {
     let n_texts = text_image.len();
     if sims.len() != n_images * n_texts {
         bail!("similarity matrix has {} entries, expected {n_images} x {n_texts}", sims.len());
@@ -46,10 +54,16 @@ pub fn recall_at_k(sims: &[f32], n_images: usize, text_image: &[u32], ks: &[usiz
     if let Some(bad) = text_image.iter().find(|&&i| i as usize >= n_images) {
         bail!("text_image_index names image {bad}, but there are only {n_images} images");
     }
+    let identity: Vec<u32> = (0..n_images as u32).collect();
+    let group = group.unwrap_or(&identity);
+    if group.len() != n_images {
+        bail!("image_group has {} entries for {n_images} images", group.len());
+    }
+    let same = |a: usize, b: usize| group[a] == group[b];
     let mut i2t_ranks = Vec::with_capacity(n_images);
     for i in 0..n_images {
         let row = &sims[i * n_texts..(i + 1) * n_texts];
-        if let Some(r) = best_rank(row, |t| text_image[t] as usize == i) {
+        if let Some(r) = best_rank(row, |t| same(text_image[t] as usize, i)) {
             i2t_ranks.push(r);
         }
     }
@@ -59,7 +73,7 @@ pub fn recall_at_k(sims: &[f32], n_images: usize, text_image: &[u32], ks: &[usiz
         for (i, c) in column.iter_mut().enumerate() {
             *c = sims[i * n_texts + t];
         }
-        t2i_ranks.push(best_rank(&column, |i| i == img as usize).unwrap_or(usize::MAX));
+        t2i_ranks.push(best_rank(&column, |i| same(i, img as usize)).unwrap_or(usize::MAX));
     }
     let pct = |ranks: &[usize], k: usize| -> f64 {
         if ranks.is_empty() {
@@ -93,9 +107,10 @@ impl Evaluator for Retrieval {
         let img = host.input(inputs, "image_embeds")?.l2_normalize(1e-12)?;
         let txt = host.input(inputs, "text_embeds")?.l2_normalize(1e-12)?;
         let index = host.input(inputs, "text_image_index")?.to_vec_u32()?;
+        let group = host.find_input(inputs, "image_group")?.map(|g| g.to_vec_u32()).transpose()?;
         let n_images = img.dim(0)?;
         let sims = img.matmul(&txt.t()?)?.to_vec_f32()?;
-        recall_at_k(&sims, n_images, &index, &self.ks)
+        recall_at_k(&sims, n_images, &index, group.as_deref(), &self.ks)
     }
 }
 
@@ -121,7 +136,7 @@ mod tests {
             0.1, 0.9, 0.5,   // image 0: best correct caption 1 ranks first
             0.8, 0.2, 0.3,   // image 1: its caption 2 (0.3) ranks behind caption 0 (0.8)
         ];
-        let m = recall_at_k(&sims, 2, &[0, 0, 1], &[1, 2]).unwrap();
+        let m = recall_at_k(&sims, 2, &[0, 0, 1], None, &[1, 2]).unwrap();
         assert_eq!(get(&m, "i2t_r1"), 50.0);
         assert_eq!(get(&m, "i2t_r2"), 100.0);
         // caption 0: image 1 (0.8) beats image 0 (0.1) -> rank 1; caption 1 -> rank 0;
@@ -133,13 +148,30 @@ mod tests {
     #[test]
     fn ties_count_against_the_correct_item() {
         let sims = [0.5f32; 4];
-        let m = recall_at_k(&sims, 2, &[0, 1], &[1]).unwrap();
+        let m = recall_at_k(&sims, 2, &[0, 1], None, &[1]).unwrap();
         assert_eq!(get(&m, "i2t_r1"), 0.0);
         assert_eq!(get(&m, "t2i_r1"), 0.0);
     }
 
     #[test]
     fn bad_index_is_an_error() {
-        assert!(recall_at_k(&[0.0; 2], 1, &[0, 3], &[1]).is_err());
+        assert!(recall_at_k(&[0.0; 2], 1, &[0, 3], None, &[1]).is_err());
+    }
+
+    #[test]
+    fn grouped_images_share_their_captions() {
+        // Images 0 and 1 are one group (same class caption, listed once as text 0); image 2
+        // has text 1. Image 1 is closest to text 0, its group's caption: right.
+        #[rustfmt::skip]
+        let sims = [
+            0.2, 0.9,   // image 0: prefers text 1 (wrong)
+            0.8, 0.1,   // image 1: prefers text 0 (right, by group)
+            0.1, 0.7,   // image 2: prefers text 1 (right)
+        ];
+        let m = recall_at_k(&sims, 3, &[0, 2], Some(&[0, 0, 2]), &[1]).unwrap();
+        assert!((get(&m, "i2t_r1") - 200.0 / 3.0).abs() < 1e-9);
+        // text 0's best image is image 1 (0.8), in its group: right; text 1's is image 0 (0.9): wrong.
+        assert_eq!(get(&m, "t2i_r1"), 50.0);
+        assert!(recall_at_k(&sims, 3, &[0, 2], Some(&[0, 0]), &[1]).is_err());
     }
 }

@@ -1,0 +1,103 @@
+//! Zero-shot classification: each image is assigned the class whose prompt embedding (the
+//! host averages a class's prompt templates, CLIP's recipe) is most similar. Reports top-k
+//! accuracy in percent; a tie counts against the right class, as in the retrieval evaluator.
+//!
+//! Inputs: `image_embeds` [N, D], `class_embeds` [C, D], `labels` [N] (class indices).
+
+use recall_sdk::prelude::*;
+use serde::Deserialize;
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Which top-k accuracies to report.
+    #[serde(default = "default_ks")]
+    pub ks: Vec<usize>,
+}
+
+fn default_ks() -> Vec<usize> {
+    vec![1, 5]
+}
+
+pub struct ZeroShot {
+    ks: Vec<usize>,
+}
+
+/// Top-k accuracies (percent) of `scores` ([N, C] row-major) against `labels`.
+pub fn top_k(scores: &[f32], n_classes: usize, labels: &[u32], ks: &[usize]) -> Result<Vec<(String, f64)>> {
+    if n_classes == 0 || scores.len() != labels.len() * n_classes {
+        bail!("scores have {} entries, expected {} images x {n_classes} classes", scores.len(), labels.len());
+    }
+    if let Some(bad) = labels.iter().find(|&&l| l as usize >= n_classes) {
+        bail!("label {bad} is out of range for {n_classes} classes");
+    }
+    // Rank of the right class: how many other classes score at least as high.
+    let ranks: Vec<usize> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            let row = &scores[i * n_classes..(i + 1) * n_classes];
+            let right = row[l as usize];
+            row.iter().enumerate().filter(|&(c, &s)| c != l as usize && s >= right).count()
+        })
+        .collect();
+    Ok(ks
+        .iter()
+        .map(|&k| {
+            let hits = ranks.iter().filter(|&&r| r < k).count();
+            (format!("top{k}"), 100.0 * hits as f64 / ranks.len().max(1) as f64)
+        })
+        .collect())
+}
+
+impl Evaluator for ZeroShot {
+    type Config = Config;
+
+    fn create(_host: &Host, cfg: Config) -> Result<Self> {
+        if cfg.ks.is_empty() || cfg.ks.contains(&0) {
+            return Err(Error::config("ks", "ks must be a non-empty list of positive integers"));
+        }
+        Ok(ZeroShot { ks: cfg.ks })
+    }
+
+    fn evaluate(&mut self, host: &Host, inputs: &[NamedTensor]) -> Result<Vec<(String, f64)>> {
+        let img = host.input(inputs, "image_embeds")?.l2_normalize(1e-12)?;
+        let classes = host.input(inputs, "class_embeds")?.l2_normalize(1e-12)?;
+        let labels = host.input(inputs, "labels")?.to_vec_u32()?;
+        let n_classes = classes.dim(0)?;
+        let scores = img.matmul(&classes.t()?)?.to_vec_f32()?;
+        top_k(&scores, n_classes, &labels, &self.ks)
+    }
+}
+
+recall_sdk::export_plugin! {
+    name: "zeroshot",
+    description: "zero-shot classification top-k accuracy from class prompt embeddings",
+    evaluator: ZeroShot,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_computed_top_k_with_ties() {
+        #[rustfmt::skip]
+        let scores = [
+            0.9, 0.1, 0.0,  // label 0: rank 0
+            0.5, 0.4, 0.6,  // label 1: rank 2
+            0.3, 0.3, 0.1,  // label 0: tie with class 1 counts against it: rank 1
+        ];
+        let m = top_k(&scores, 3, &[0, 1, 0], &[1, 2, 3]).unwrap();
+        let get = |k: &str| m.iter().find(|(n, _)| n == k).unwrap().1;
+        assert!((get("top1") - 100.0 / 3.0).abs() < 1e-9);
+        assert!((get("top2") - 200.0 / 3.0).abs() < 1e-9);
+        assert_eq!(get("top3"), 100.0);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        assert!(top_k(&[0.0; 4], 2, &[0, 2], &[1]).is_err());
+        assert!(top_k(&[0.0; 3], 2, &[0, 1], &[1]).is_err());
+    }
+}
