@@ -473,8 +473,35 @@ pub fn apply_overrides(src: &str, file: &str, overrides: &[String]) -> Result<St
         let parts: Vec<&str> = key.trim().split('.').collect();
         let mut table = doc.as_table_mut() as &mut dyn toml_edit::TableLike;
         for p in &parts[..parts.len() - 1] {
-            let entry = table.entry(p).or_insert(toml_edit::Item::Table(toml_edit::Table::new()));
-            table = entry.as_table_like_mut().ok_or_else(|| err(format!("`{key}`: `{p}` is not a table")))?;
+            // `task[1]` steps into the second [[task]].
+            let (name, index) = match p.split_once('[') {
+                Some((n, rest)) => {
+                    let i = rest
+                        .strip_suffix(']')
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .ok_or_else(|| err(format!("`{key}`: `{p}` is not NAME[INDEX]")))?;
+                    (n, Some(i))
+                }
+                None => (*p, None),
+            };
+            table = match index {
+                None => table
+                    .entry(name)
+                    .or_insert(toml_edit::Item::Table(toml_edit::Table::new()))
+                    .as_table_like_mut()
+                    .ok_or_else(|| err(format!("`{key}`: `{name}` is not a table")))?,
+                Some(i) => {
+                    let item = table.get_mut(name).ok_or_else(|| err(format!("`{key}`: there is no `{name}`")))?;
+                    let len = item.as_array_of_tables().map(|a| a.len()).unwrap_or(0);
+                    match item {
+                        toml_edit::Item::ArrayOfTables(a) => a
+                            .get_mut(i)
+                            .map(|t| t as &mut dyn toml_edit::TableLike)
+                            .ok_or_else(|| err(format!("`{key}`: `{name}` has {len} entries, index {i} is past the end")))?,
+                        _ => return Err(err(format!("`{key}`: `{name}` is not an array of tables ([[{name}]])"))),
+                    }
+                }
+            };
         }
         table.insert(parts[parts.len() - 1], toml_edit::Item::Value(value));
     }
@@ -773,6 +800,18 @@ plugin = "retrieval"
         let c = parse(&src, "x.toml").unwrap();
         assert_eq!(c.config.train.epochs, 3);
         assert_eq!(c.config.experiment.device, "cuda:1");
+    }
+
+    #[test]
+    fn overrides_index_arrays_of_tables() {
+        let two = format!("{MINIMAL}\n[[task]]\nname = \"b\"\nshapes = [\"ring\"]\n");
+        let src = apply_overrides(&two, "x.toml", &["task[1].train_per_combo=9".into()]).unwrap();
+        let c = parse(&src, "x.toml").unwrap();
+        assert_eq!((c.config.tasks[0].train_per_combo, c.config.tasks[1].train_per_combo), (6, 9));
+        let e = apply_overrides(&two, "x.toml", &["task[2].name=c".into()]).unwrap_err();
+        assert!(e.message.contains("index 2 is past the end"), "{e}");
+        let e = apply_overrides(&two, "x.toml", &["train[0].epochs=1".into()]).unwrap_err();
+        assert!(e.message.contains("not an array of tables"), "{e}");
     }
 
     #[test]

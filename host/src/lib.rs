@@ -18,5 +18,6 @@ pub mod model;
 pub mod optim;
 pub mod plugin;
 pub mod reference;
+pub mod report;
 pub mod runtime;
 pub mod scaffold;

@@ -45,6 +45,12 @@ enum Command {
         #[command(subcommand)]
         what: DataCommand,
     },
+    /// Print the continual-learning table (Avg, Last, BWT, forgetting, PD, parameters, time)
+    /// of finished runs as Markdown.
+    Table {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
     /// List the plugins found on the plugin path.
     Plugins,
     /// Run the conformance suite of a plugin's kind against a cdylib.
@@ -198,6 +204,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 let dir = convert::prepare(&home, c)?;
                 println!("prepared {}", dir.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Table { runs } => {
+            print!("{}", recall_host::report::table(runs)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins => {

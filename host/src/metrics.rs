@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 /// The summaries of one metric.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ClSummary {
     /// mean_i r[T][i]
     pub last: f64,

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Run every method of the mini-vlcl comparison (one seed) and print the table.
+#   experiments/mini-vlcl/run-all.sh [SEED]
+# Each method is the fine-tuning baseline of mini-vlcl.toml plus `--set` overrides; runs go
+# to runs/mini-vlcl/METHOD-seedS. Finished runs are skipped; killed ones are resumed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+seed="${1:-0}"
+recall="${RECALL:-target/release/recall}"
+[ -x "$recall" ] || cargo build --release
+"$recall" fetch minilm-l6
+"$recall" data prepare mnist textiles emoji-twitter animal-mnist emoji-google
+if [ ! -f runs/mini-vlcl-base/summary.json ]; then
+  "$recall" run experiments/mini-vlcl/pretrain.toml --run-dir runs/mini-vlcl-base
+fi
+
+lora='plugin="lora",rank=8,alpha=16,dropout=0.0,targets=["vision.*","text.*"]'
+declare -A methods=(
+  [finetune]=""
+  [lora]="adapter={$lora,merge_after_task=false}"
+  [lora-merge]="adapter={$lora,merge_after_task=true,merge_coefficient=0.5}"
+  [ewc]='strategy=[{plugin="ewc",lambda=1000.0}]'
+  [lwf]='strategy=[{plugin="lwf"}]'
+  [wise-ft]='strategy=[{plugin="wise-ft",alpha=0.8}]'
+  [c-clip]="adapter={$lora,merge_after_task=true,merge_coefficient=0.5}|strategy=[{plugin=\"ckc\",dim=128}]"
+)
+order=(finetune lora lora-merge ewc lwf wise-ft c-clip)
+dirs=()
+for m in "${order[@]}"; do
+  dir="runs/mini-vlcl/$m-seed$seed"
+  dirs+=("$dir")
+  if [ -f "$dir/summary.json" ]; then continue; fi
+  if [ -f "$dir/progress.json" ]; then
+    "$recall" run -q --resume "$dir"
+    continue
+  fi
+  args=(--set "experiment.seed=$seed")
+  IFS='|' read -ra sets <<< "${methods[$m]}"
+  for s in "${sets[@]}"; do [ -n "$s" ] && args+=(--set "$s"); done
+  echo "== $m"
+  start=$(date +%s)
+  "$recall" run -q experiments/mini-vlcl/mini-vlcl.toml "${args[@]}" --run-dir "$dir"
+  echo "   $(( $(date +%s) - start )) s"
+done
+"$recall" table "${dirs[@]}" | tee "runs/mini-vlcl/table-seed$seed.md"
