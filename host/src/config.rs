@@ -67,6 +67,10 @@ pub struct ExperimentConfig {
     pub tasks: Vec<TaskSection>,
     #[serde(default, rename = "evaluator")]
     pub evaluators: Vec<EvaluatorSection>,
+    /// Reference data for strategies that distil from the initial model (ZSCL): batches are
+    /// drawn from its training split; without it, the current batch is the reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<TaskSection>,
     /// Held-out sets for zero-shot classification after every task (retention, PD).
     #[serde(default, rename = "zeroshot", skip_serializing_if = "Vec::is_empty")]
     pub zeroshot: Vec<TaskSection>,
@@ -494,10 +498,11 @@ pub fn apply_overrides(src: &str, file: &str, overrides: &[String]) -> Result<St
                     let item = table.get_mut(name).ok_or_else(|| err(format!("`{key}`: there is no `{name}`")))?;
                     let len = item.as_array_of_tables().map(|a| a.len()).unwrap_or(0);
                     match item {
-                        toml_edit::Item::ArrayOfTables(a) => a
-                            .get_mut(i)
-                            .map(|t| t as &mut dyn toml_edit::TableLike)
-                            .ok_or_else(|| err(format!("`{key}`: `{name}` has {len} entries, index {i} is past the end")))?,
+                        toml_edit::Item::ArrayOfTables(a) => {
+                            a.get_mut(i).map(|t| t as &mut dyn toml_edit::TableLike).ok_or_else(|| {
+                                err(format!("`{key}`: `{name}` has {len} entries, index {i} is past the end"))
+                            })?
+                        }
                         _ => return Err(err(format!("`{key}`: `{name}` is not an array of tables ([[{name}]])"))),
                     }
                 }
@@ -629,18 +634,34 @@ fn resolve_assets(c: &mut LoadedConfig) -> Result<(), ConfigError> {
     }
 }
 
+/// The dotted key of data section `i` of `key` (`task[2]`; `reference` is a single table).
+fn section_key(key: &str, i: usize) -> String {
+    if key == "reference" {
+        key.to_string()
+    } else {
+        format!("{key}[{i}]")
+    }
+}
+
 /// Task and zero-shot data paths: `dataset:NAME` (prepared), `asset:NAME/...` (fetched), or
 /// relative to the experiment file.
 fn resolve_data_paths(c: &mut LoadedConfig, base: Option<&Path>) -> Result<(), ConfigError> {
     let mut failure = None;
     let mut slots: Vec<(String, &mut Option<PathBuf>)> = Vec::new();
-    for (key, sets) in [("task", &mut c.config.tasks), ("zeroshot", &mut c.config.zeroshot)] {
+    let cfg = &mut c.config;
+    let groups: [(&str, &mut [TaskSection]); 3] = [
+        ("task", &mut cfg.tasks[..]),
+        ("zeroshot", &mut cfg.zeroshot[..]),
+        ("reference", cfg.reference.as_mut_slice()),
+    ];
+    for (key, sets) in groups {
         for (i, t) in sets.iter_mut().enumerate() {
-            slots.push((format!("{key}[{i}].path"), &mut t.path));
-            slots.push((format!("{key}[{i}].images"), &mut t.images));
+            let at = section_key(key, i);
+            slots.push((format!("{at}.path"), &mut t.path));
+            slots.push((format!("{at}.images"), &mut t.images));
             for (j, part) in t.parts.iter_mut().enumerate() {
-                slots.push((format!("{key}[{i}].part[{j}].path"), &mut part.path));
-                slots.push((format!("{key}[{i}].part[{j}].images"), &mut part.images));
+                slots.push((format!("{at}.part[{j}].path"), &mut part.path));
+                slots.push((format!("{at}.part[{j}].images"), &mut part.images));
             }
         }
     }
@@ -690,18 +711,25 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     if cfg.optimizer.lr <= 0.0 || !cfg.optimizer.lr.is_finite() {
         return Err(c.error_at("optimizer.lr", "lr must be a positive number"));
     }
-    for (key, sets) in [("task", &cfg.tasks), ("zeroshot", &cfg.zeroshot)] {
+    for (key, sets) in
+        [("task", &cfg.tasks[..]), ("zeroshot", &cfg.zeroshot[..]), ("reference", cfg.reference.as_slice())]
+    {
         for (i, t) in sets.iter().enumerate() {
             if t.parts.is_empty() {
                 if let Err((field, m)) = crate::data::source::validate(t) {
-                    return Err(
-                        c.error_at(&format!("{key}[{i}]{}", field.map(|f| format!(".{f}")).unwrap_or_default()), m)
-                    );
+                    return Err(c.error_at(
+                        &format!("{}{}", section_key(key, i), field.map(|f| format!(".{f}")).unwrap_or_default()),
+                        m,
+                    ));
                 }
             }
             for (j, part) in t.parts.iter().enumerate() {
                 if let Err((field, m)) = crate::data::source::validate(part) {
-                    let at = format!("{key}[{i}].part[{j}]{}", field.map(|f| format!(".{f}")).unwrap_or_default());
+                    let at = format!(
+                        "{}.part[{j}]{}",
+                        section_key(key, i),
+                        field.map(|f| format!(".{f}")).unwrap_or_default()
+                    );
                     return Err(c.error_at(&at, m));
                 }
             }

@@ -125,12 +125,13 @@ fn load_sets(
     key: &str,
     pre: &crate::data::preprocess::Preprocess,
 ) -> anyhow::Result<Vec<TaskData>> {
+    let need_test = key != "reference";
     sets.iter()
         .enumerate()
         .map(|(i, t)| {
             let d = data::load(t, pre, cfg.config.experiment.seed)
                 .with_context(|| format!("{}: loading the data of {key}[{i}] `{}`", cfg.file, t.name))?;
-            if d.test.is_empty() {
+            if need_test && d.test.is_empty() {
                 bail!("{}: {key}[{i}] `{}` has no test examples; check its path, filters and test_fraction", cfg.file, t.name);
             }
             tracing::info!(set = %t.name, train = d.train.len(), test = d.test.len(), skipped = d.skipped.len(), "data loaded");
@@ -220,7 +221,12 @@ pub fn evaluate(
 
 /// Class embeddings for zero-shot classification: per class, the normalised mean of the
 /// normalised embeddings of every template filled with the class name (CLIP's recipe).
-pub fn class_embeddings(model: &Model, classes: &[String], templates: &[String], batch: usize) -> anyhow::Result<Tensor> {
+pub fn class_embeddings(
+    model: &Model,
+    classes: &[String],
+    templates: &[String],
+    batch: usize,
+) -> anyhow::Result<Tensor> {
     let prompts: Vec<String> =
         classes.iter().flat_map(|c| templates.iter().map(move |t| data::source::fill(t, c))).collect();
     let e = embed_texts(model, &prompts, batch)?;
@@ -337,8 +343,14 @@ fn metrics_lines(results: &ResultMatrix, heldout: &ResultMatrix) -> anyhow::Resu
         for (stage, row) in m.rows.iter().enumerate() {
             for (i, metrics) in row.iter().enumerate() {
                 for (metric, value) in metrics {
-                    let rec =
-                        MetricRecord { stage, trained_tasks: stage, suite, eval_task: &m.tasks[i], metric, value: *value };
+                    let rec = MetricRecord {
+                        stage,
+                        trained_tasks: stage,
+                        suite,
+                        eval_task: &m.tasks[i],
+                        metric,
+                        value: *value,
+                    };
                     out.push_str(&serde_json::to_string(&rec)?);
                     out.push('\n');
                 }
@@ -399,6 +411,31 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let wants_old =
         strategies.iter().map(StrategyInstance::wants_old_model).collect::<Result<Vec<_>, _>>()?.into_iter().any(|w| w);
     let old_model = if wants_old { Some(Model::build(cfg, registry)?) } else { None };
+    // The model as it is before the first task, for strategies that distil from it (ZSCL):
+    // copied once, now, before a resumed run loads its checkpoint.
+    let wants_initial = strategies
+        .iter()
+        .map(StrategyInstance::wants_initial_model)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .any(|w| w);
+    let initial_model = if wants_initial {
+        let m = Model::build(cfg, registry)?;
+        copy_parameters(&model, &m)?;
+        Some(m)
+    } else {
+        None
+    };
+    let reference = match (&c.reference, wants_initial) {
+        (Some(r), true) => {
+            let d = load_sets(cfg, std::slice::from_ref(r), "reference", &model.preprocess)?.remove(0);
+            if d.train.is_empty() {
+                bail!("{}: the [reference] data has no training examples to draw batches from", cfg.file);
+            }
+            Some(d)
+        }
+        _ => None,
+    };
     let tasks = load_tasks(cfg, &model.preprocess)?;
     let heldout_sets = load_sets(cfg, &c.zeroshot, "zeroshot", &model.preprocess)?;
     let run_dir = match &opts.run_dir {
@@ -412,7 +449,10 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let previous: Option<Progress> = if opts.resume && progress_file.is_file() {
         let text = std::fs::read_to_string(&progress_file)
             .with_context(|| format!("cannot read {}", progress_file.display()))?;
-        Some(serde_json::from_str(&text).with_context(|| format!("{} is not a Recall progress file", progress_file.display()))?)
+        Some(
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a Recall progress file", progress_file.display()))?,
+        )
     } else {
         None
     };
@@ -434,7 +474,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let total = rt.params().iter().map(|p| p.var.elem_count()).sum::<usize>();
     tracing::info!(run_dir = %run_dir.display(), trainable, total, "run started");
 
-    let empty = |sets: &[TaskData]| ResultMatrix { tasks: sets.iter().map(|t| t.name.clone()).collect(), rows: Vec::new() };
+    let empty =
+        |sets: &[TaskData]| ResultMatrix { tasks: sets.iter().map(|t| t.name.clone()).collect(), rows: Vec::new() };
     let mut p = match previous {
         Some(p) => p,
         None => Progress {
@@ -541,6 +582,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         let mut losses = Vec::new();
         let mut terms: Vec<BTreeMap<String, f64>> = Vec::new();
         let mut step_in_task = 0usize;
+        let mut ref_rng = StdRng::seed_from_u64(c.experiment.seed ^ 0x7265_6600 ^ ((t_idx as u64) << 40));
         for epoch in 0..c.train.epochs {
             let mut rng = StdRng::seed_from_u64(c.experiment.seed ^ ((t_idx as u64) << 32) ^ epoch as u64);
             let mut epoch_loss = 0.0;
@@ -579,6 +621,24 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                     inputs.push(("old_text_features", ot));
                     inputs.push(("old_logit_scale", os));
                 }
+                let reference_features = match &initial_model {
+                    Some(im) => Some(reference_features(
+                        &model,
+                        im,
+                        reference.as_ref(),
+                        bs,
+                        &mut ref_rng,
+                        (&pixels, &ids, &mask, &img, &txt),
+                    )?),
+                    None => None,
+                };
+                if let Some([ri, rt_, ii, it, is]) = &reference_features {
+                    inputs.push(("reference_image_features", ri));
+                    inputs.push(("reference_text_features", rt_));
+                    inputs.push(("initial_image_features", ii));
+                    inputs.push(("initial_text_features", it));
+                    inputs.push(("initial_logit_scale", is));
+                }
                 for s in &strategies {
                     let terms = s.loss_terms(&inputs)?;
                     for (name, term) in terms {
@@ -597,7 +657,11 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 }
                 let value = total.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 if !value.is_finite() {
-                    bail!("the loss became {value} at step {} of task `{}`; lower the learning rate or enable grad_clip", p.global_step, task.name);
+                    bail!(
+                        "the loss became {value} at step {} of task `{}`; lower the learning rate or enable grad_clip",
+                        p.global_step,
+                        task.name
+                    );
                 }
                 let grads = total.backward()?;
                 rt.set_grads(Some(grads));
@@ -752,11 +816,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
 
 /// Shuffle a task's examples and cut them into batches of at least 2, each image with one of
 /// its captions drawn from `rng`.
-fn batches<'a>(
-    train: &'a [data::Example],
-    bs: usize,
-    rng: &mut StdRng,
-) -> Vec<(Vec<&'a data::Example>, Vec<String>)> {
+fn batches<'a>(train: &'a [data::Example], bs: usize, rng: &mut StdRng) -> Vec<(Vec<&'a data::Example>, Vec<String>)> {
     let mut order: Vec<usize> = (0..train.len()).collect();
     order.shuffle(rng);
     let mut out = Vec::new();
@@ -765,10 +825,48 @@ fn batches<'a>(
             continue;
         }
         let examples: Vec<&data::Example> = chunk.iter().map(|&i| &train[i]).collect();
-        let captions = examples.iter().map(|e| e.captions[rand::Rng::random_range(rng, 0..e.captions.len())].clone()).collect();
+        let captions =
+            examples.iter().map(|e| e.captions[rand::Rng::random_range(rng, 0..e.captions.len())].clone()).collect();
         out.push((examples, captions));
     }
     out
+}
+
+/// The reference batch for strategies that distil from the initial model: encoded by the
+/// model being trained (in the graph) and by the frozen initial model. Without `[reference]`
+/// data the current batch is the reference. Returns [reference image, reference text,
+/// initial image, initial text, initial logit scale].
+fn reference_features(
+    model: &Model,
+    initial: &Model,
+    reference: Option<&TaskData>,
+    bs: usize,
+    rng: &mut StdRng,
+    current: (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
+) -> anyhow::Result<[Tensor; 5]> {
+    let (pixels, ids, mask, img, txt) = current;
+    let (student_img, student_txt, pixels, ids, mask) = match reference {
+        None => (img.clone(), txt.clone(), pixels.clone(), ids.clone(), mask.clone()),
+        Some(r) => {
+            let rt = &model.runtime;
+            let examples: Vec<&data::Example> =
+                (0..bs).map(|_| &r.train[rand::Rng::random_range(rng, 0..r.train.len())]).collect();
+            let captions: Vec<String> = examples
+                .iter()
+                .map(|e| e.captions[rand::Rng::random_range(rng, 0..e.captions.len())].clone())
+                .collect();
+            let px = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
+            let (ids, mask) = model.tokenize(&captions)?;
+            (model.encode_images(&px)?, model.encode_texts(&ids, &mask)?, px, ids, mask)
+        }
+    };
+    Ok([
+        student_img,
+        student_txt,
+        initial.encode_images(&pixels)?.detach(),
+        initial.encode_texts(&ids, &mask)?.detach(),
+        initial.logit_scale.detach(),
+    ])
 }
 
 /// Gradients of the task loss on batches of the finished task, for strategies that ask

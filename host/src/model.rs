@@ -70,7 +70,9 @@ pub fn last_checkpoint(path: &std::path::Path) -> anyhow::Result<std::path::Path
     }
     let dir = path.join("checkpoints");
     let mut checkpoints: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("{} is neither a checkpoint file nor a run directory with checkpoints/", path.display()))?
+        .with_context(|| {
+            format!("{} is neither a checkpoint file nor a run directory with checkpoints/", path.display())
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
@@ -190,11 +192,15 @@ impl Model {
         model.apply_freezing(m, adapter_section, cfg)?;
         if let Some(init) = &m.init {
             let file = last_checkpoint(init).map_err(|e| {
-                BuildError::Config(cfg.error_at("model.init", format!("{e:#}; produce it first (see the experiment's comments)")))
+                BuildError::Config(
+                    cfg.error_at("model.init", format!("{e:#}; produce it first (see the experiment's comments)")),
+                )
             })?;
-            let absent = model.runtime.params().load_present(&file).map_err(|e| {
-                BuildError::Config(cfg.error_at("model.init", format!("{e:#}")))
-            })?;
+            let absent = model
+                .runtime
+                .params()
+                .load_present(&file)
+                .map_err(|e| BuildError::Config(cfg.error_at("model.init", format!("{e:#}"))))?;
             tracing::info!(file = %file.display(), kept_initialisation = absent.len(), "model initialised from a checkpoint");
         }
         tracing::debug!(vocab, "model assembled");

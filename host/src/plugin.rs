@@ -283,6 +283,14 @@ impl StrategyInstance {
         }
     }
 
+    /// Whether the strategy wants the initial model on a reference batch (SDK >= 1.3).
+    pub fn wants_initial_model(&self) -> Result<bool, PluginFailure> {
+        match self.fns.wants_initial_model() {
+            Some(f) => lift(&self.plugin, "wants_initial_model", f(self.state)),
+            None => Ok(false),
+        }
+    }
+
     /// Batches of gradients wanted after each task (plugins older than SDK 1.3: none).
     pub fn gradient_batches(&self) -> Result<usize, PluginFailure> {
         match self.fns.gradient_batches() {

@@ -33,7 +33,8 @@ pub fn table(runs: &[PathBuf]) -> anyhow::Result<String> {
     let summaries: Vec<(String, Summary)> = runs
         .iter()
         .map(|d| {
-            let label = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| d.display().to_string());
+            let label =
+                d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| d.display().to_string());
             load(d).map(|s| (label, s))
         })
         .collect::<anyhow::Result<_>>()?;
@@ -47,9 +48,7 @@ pub fn table(runs: &[PathBuf]) -> anyhow::Result<String> {
             }
         }
     }
-    let mut out = String::from(
-        "| run | Avg I2T R@1 | Avg T2I R@1 | Last I2T R@1 | Last T2I R@1 | BWT | forgetting |",
-    );
+    let mut out = String::from("| run | Avg I2T R@1 | Avg T2I R@1 | Last I2T R@1 | Last T2I R@1 | BWT | forgetting |");
     for h in &heldout {
         out.push_str(&format!(" PD {h} |"));
     }
@@ -73,7 +72,10 @@ pub fn table(runs: &[PathBuf]) -> anyhow::Result<String> {
             fmt(both(|s| s.forgetting)),
         ));
         for h in &heldout {
-            out.push_str(&format!(" {} |", fmt(s.performance_drop.get("zeroshot/top1").and_then(|m| m.get(h)).copied())));
+            out.push_str(&format!(
+                " {} |",
+                fmt(s.performance_drop.get("zeroshot/top1").and_then(|m| m.get(h)).copied())
+            ));
         }
         out.push_str(&format!(" {} | {} | {:.0} |\n", s.trainable_parameters, s.batch_size, s.train_seconds));
     }

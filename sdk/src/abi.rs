@@ -454,6 +454,11 @@ pub struct StrategyFns {
     /// Called after each of those backward passes (batch index as the argument), before
     /// `after_task`; `Host::grad` gives the gradients.
     pub on_gradients: extern "C" fn(StatePtr, HostHandle, TaskInfo, u64) -> PluginResult<()>,
+    /// Whether `loss_terms` needs the initial model (before the first task) on a reference
+    /// batch: the host then passes `reference_image_features` / `reference_text_features`
+    /// (the model being trained) and `initial_image_features` / `initial_text_features` /
+    /// `initial_logit_scale` (the frozen initial model) on the same batch.
+    pub wants_initial_model: extern "C" fn(StatePtr) -> PluginResult<bool>,
 }
 
 /// Functions of an evaluator plugin.

@@ -102,9 +102,7 @@ mod tests {
 pub fn glob_match(pattern: &str, name: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == name,
-        Some((head, tail)) => {
-            name.starts_with(head) && (head.len()..=name.len()).any(|i| glob_match(tail, &name[i..]))
-        }
+        Some((head, tail)) => name.starts_with(head) && (head.len()..=name.len()).any(|i| glob_match(tail, &name[i..])),
     }
 }
 

@@ -103,6 +103,14 @@ pub trait Strategy: Sized + 'static {
     fn wants_old_model(&self) -> bool {
         false
     }
+    /// Return true to receive, in `loss_terms`, a reference batch (the experiment's
+    /// `[reference]` data, else the current batch) encoded by the model being trained
+    /// (`reference_image_features`, `reference_text_features`) and by the frozen model as it
+    /// was before the first task (`initial_image_features`, `initial_text_features`,
+    /// `initial_logit_scale`), as ZSCL distils from it.
+    fn wants_initial_model(&self) -> bool {
+        false
+    }
 }
 
 /// Computes named metrics from embeddings the host provides.
@@ -360,6 +368,11 @@ extern "C" fn strategy_on_gradients<T: Strategy>(
     guard("on_gradients", || unsafe { state::<T>(s) }.borrow_mut().on_gradients(&Host::from_handle(h), &task, batch))
 }
 
+extern "C" fn strategy_wants_initial_model<T: Strategy>(s: StatePtr) -> PluginResult<bool> {
+    // SAFETY: `s` came from strategy_create::<T>.
+    guard("wants_initial_model", || Ok(unsafe { state::<T>(s) }.borrow().wants_initial_model()))
+}
+
 extern "C" fn strategy_wants_old_model<T: Strategy>(s: StatePtr) -> PluginResult<bool> {
     // SAFETY: `s` came from strategy_create::<T>.
     guard("wants_old_model", || Ok(unsafe { state::<T>(s) }.borrow().wants_old_model()))
@@ -381,6 +394,7 @@ pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo) -> Plug
         wants_old_model: strategy_wants_old_model::<T>,
         gradient_batches: strategy_gradient_batches::<T>,
         on_gradients: strategy_on_gradients::<T>,
+        wants_initial_model: strategy_wants_initial_model::<T>,
     }
     .leak_into_prefix();
     PluginModule { info, tokenizer: RNone, encoder: RNone, adapter: RNone, strategy: RSome(fns), evaluator: RNone }

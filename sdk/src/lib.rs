@@ -37,6 +37,7 @@ pub mod checkpoint;
 pub mod config;
 mod error;
 mod kinds;
+pub mod losses;
 pub mod nn;
 pub mod state;
 mod tensor;

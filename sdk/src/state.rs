@@ -31,9 +31,10 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
-            Error::new(format!("strategy state is truncated at byte {} (wanted {n} more)", self.pos))
-        })?;
+        let end =
+            self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
+                Error::new(format!("strategy state is truncated at byte {} (wanted {n} more)", self.pos))
+            })?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)

@@ -260,3 +260,73 @@ fn wise_ft_interpolation_matches_the_reference() {
         }
     }
 }
+
+#[test]
+fn zscl_distillation_matches_pytorch_on_the_reference_batch() {
+    // ZSCL's term is LwF's formula (T = 2, both ways summed) between the model being trained
+    // and the initial model, on the reference batch: the "zscl" case of lwf.safetensors.
+    let fx = fixture("lwf.safetensors");
+    let plugin = load_plugin(&cdylib("recall-plugin-zscl")).unwrap();
+    let rt = Runtime::new(Device::Cpu, DType::F64, 0);
+    let s = StrategyInstance::create(&plugin, &rt, "strategy.", "we = false\n").unwrap();
+    assert!(s.wants_initial_model().unwrap());
+    let vars = variables(
+        &fx,
+        &[
+            "image_features",
+            "text_features",
+            "logit_scale",
+            "old_image_features",
+            "old_text_features",
+            "old_logit_scale",
+        ],
+    );
+    fn renamed(n: &str) -> &str {
+        match n {
+            "image_features" => "reference_image_features",
+            "text_features" => "reference_text_features",
+            "old_image_features" => "initial_image_features",
+            "old_text_features" => "initial_text_features",
+            "old_logit_scale" => "initial_logit_scale",
+            other => other,
+        }
+    }
+    let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (renamed(n), v.as_tensor())).collect();
+    s.before_task(&task(0)).unwrap();
+    let terms = s.loss_terms(&inputs).unwrap();
+    assert_eq!(terms.len(), 1);
+    let value = terms[0].1.to_scalar::<f64>().unwrap();
+    let expected = fx["zscl.loss"].to_vec1::<f64>().unwrap()[0];
+    assert!((value - expected).abs() / expected.abs() <= 1e-5, "loss {value} vs {expected}");
+    let grads = terms[0].1.backward().unwrap();
+    for (name, v) in &vars {
+        match fx.get(&format!("zscl.grad.{name}")) {
+            Some(g) => {
+                let ours = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+                let e = max_rel(&ours.reshape(g.dims()).unwrap(), g);
+                assert!(e <= 1e-5, "gradient of {name} off by {e:e}");
+            }
+            None => assert!(grads.get(v.as_tensor()).is_none(), "the initial model's {name} got a gradient"),
+        }
+    }
+}
+
+#[test]
+fn zscl_weight_ensembling_matches_the_reference_loop() {
+    let fx = fixture("zscl_we.safetensors");
+    let plugin = load_plugin(&cdylib("recall-plugin-zscl")).unwrap();
+    let rt = ewc_runtime();
+    let s = StrategyInstance::create(&plugin, &rt, "strategy.", "we_every = 2\n").unwrap();
+    set_params(&rt, &fx, "start.");
+    s.before_task(&task(0)).unwrap();
+    for step in 1..=7u64 {
+        set_params(&rt, &fx, &format!("step{step}."));
+        s.after_step(step - 1).unwrap();
+    }
+    s.after_task(&task(0)).unwrap();
+    for (name, _) in EWC_PARAMS {
+        let ours = rt.params().get(name).unwrap().var.as_tensor().clone();
+        let e = max_rel(&ours, &fx[&format!("final.{name}")]);
+        assert!(e <= 1e-12, "{name} off by {e:e}");
+    }
+}

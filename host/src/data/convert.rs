@@ -162,7 +162,8 @@ impl Writer {
         category: Option<&str>,
     ) -> anyhow::Result<()> {
         let line = serde_json::to_string(&Line { image, captions, class, category })?;
-        let (buf, n) = if test { (&mut self.test, &mut self.info.test) } else { (&mut self.train, &mut self.info.train) };
+        let (buf, n) =
+            if test { (&mut self.test, &mut self.info.test) } else { (&mut self.train, &mut self.info.train) };
         buf.push_str(&line);
         buf.push('\n');
         *n += 1;
@@ -231,7 +232,9 @@ const ANIMALS: [&str; 10] = ["bear", "bird", "cat", "cow", "dog", "elephant", "g
 fn gunzip(path: &Path) -> anyhow::Result<Vec<u8>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(f).read_to_end(&mut out).with_context(|| format!("cannot gunzip {}", path.display()))?;
+    flate2::read::GzDecoder::new(f)
+        .read_to_end(&mut out)
+        .with_context(|| format!("cannot gunzip {}", path.display()))?;
     Ok(out)
 }
 

@@ -39,7 +39,11 @@ pub struct TaskData {
 }
 
 /// Load a task or zero-shot set from its source at the model's preprocessing.
-pub fn load(t: &crate::config::TaskSection, pre: &preprocess::Preprocess, seed: u64) -> Result<TaskData, source::DataError> {
+pub fn load(
+    t: &crate::config::TaskSection,
+    pre: &preprocess::Preprocess,
+    seed: u64,
+) -> Result<TaskData, source::DataError> {
     if !t.parts.is_empty() {
         let mut out = TaskData {
             name: t.name.clone(),

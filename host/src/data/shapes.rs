@@ -161,7 +161,15 @@ pub fn generate(t: &TaskSection, image_size: usize, seed: u64) -> TaskData {
         }
     }
     let templates = if t.templates.is_empty() { vec!["a {}".to_string()] } else { t.templates.clone() };
-    TaskData { name: t.name.clone(), image_size, train, test, classes: t.shapes.clone(), templates, skipped: Vec::new() }
+    TaskData {
+        name: t.name.clone(),
+        image_size,
+        train,
+        test,
+        classes: t.shapes.clone(),
+        templates,
+        skipped: Vec::new(),
+    }
 }
 
 #[cfg(test)]

@@ -128,8 +128,11 @@ pub fn read_jsonl(path: &Path, root: &Path) -> Result<Vec<Record>, DataError> {
         if line.trim().is_empty() {
             continue;
         }
-        let l: JsonlLine = serde_json::from_str(line)
-            .map_err(|e| DataError::Parse { path: p.clone(), line: i + 1, reason: e.to_string() })?;
+        let l: JsonlLine = serde_json::from_str(line).map_err(|e| DataError::Parse {
+            path: p.clone(),
+            line: i + 1,
+            reason: e.to_string(),
+        })?;
         let mut captions = l.captions;
         captions.extend(l.caption);
         let split = match l.split.as_deref() {
@@ -152,7 +155,8 @@ pub fn read_jsonl(path: &Path, root: &Path) -> Result<Vec<Record>, DataError> {
 /// give several captions, in order), optional `class`, `category` and `split`.
 pub fn read_csv(path: &Path, root: &Path) -> Result<Vec<Record>, DataError> {
     let p = path.display().to_string();
-    let mut reader = csv::Reader::from_path(path).map_err(|e| DataError::Read { path: p.clone(), reason: e.to_string() })?;
+    let mut reader =
+        csv::Reader::from_path(path).map_err(|e| DataError::Read { path: p.clone(), reason: e.to_string() })?;
     let headers = reader.headers().map_err(|e| DataError::Parse { path: p.clone(), line: 1, reason: e.to_string() })?;
     let col = |name: &str| headers.iter().position(|h| h.trim() == name);
     let image_col = col("image").ok_or_else(|| DataError::Parse {
@@ -160,7 +164,8 @@ pub fn read_csv(path: &Path, root: &Path) -> Result<Vec<Record>, DataError> {
         line: 1,
         reason: format!("no `image` column (columns: {})", headers.iter().collect::<Vec<_>>().join(", ")),
     })?;
-    let (caption_col, class_col, category_col, split_col) = (col("caption"), col("class"), col("category"), col("split"));
+    let (caption_col, class_col, category_col, split_col) =
+        (col("caption"), col("class"), col("category"), col("split"));
     if caption_col.is_none() && class_col.is_none() {
         return Err(DataError::Parse { path: p, line: 1, reason: "need a `caption` or a `class` column".into() });
     }
@@ -255,9 +260,9 @@ pub fn read_karpathy(path: &Path, root: &Path) -> Result<Vec<Record>, DataError>
 }
 
 fn is_image(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-        matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg" | "gif" | "bmp" | "webp")
-    })
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg" | "gif" | "bmp" | "webp"))
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
@@ -448,7 +453,10 @@ pub fn load(t: &TaskSection, pre: &Preprocess) -> Result<TaskData, DataError> {
     let templates = if !t.templates.is_empty() {
         t.templates.clone()
     } else {
-        info.as_ref().map(|i| i.templates.clone()).filter(|v| !v.is_empty()).unwrap_or_else(|| vec![DEFAULT_TEMPLATE.into()])
+        info.as_ref()
+            .map(|i| i.templates.clone())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| vec![DEFAULT_TEMPLATE.into()])
     };
     let (train_r, test_r) = select(t, records);
     let (train, mut skipped) = decode(t, &train_r, pre, &templates)?;
@@ -514,11 +522,8 @@ mod tests {
         )
         .unwrap();
         std::fs::write(d.path().join("test.jsonl"), "{\"image\":\"img/b.png\",\"class\":\"y\"}\n").unwrap();
-        std::fs::write(
-            d.path().join("dataset.json"),
-            r#"{"name":"d","classes":["y","x"],"templates":["a {} thing"]}"#,
-        )
-        .unwrap();
+        std::fs::write(d.path().join("dataset.json"), r#"{"name":"d","classes":["y","x"],"templates":["a {} thing"]}"#)
+            .unwrap();
         let data = load(&task("jsonl", d.path()), &Preprocess::clip(4)).unwrap();
         assert_eq!(data.train.len(), 1);
         assert_eq!(data.train[0].captions, ["one", "uno"]);
@@ -532,7 +537,8 @@ mod tests {
     fn bad_jsonl_line_is_located() {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("m.jsonl");
-        std::fs::write(&f, "{\"image\":\"a.png\",\"caption\":\"c\"}\n{\"image\":\"b.png\",\"captoin\":\"c\"}\n").unwrap();
+        std::fs::write(&f, "{\"image\":\"a.png\",\"caption\":\"c\"}\n{\"image\":\"b.png\",\"captoin\":\"c\"}\n")
+            .unwrap();
         let e = load(&task("jsonl", &f), &Preprocess::clip(4)).unwrap_err().to_string();
         assert!(e.contains("m.jsonl:2:") && e.contains("captoin"), "{e}");
     }

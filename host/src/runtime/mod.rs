@@ -195,7 +195,10 @@ impl Runtime {
     }
 
     /// Expose (or, with `None`, withdraw) the gradients strategies may read.
-    pub fn set_grads(&self, grads: Option<candle_core::backprop::GradStore>) -> Option<candle_core::backprop::GradStore> {
+    pub fn set_grads(
+        &self,
+        grads: Option<candle_core::backprop::GradStore>,
+    ) -> Option<candle_core::backprop::GradStore> {
         std::mem::replace(&mut *self.grads.borrow_mut(), grads)
     }
 

@@ -259,4 +259,3 @@ recall_sdk::export_plugin! {
     description: "Elastic Weight Consolidation (empirical Fisher; standard or online)",
     strategy: Ewc,
 }
-

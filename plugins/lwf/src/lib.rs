@@ -12,6 +12,7 @@
 //! Inputs: `image_features`, `text_features`, `logit_scale`, and from the host's frozen
 //! snapshot `old_image_features`, `old_text_features`, `old_logit_scale`.
 
+use recall_sdk::losses::{clip_logits, distill_both_ways};
 use recall_sdk::prelude::*;
 use serde::Deserialize;
 
@@ -39,19 +40,6 @@ mod d {
 pub struct Lwf {
     cfg: Config,
     task: u64,
-}
-
-/// Batch-mean KL(softmax(teacher / T) || softmax(student / T)) over rows, times T^2.
-fn distill(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
-    let n = student.dim(0)? as f64;
-    let log_s = student.scale(1.0 / t)?.log_softmax(1)?;
-    let log_t = teacher.scale(1.0 / t)?.log_softmax(1)?;
-    let p_t = log_t.exp()?;
-    p_t.mul(&log_t.sub(&log_s)?)?.sum_all()?.scale(t * t / n)
-}
-
-fn logits(img: &Tensor, txt: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
-    img.l2_normalize(1e-12)?.matmul(&txt.l2_normalize(1e-12)?.t()?)?.mul(&logit_scale.exp()?)
 }
 
 impl Strategy for Lwf {
@@ -82,12 +70,11 @@ impl Strategy for Lwf {
             Some(s) => s,
             None => scale.detach()?,
         };
-        let student = logits(&host.input(inputs, "image_features")?, &host.input(inputs, "text_features")?, &scale)?;
-        let teacher = logits(&old_img, &old_txt, &old_scale.detach()?)?;
-        let t = self.cfg.temperature;
-        let both = distill(&student, &teacher, t)?.add(&distill(&student.t()?, &teacher.t()?, t)?)?;
-        let coef = if self.cfg.average_directions { 0.5 } else { 1.0 };
-        Ok(vec![("lwf".to_string(), both.scale(coef * self.cfg.weight)?)])
+        let student =
+            clip_logits(&host.input(inputs, "image_features")?, &host.input(inputs, "text_features")?, &scale)?;
+        let teacher = clip_logits(&old_img, &old_txt, &old_scale.detach()?)?;
+        let loss = distill_both_ways(&student, &teacher, self.cfg.temperature, self.cfg.average_directions)?;
+        Ok(vec![("lwf".to_string(), loss.scale(self.cfg.weight)?)])
     }
 }
 

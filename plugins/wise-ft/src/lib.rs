@@ -124,4 +124,3 @@ recall_sdk::export_plugin! {
     description: "WiSE-FT weight interpolation with the initial (or previous) model after each task",
     strategy: WiseFt,
 }
-
