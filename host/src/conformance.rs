@@ -285,32 +285,72 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     let feats = || Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
     let (img, txt, old_img, old_txt) = (feats(), feats(), feats(), feats());
     let scale = rt.param("logit_scale", &[1], ParamInit::constant(2.0), true).unwrap();
-    add(
-        "hooks in order; loss terms are finite scalars",
-        (|| -> Check {
-            s.before_task(&task).map_err(err)?;
-            s.before_step(0).map_err(err)?;
-            let terms = s
-                .loss_terms(&[
-                    ("image_features", &img),
-                    ("text_features", &txt),
-                    ("old_image_features", &old_img),
-                    ("old_text_features", &old_txt),
-                    ("logit_scale", &scale),
-                ])
+    // A model parameter the features depend on, so strategies that read parameters and
+    // gradients (EWC, WiSE-FT, ZSCL) have something to work on.
+    let weight = rt.param("vision.proj.weight", &[8, 8], ParamInit::normal(0.0, 0.1), true).unwrap();
+    let old_scale = scale.detach();
+    // One step as the engine runs it; returns the live handles afterwards.
+    let step = |n: u64| -> Result<usize, String> {
+        s.before_step(n).map_err(err)?;
+        let img = img.matmul(&weight).map_err(err)?;
+        let terms = s
+            .loss_terms(&[
+                ("image_features", &img),
+                ("text_features", &txt),
+                ("logit_scale", &scale),
+                ("old_image_features", &old_img),
+                ("old_text_features", &old_txt),
+                ("old_logit_scale", &old_scale),
+                ("reference_image_features", &img),
+                ("reference_text_features", &txt),
+                ("initial_image_features", &old_img),
+                ("initial_text_features", &old_txt),
+                ("initial_logit_scale", &old_scale),
+            ])
+            .map_err(err)?;
+        let mut total = img.sqr().and_then(|x| x.mean_all()).map_err(err)?;
+        for (name, t) in &terms {
+            ensure(t.elem_count() == 1, || format!("term `{name}` has shape {:?}", t.dims()))?;
+            let v = t
+                .flatten_all()
+                .and_then(|t| t.to_dtype(DType::F64))
+                .and_then(|t| t.to_vec1::<f64>())
                 .map_err(err)?;
-            for (name, t) in &terms {
-                ensure(t.elem_count() == 1, || format!("term `{name}` has shape {:?}", t.dims()))?;
-                let v = t
-                    .flatten_all()
-                    .and_then(|t| t.to_dtype(DType::F64))
-                    .and_then(|t| t.to_vec1::<f64>())
-                    .map_err(err)?;
-                ensure(v[0].is_finite(), || format!("term `{name}` is {}", v[0]))?;
+            ensure(v[0].is_finite(), || format!("term `{name}` is {}", v[0]))?;
+            total = total.broadcast_add(&t.reshape(()).map_err(err)?).map_err(err)?;
+        }
+        rt.set_grads(Some(total.backward().map_err(err)?));
+        let r = s.after_backward(n).map_err(err);
+        rt.set_grads(None);
+        r?;
+        s.after_step(n).map_err(err)?;
+        Ok(rt.live_handles())
+    };
+    add(
+        "hooks in order over two tasks (with the gradient pass); loss terms are finite scalars",
+        (|| -> Check {
+            for index in 0..2 {
+                let task = TaskInfo { index, ..task.clone() };
+                s.before_task(&task).map_err(err)?;
+                step(0)?;
+                for b in 0..s.gradient_batches().map_err(err)?.min(2) {
+                    let loss = img.matmul(&weight).and_then(|x| x.sqr()?.mean_all()).map_err(err)?;
+                    rt.set_grads(Some(loss.backward().map_err(err)?));
+                    let r = s.on_gradients(&task, b as u64).map_err(err);
+                    rt.set_grads(None);
+                    r?;
+                }
+                s.after_task(&task).map_err(err)?;
             }
-            s.after_backward(0).map_err(err)?;
-            s.after_step(0).map_err(err)?;
-            s.after_task(&task).map_err(err)
+            Ok(())
+        })(),
+    );
+    add(
+        "no tensor handles leak from step to step",
+        (|| -> Check {
+            let first = step(1)?;
+            let second = step(2)?;
+            ensure(second <= first, || format!("live handles grew from {first} to {second} in one step"))
         })(),
     );
     add(
@@ -336,9 +376,20 @@ fn evaluator(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) 
     };
     let img = Tensor::randn(0f32, 1.0, (8, 16), &Device::Cpu).unwrap();
     let index = Tensor::from_vec((0..8u32).collect::<Vec<_>>(), 8, &Device::Cpu).unwrap();
+    let classes = Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu).unwrap();
+    let labels = Tensor::from_vec((0..8u32).map(|i| i % 3).collect::<Vec<_>>(), 8, &Device::Cpu).unwrap();
+    // Everything the host passes in either suite: retrieval (tasks) and classification
+    // (zero-shot sets); an evaluator reads what it needs.
     add(
         "evaluate: named, finite metrics",
-        e.evaluate(&[("image_embeds", &img), ("text_embeds", &img), ("text_image_index", &index)])
+        e.evaluate(&[
+            ("image_embeds", &img),
+            ("text_embeds", &img),
+            ("text_image_index", &index),
+            ("image_group", &index),
+            ("class_embeds", &classes),
+            ("labels", &labels),
+        ])
             .map_err(err)
             .and_then(|m| {
                 ensure(!m.is_empty(), || "no metrics".into())?;

@@ -239,17 +239,21 @@ impl Model {
                 FreezeBase::None => {}
             }
         }
-        let mut params = self.runtime.params_mut();
-        for p in params.iter_mut() {
-            if frozen.is_match(&p.name) || adapted_params.contains(&p.name) {
-                p.trainable = false;
-            }
-            if let Some(prefix) = adapter_prefix {
-                if !p.name.starts_with(prefix) {
+        {
+            let mut params = self.runtime.params_mut();
+            for p in params.iter_mut() {
+                if frozen.is_match(&p.name) || adapted_params.contains(&p.name) {
                     p.trainable = false;
+                }
+                if let Some(prefix) = adapter_prefix {
+                    if !p.name.starts_with(prefix) {
+                        p.trainable = false;
+                    }
                 }
             }
         }
+        let n = self.runtime.detach_frozen();
+        tracing::debug!(frozen = n, "frozen parameters are constants in the graph");
         Ok(())
     }
 

@@ -103,7 +103,11 @@ fn check_plugin_passes_on_every_in_tree_plugin() {
         ("recall-plugin-finetune", None),
         ("recall-plugin-ckc", Some(&small_ckc)),
         ("recall-plugin-lwf", None),
+        ("recall-plugin-ewc", None),
+        ("recall-plugin-wise-ft", None),
+        ("recall-plugin-zscl", None),
         ("recall-plugin-retrieval", None),
+        ("recall-plugin-zeroshot", None),
     ];
     for (krate, config) in cases {
         let lib = cdylib(krate).display().to_string();

@@ -106,3 +106,28 @@ fn freeze_base_adapted_freezes_exactly_the_targeted_weights() {
     assert!(p.get("adapter.vision.blocks.0.mlp.fc1.lora_A").unwrap().trainable);
     assert!(p.get("adapter.vision.blocks.0.attn.q_proj.lora_A").is_none());
 }
+
+#[test]
+fn frozen_parameters_are_constants_in_the_graph_and_merges_still_reach_them() {
+    let model = with_lora("targets = [\"vision.blocks.*.mlp.*\"]\nfreeze_base = \"adapted\"");
+    perturb_adapter(&model);
+    let (px, _, _) = batch(&model);
+    let out = model.encode_images(&px).unwrap();
+    let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    {
+        let p = model.runtime.params();
+        let frozen = p.get("vision.blocks.0.mlp.fc1.weight").unwrap();
+        assert!(grads.get(frozen.var.as_tensor()).is_none(), "a frozen weight got a gradient");
+        let trained = p.get("vision.blocks.0.attn.q_proj.weight").unwrap();
+        assert!(grads.get(trained.var.as_tensor()).is_some(), "a trainable weight got no gradient");
+        assert!(grads.get(p.get("adapter.vision.blocks.0.mlp.fc1.lora_A").unwrap().var.as_tensor()).is_some());
+    }
+    // Merging writes into the frozen weights; the forward pass sees the new values.
+    let before = model.runtime.params().get("vision.blocks.0.mlp.fc1.weight").unwrap().var.as_tensor().copy().unwrap();
+    model.adapter.as_ref().unwrap().merge(1.0).unwrap();
+    model.adapter.as_ref().unwrap().reset().unwrap();
+    let after = model.runtime.params().get("vision.blocks.0.mlp.fc1.weight").unwrap().var.as_tensor().copy().unwrap();
+    assert!(max_abs(&before, &after) > 1e-4, "the merge did not change the frozen weight");
+    let merged = model.encode_images(&px).unwrap();
+    assert!(max_abs(&out.detach(), &merged) < 1e-4, "merge + fresh adapter must preserve outputs");
+}

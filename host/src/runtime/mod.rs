@@ -194,6 +194,35 @@ impl Runtime {
         p.var.set(&value).map_err(|e| e.to_string())
     }
 
+    /// Make frozen parameters constants in the graph: every handle, linear site and alias of a
+    /// non-trainable parameter now refers to a detached view of its storage (updates through
+    /// `Var::set` — merges, checkpoint loads — stay visible), so backward passes no longer
+    /// walk frozen towers. Returns how many parameters were detached.
+    pub fn detach_frozen(&self) -> usize {
+        let mut params = self.params.borrow_mut();
+        let mut views: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
+        let mut names = Vec::new();
+        for p in params.iter().filter(|p| !p.trainable) {
+            let view = p.var.as_tensor().detach();
+            views.insert(p.var.as_tensor().id(), view.clone());
+            names.push((p.name.clone(), view));
+        }
+        for (name, view) in &names {
+            params.alias(name, view);
+        }
+        let swap = |t: &Tensor| views.get(&t.id()).cloned();
+        self.store.borrow_mut().substitute(swap);
+        for site in self.sites.borrow_mut().iter_mut() {
+            if let Some(w) = swap(&site.weight) {
+                site.weight = w;
+            }
+            if let Some(b) = site.bias.as_ref().and_then(swap) {
+                site.bias = Some(b);
+            }
+        }
+        views.len()
+    }
+
     /// Expose (or, with `None`, withdraw) the gradients strategies may read.
     pub fn set_grads(
         &self,

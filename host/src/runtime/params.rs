@@ -69,6 +69,14 @@ impl ParamStore {
         self.by_tensor.get(&t.id()).map(|&i| &self.params[i])
     }
 
+    /// Let `alias` (a constant view of parameter `name`'s storage) stand for the parameter in
+    /// `by_tensor`, so `param_assign` and `param_reset` keep working through it.
+    pub fn alias(&mut self, name: &str, alias: &Tensor) {
+        if let Some(&i) = self.by_name.get(name) {
+            self.by_tensor.insert(alias.id(), i);
+        }
+    }
+
     pub fn insert(&mut self, param: Param) -> &Param {
         let i = self.params.len();
         self.by_name.insert(param.name.clone(), i);

@@ -51,6 +51,18 @@ impl TensorStore {
         t
     }
 
+    /// Replace every live tensor for which `f` returns a substitute (used to swap frozen
+    /// parameters for constants behind the handles plugins already hold).
+    pub fn substitute(&mut self, f: impl Fn(&Tensor) -> Option<Tensor>) {
+        for slot in &mut self.slots {
+            if let Some(t) = &slot.tensor {
+                if let Some(new) = f(t) {
+                    slot.tensor = Some(new);
+                }
+            }
+        }
+    }
+
     /// Number of live handles (for leak reports).
     pub fn live(&self) -> usize {
         self.live
