@@ -21,10 +21,11 @@ declare -A methods=(
   [lora-merge]="adapter={$lora,merge_after_task=true,merge_coefficient=0.5}"
   [ewc]='strategy=[{plugin="ewc",lambda=1000.0}]'
   [lwf]='strategy=[{plugin="lwf"}]'
+  [zscl]='strategy=[{plugin="zscl",we_every=10}]|reference={name="reference",source="jsonl",path="dataset:emoji-google",max_train=1000}'
   [wise-ft]='strategy=[{plugin="wise-ft",alpha=0.8}]'
   [c-clip]="adapter={$lora,merge_after_task=true,merge_coefficient=0.5}|strategy=[{plugin=\"ckc\",dim=128}]"
 )
-order=(finetune lora lora-merge ewc lwf wise-ft c-clip)
+order=(finetune lora lora-merge ewc lwf zscl wise-ft c-clip)
 dirs=()
 for m in "${order[@]}"; do
   dir="runs/mini-vlcl/$m-seed$seed"

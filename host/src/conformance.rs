@@ -311,11 +311,8 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
         let mut total = img.sqr().and_then(|x| x.mean_all()).map_err(err)?;
         for (name, t) in &terms {
             ensure(t.elem_count() == 1, || format!("term `{name}` has shape {:?}", t.dims()))?;
-            let v = t
-                .flatten_all()
-                .and_then(|t| t.to_dtype(DType::F64))
-                .and_then(|t| t.to_vec1::<f64>())
-                .map_err(err)?;
+            let v =
+                t.flatten_all().and_then(|t| t.to_dtype(DType::F64)).and_then(|t| t.to_vec1::<f64>()).map_err(err)?;
             ensure(v[0].is_finite(), || format!("term `{name}` is {}", v[0]))?;
             total = total.broadcast_add(&t.reshape(()).map_err(err)?).map_err(err)?;
         }
@@ -390,10 +387,10 @@ fn evaluator(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) 
             ("class_embeds", &classes),
             ("labels", &labels),
         ])
-            .map_err(err)
-            .and_then(|m| {
-                ensure(!m.is_empty(), || "no metrics".into())?;
-                ensure(m.iter().all(|(n, v)| !n.is_empty() && v.is_finite()), || format!("{m:?}"))
-            }),
+        .map_err(err)
+        .and_then(|m| {
+            ensure(!m.is_empty(), || "no metrics".into())?;
+            ensure(m.iter().all(|(n, v)| !n.is_empty() && v.is_finite()), || format!("{m:?}"))
+        }),
     );
 }

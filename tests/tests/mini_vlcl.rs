@@ -69,7 +69,12 @@ fn mini_vlcl_smoke_pretrains_then_runs_c_clip_on_real_data() {
         "strategy=[{plugin=\"ckc\",dim=128}]".into(),
     ];
     for i in 0..3 {
-        args.extend(["--set".into(), format!("task[{i}].max_train=96"), "--set".into(), format!("task[{i}].max_test=48")]);
+        args.extend([
+            "--set".into(),
+            format!("task[{i}].max_train=96"),
+            "--set".into(),
+            format!("task[{i}].max_test=48"),
+        ]);
     }
     args.extend(["--set".into(), "task[3].train_per_combo=1".into()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -233,7 +233,10 @@ fn ewc_rejects_bad_options() {
     let plugin = load_plugin(&cdylib("recall-plugin-ewc")).unwrap();
     let rt = ewc_runtime();
     for (config, key) in [("lambda = -1.0", "lambda"), ("gamma = 1.5", "gamma"), ("mode = \"onlin\"", "mode")] {
-        let e = StrategyInstance::create(&plugin, &rt, "strategy.0.", config).err().expect(config).to_string();
+        let e = match StrategyInstance::create(&plugin, &rt, "strategy.0.", config) {
+            Ok(_) => panic!("`{config}` was accepted"),
+            Err(e) => e.to_string(),
+        };
         assert!(e.contains(key), "{config}: {e}");
     }
 }

@@ -212,7 +212,7 @@ fn mnist(src: &Path, w: &mut Writer) -> anyhow::Result<()> {
         let f = src.join(format!("{label}.json"));
         let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
         let d: Digits = serde_json::from_str(&text).with_context(|| format!("{}", f.display()))?;
-        if d.data.len() % 784 != 0 {
+        if !d.data.len().is_multiple_of(784) {
             bail!("{}: {} values is not a whole number of 28x28 digits", f.display(), d.data.len());
         }
         for (i, px) in d.data.chunks_exact(784).enumerate() {

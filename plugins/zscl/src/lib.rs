@@ -136,7 +136,7 @@ impl Strategy for Zscl {
 
     fn after_step(&mut self, host: &Host, _step: u64) -> Result<()> {
         self.steps += 1;
-        if self.cfg.we && self.steps % self.cfg.we_every == 0 {
+        if self.cfg.we && self.steps.is_multiple_of(self.cfg.we_every) {
             self.merges += 1;
             for (name, avg) in &mut self.ensemble {
                 let theta = host.model_param(name)?.detach()?;
