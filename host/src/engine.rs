@@ -360,6 +360,35 @@ fn metrics_lines(results: &ResultMatrix, heldout: &ResultMatrix) -> anyhow::Resu
     Ok(out)
 }
 
+/// run.json: which build ran (version, git commit), with which seed and command line, when;
+/// each resume is appended.
+fn record_provenance(run_dir: &Path, seed: u64, resume: bool) -> anyhow::Result<()> {
+    let f = run_dir.join("run.json");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let event = serde_json::json!({
+        "unix_time": now,
+        "command": std::env::args().collect::<Vec<_>>(),
+        "recall_version": env!("CARGO_PKG_VERSION"),
+        "git_commit": env!("RECALL_GIT_COMMIT"),
+    });
+    let mut record = match std::fs::read_to_string(&f).ok().and_then(|t| serde_json::from_str(&t).ok()) {
+        Some(serde_json::Value::Object(m)) if resume => m,
+        _ => serde_json::Map::new(),
+    };
+    if resume {
+        match record.get_mut("resumed") {
+            Some(serde_json::Value::Array(a)) => a.push(event),
+            _ => {
+                record.insert("resumed".into(), serde_json::json!([event]));
+            }
+        }
+    } else {
+        record.insert("seed".into(), seed.into());
+        record.insert("started".into(), event);
+    }
+    write_atomic(&f, serde_json::to_string_pretty(&serde_json::Value::Object(record))?.as_bytes())
+}
+
 fn checkpoint_path(run_dir: &Path, task: usize, what: &str) -> PathBuf {
     run_dir.join("checkpoints").join(format!("task-{task:02}.{what}"))
 }
@@ -456,6 +485,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     } else {
         None
     };
+    record_provenance(&run_dir, c.experiment.seed, opts.resume)?;
     if !opts.resume {
         write_atomic(&run_dir.join("config.resolved.toml"), toml::to_string(c)?.as_bytes())?;
         let plugins: Vec<serde_json::Value> = registry

@@ -111,6 +111,12 @@ fn a_run_killed_during_task_2_resumes_to_identical_metrics() {
     // The EWC and LwF terms were active in the resumed tasks.
     assert!(b["epoch_terms"][2][0]["ewc"].as_f64().unwrap() >= 0.0);
     assert!(b["epoch_terms"][2][0]["lwf"].is_number(), "{}", b["epoch_terms"]);
+    // run.json records the build and seed, and the resume.
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(killed.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["seed"], 3);
+    assert!(run["started"]["git_commit"].is_string());
+    assert_eq!(run["resumed"].as_array().map(Vec::len), Some(1), "{run}");
     let lines = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
     assert_eq!(lines, std::fs::read_to_string(unbroken.join("metrics.jsonl")).unwrap());
 }

@@ -333,3 +333,22 @@ fn zscl_weight_ensembling_matches_the_reference_loop() {
         assert!(e <= 1e-12, "{name} off by {e:e}");
     }
 }
+
+#[test]
+fn clip_loss_value_and_gradients_match_open_clip() {
+    let fx = fixture("clip_loss.safetensors");
+    let vars = variables(&fx, &["image_features", "text_features", "logit_scale"]);
+    let loss =
+        recall_host::runtime::ops::clip_loss(vars[0].1.as_tensor(), vars[1].1.as_tensor(), vars[2].1.as_tensor())
+            .unwrap();
+    let value = loss.to_scalar::<f64>().unwrap();
+    let expected = fx["loss"].to_vec1::<f64>().unwrap()[0];
+    assert!((value - expected).abs() / expected.abs() <= 1e-5, "loss {value} vs {expected}");
+    let grads = loss.backward().unwrap();
+    for (name, v) in &vars {
+        let g = &fx[&format!("grad.{name}")];
+        let ours = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let e = max_rel(&ours.reshape(g.dims()).unwrap(), g);
+        assert!(e <= 1e-5, "gradient of {name} off by {e:e}");
+    }
+}
