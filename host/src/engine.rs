@@ -486,6 +486,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         None
     };
     record_provenance(&run_dir, c.experiment.seed, opts.resume)?;
+    if let Err(e) = crate::runlog::open(&run_dir.join("log.txt")) {
+        tracing::warn!("cannot write {}: {e}", run_dir.join("log.txt").display());
+    }
     if !opts.resume {
         write_atomic(&run_dir.join("config.resolved.toml"), toml::to_string(c)?.as_bytes())?;
         let plugins: Vec<serde_json::Value> = registry
@@ -727,7 +730,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 pb.inc(1);
             }
             let mean = epoch_loss / n_batches.max(1) as f64;
-            tracing::debug!(task = %task.name, epoch, loss = mean, live_handles = rt.live_handles(), "epoch done");
+            tracing::info!(task = %task.name, epoch, loss = mean, live_handles = rt.live_handles(), "epoch done");
             losses.push(mean);
             terms.push(term_sums.into_iter().map(|(k, v)| (k, v / n_batches.max(1) as f64)).collect());
         }
@@ -756,6 +759,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         eval_stage(&mut p)?;
         p.finished_tasks = t_idx + 1;
         write_atomic(&progress_file, serde_json::to_string(&p)?.as_bytes())?;
+        tracing::info!(task = %task.name, stage = t_idx + 1, steps = p.global_step, "task finished and checkpointed");
         if !opts.quiet {
             print!("{}", format_table(&p.results, t_idx + 1, &shown_refs));
             if !heldout_sets.is_empty() {
@@ -841,6 +845,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         }
     }
     write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    tracing::info!(steps = summary.steps, train_seconds = summary.train_seconds, "run finished");
+    crate::runlog::close();
     Ok(summary)
 }
 

@@ -19,5 +19,6 @@ pub mod optim;
 pub mod plugin;
 pub mod reference;
 pub mod report;
+pub mod runlog;
 pub mod runtime;
 pub mod scaffold;

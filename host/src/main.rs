@@ -143,7 +143,17 @@ fn init_logging(verbose: bool) {
     let default = if verbose { "debug" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RECALL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let terminal = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_filter(filter);
+    // The run directory's log.txt keeps info and above regardless of the terminal's filter.
+    let run_log = tracing_subscriber::fmt::layer()
+        .with_writer(recall_host::runlog::RunLog)
+        .with_ansi(false)
+        .with_target(false)
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing_subscriber::registry().with(terminal).with(run_log).init();
 }
 
 fn registry(cli: &Cli, configured: &[PathBuf]) -> loader::Registry {

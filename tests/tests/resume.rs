@@ -117,6 +117,9 @@ fn a_run_killed_during_task_2_resumes_to_identical_metrics() {
     assert_eq!(run["seed"], 3);
     assert!(run["started"]["git_commit"].is_string());
     assert_eq!(run["resumed"].as_array().map(Vec::len), Some(1), "{run}");
+    // log.txt holds both processes' logs: 1 task before the kill, 2 after the resume.
+    let log = std::fs::read_to_string(killed.join("log.txt")).unwrap();
+    assert_eq!(log.matches("task finished and checkpointed").count(), 3, "{log}");
     let lines = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
     assert_eq!(lines, std::fs::read_to_string(unbroken.join("metrics.jsonl")).unwrap());
 }
