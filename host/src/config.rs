@@ -546,8 +546,14 @@ impl LoadedConfig {
 /// Parse experiment text.
 pub fn parse(src: &str, file: &str) -> Result<LoadedConfig, ConfigError> {
     let mut config: ExperimentConfig = toml::from_str(src).map_err(|e| located(file, src, &e))?;
-    // Paths in the file are relative to the file.
-    if let Some(dir) = Path::new(file).parent().filter(|d| !d.as_os_str().is_empty() && d.is_dir()) {
+    // Paths in the file are relative to the file; they are stored absolute, so the resolved
+    // config saved with a run still names the same files when `--resume` reads it.
+    let base: Option<PathBuf> = Path::new(file)
+        .parent()
+        .map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d })
+        .filter(|d| d.is_dir())
+        .and_then(|d| std::path::absolute(d).ok());
+    if let Some(dir) = &base {
         if let Some(ck) =
             config.model.checkpoint.as_mut().filter(|p| p.is_relative() && !p.to_string_lossy().starts_with("asset:"))
         {
@@ -557,7 +563,6 @@ pub fn parse(src: &str, file: &str) -> Result<LoadedConfig, ConfigError> {
             *init = dir.join(&*init);
         }
     }
-    let base = Path::new(file).parent().filter(|d| !d.as_os_str().is_empty() && d.is_dir()).map(Path::to_path_buf);
     let mut loaded = LoadedConfig { config, source: src.to_string(), file: file.to_string() };
     validate(&loaded)?;
     resolve_data_paths(&mut loaded, base.as_deref())?;
