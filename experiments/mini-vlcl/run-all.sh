@@ -43,4 +43,4 @@ for m in "${order[@]}"; do
   "$recall" run -q experiments/mini-vlcl/mini-vlcl.toml "${args[@]}" --run-dir "$dir"
   echo "   $(( $(date +%s) - start )) s"
 done
-"$recall" table "${dirs[@]}" | tee "runs/mini-vlcl/table-seed$seed.md"
+"$recall" compare "${dirs[@]}" --baseline finetune --out runs/mini-vlcl

@@ -76,6 +76,9 @@ pub struct ExperimentConfig {
     pub zeroshot: Vec<TaskSection>,
     #[serde(default)]
     pub plugins: PluginsSection,
+    /// Axes to sweep over (`recall sweep`); `recall run` runs the base experiment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<crate::sweep::SweepSection>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug)]
@@ -447,15 +450,39 @@ pub fn locate(src: &str, path: &[PathStep]) -> Option<std::ops::Range<usize>> {
 
 /// Parse a dotted path like `strategy[0].rank` or `model.vision.width`.
 pub fn parse_path(dotted: &str) -> Vec<PathStep> {
+    // Segments are separated by dots; a segment may be quoted (`sweep.axes."optimizer.lr"`)
+    // and may end in `[INDEX]`.
     let mut steps = Vec::new();
-    for part in dotted.split('.') {
-        if let Some((key, rest)) = part.split_once('[') {
-            steps.push(PathStep::Key(key.to_string()));
-            if let Ok(i) = rest.trim_end_matches(']').parse() {
-                steps.push(PathStep::Index(i));
+    let mut chars = dotted.chars().peekable();
+    while chars.peek().is_some() {
+        let mut key = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c == '"' {
+                    break;
+                }
+                key.push(c);
             }
         } else {
-            steps.push(PathStep::Key(part.to_string()));
+            while let Some(&c) = chars.peek() {
+                if c == '.' || c == '[' {
+                    break;
+                }
+                key.push(c);
+                chars.next();
+            }
+        }
+        steps.push(PathStep::Key(key));
+        while chars.peek() == Some(&'[') {
+            chars.next();
+            let index: String = chars.by_ref().take_while(|&c| c != ']').collect();
+            if let Ok(i) = index.parse() {
+                steps.push(PathStep::Index(i));
+            }
+        }
+        if chars.peek() == Some(&'.') {
+            chars.next();
         }
     }
     steps
@@ -764,7 +791,7 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub const MINIMAL: &str = r#"

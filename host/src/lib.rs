@@ -22,3 +22,4 @@ pub mod report;
 pub mod runlog;
 pub mod runtime;
 pub mod scaffold;
+pub mod sweep;

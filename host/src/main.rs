@@ -40,16 +40,36 @@ enum Command {
         #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["file", "set"])]
         resume: Option<PathBuf>,
     },
+    /// Run every point of an experiment's [sweep] (finished points are skipped, partial ones
+    /// resumed).
+    Sweep {
+        file: PathBuf,
+        /// Override a key of the base experiment; repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print the points and their status; run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Points run at once (default: half the cores, at least 1).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
     /// Prepare image-text datasets from registry assets (fetching them if needed).
     Data {
         #[command(subcommand)]
         what: DataCommand,
     },
-    /// Print the continual-learning table (Avg, Last, BWT, forgetting, PD, parameters, time)
-    /// of finished runs as Markdown.
-    Table {
+    /// Compare finished runs (run or sweep directories): Avg, Last, BWT, forgetting, PD,
+    /// trainable parameters and time per method, mean ± std over seeds, as Markdown.
+    Compare {
         #[arg(required = true)]
         runs: Vec<PathBuf>,
+        /// A method to show signed deltas against.
+        #[arg(long)]
+        baseline: Option<String>,
+        /// Also write compare.md and compare.csv into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// List the plugins found on the plugin path.
     Plugins,
@@ -216,8 +236,38 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Table { runs } => {
-            print!("{}", recall_host::report::table(runs)?);
+        Command::Sweep { file, set, dry_run, jobs } => {
+            let cfg = config::load(file, set)?;
+            let plan = recall_host::sweep::expand(&cfg)?;
+            if *dry_run {
+                print!("{}", plan.table());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let jobs =
+                jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| (n.get() / 2).max(1)).unwrap_or(1));
+            let exe = std::env::current_exe()?;
+            let out = recall_host::sweep::run_local(&plan, file, set, &exe, jobs, cli.quiet)?;
+            println!(
+                "sweep `{}`: {} finished, {} already done, {} failed; runs in {}",
+                plan.name,
+                out.finished.len(),
+                out.skipped.len(),
+                out.failed.len(),
+                plan.dir.display()
+            );
+            for (id, log) in &out.failed {
+                eprintln!("failed: {id} (log: {})", log.display());
+            }
+            Ok(if out.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Compare { runs, baseline, out } => {
+            let c = recall_host::report::compare(runs, baseline.as_deref())?;
+            let md = c.markdown();
+            print!("{md}");
+            if let Some(dir) = out {
+                recall_host::fsutil::write_atomic(&dir.join("compare.md"), md.as_bytes())?;
+                recall_host::fsutil::write_atomic(&dir.join("compare.csv"), c.csv().as_bytes())?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins => {

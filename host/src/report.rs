@@ -1,83 +1,311 @@
-//! `recall table RUN_DIR...`: the continual-learning table of finished runs, as Markdown —
-//! Avg and Last R@1 both ways, BWT and forgetting (mean of both directions), PD per held-out
-//! set, trainable parameters, batch size and wall time, one row per run.
+//! `recall compare RUN_OR_SWEEP_DIR... [--baseline NAME]`: the continual-learning table of
+//! finished runs, seeds of one method grouped (mean ± std), with signed deltas against a
+//! baseline and the best value per column marked; as Markdown and CSV.
+//!
+//! A method's name is its sweep point's label (from the sweep's `sweep.json`), or the run
+//! directory's name without a trailing `-seedN`. Runs that have not finished are listed as
+//! missing, with how far they got.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 
-/// What the table reads from a run's summary.json.
+/// What the comparison reads from a run's summary.json.
 #[derive(serde::Deserialize)]
 struct Summary {
+    seed: u64,
     trainable_parameters: usize,
     batch_size: usize,
     train_seconds: f64,
-    continual: std::collections::BTreeMap<String, crate::metrics::ClSummary>,
+    continual: BTreeMap<String, crate::metrics::ClSummary>,
     #[serde(default)]
-    performance_drop: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
+    performance_drop: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
-fn load(dir: &Path) -> anyhow::Result<Summary> {
-    let f = dir.join("summary.json");
-    let text = std::fs::read_to_string(&f)
-        .with_context(|| format!("{} has no summary.json (unfinished run? resume it with --resume)", dir.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a Recall run summary", f.display()))
+/// One column: its title, whether higher is better, and the value a run gives.
+struct Column {
+    title: String,
+    higher_is_better: bool,
+    value: Box<dyn Fn(&Summary) -> Option<f64>>,
 }
 
-fn fmt(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{v:.2}"))
+fn retrieval(metric: &'static str, f: fn(&crate::metrics::ClSummary) -> f64) -> Box<dyn Fn(&Summary) -> Option<f64>> {
+    Box::new(move |s: &Summary| s.continual.get(metric).map(f))
 }
 
-/// The Markdown table of `runs` (labelled by directory name).
-pub fn table(runs: &[PathBuf]) -> anyhow::Result<String> {
-    let summaries: Vec<(String, Summary)> = runs
-        .iter()
-        .map(|d| {
-            let label =
-                d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| d.display().to_string());
-            load(d).map(|s| (label, s))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let mut heldout: Vec<String> = Vec::new();
-    for (_, s) in &summaries {
-        if let Some(sets) = s.performance_drop.get("zeroshot/top1") {
-            for k in sets.keys() {
-                if !heldout.contains(k) {
-                    heldout.push(k.clone());
+/// The mean of both directions of an optional summary (BWT, forgetting).
+fn both_ways(f: fn(&crate::metrics::ClSummary) -> Option<f64>) -> Box<dyn Fn(&Summary) -> Option<f64>> {
+    Box::new(move |s: &Summary| {
+        let a = s.continual.get("retrieval/i2t_r1").and_then(f)?;
+        let b = s.continual.get("retrieval/t2i_r1").and_then(f)?;
+        Some((a + b) / 2.0)
+    })
+}
+
+fn columns(heldout: &[String]) -> Vec<Column> {
+    let mut c = vec![
+        Column { title: "Avg I2T R@1".into(), higher_is_better: true, value: retrieval("retrieval/i2t_r1", |s| s.avg) },
+        Column { title: "Avg T2I R@1".into(), higher_is_better: true, value: retrieval("retrieval/t2i_r1", |s| s.avg) },
+        Column {
+            title: "Last I2T R@1".into(),
+            higher_is_better: true,
+            value: retrieval("retrieval/i2t_r1", |s| s.last),
+        },
+        Column {
+            title: "Last T2I R@1".into(),
+            higher_is_better: true,
+            value: retrieval("retrieval/t2i_r1", |s| s.last),
+        },
+        Column { title: "BWT".into(), higher_is_better: true, value: both_ways(|s| s.bwt) },
+        Column { title: "forgetting".into(), higher_is_better: false, value: both_ways(|s| s.forgetting) },
+    ];
+    for h in heldout {
+        let set = h.clone();
+        c.push(Column {
+            title: format!("PD {h}"),
+            higher_is_better: false,
+            value: Box::new(move |s: &Summary| {
+                s.performance_drop.get("zeroshot/top1").and_then(|m| m.get(&set)).copied()
+            }),
+        });
+    }
+    c.push(Column {
+        title: "trainable params".into(),
+        higher_is_better: false,
+        value: Box::new(|s: &Summary| Some(s.trainable_parameters as f64)),
+    });
+    c.push(Column {
+        title: "train s".into(),
+        higher_is_better: false,
+        value: Box::new(|s: &Summary| Some(s.train_seconds)),
+    });
+    c
+}
+
+/// A run found on the command line (directly or through a sweep directory).
+struct Found {
+    method: String,
+    dir: PathBuf,
+}
+
+fn method_of_dir(dir: &Path) -> String {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
+    match name.rsplit_once("-seed") {
+        Some((m, s)) if !m.is_empty() && s.chars().all(|c| c.is_ascii_digit()) => m.to_string(),
+        _ => name,
+    }
+}
+
+fn discover(paths: &[PathBuf]) -> anyhow::Result<Vec<Found>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let manifest = p.join("sweep.json");
+        if manifest.is_file() {
+            let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest)?)
+                .with_context(|| format!("{} is not a sweep manifest", manifest.display()))?;
+            for point in m["points"].as_array().into_iter().flatten() {
+                let id = point["id"].as_str().unwrap_or_default();
+                out.push(Found { method: point["label"].as_str().unwrap_or(id).to_string(), dir: p.join(id) });
+            }
+        } else if p.join("config.resolved.toml").is_file() || p.join("summary.json").is_file() {
+            out.push(Found { method: method_of_dir(p), dir: p.clone() });
+        } else {
+            bail!("{} is neither a run directory nor a sweep directory (no sweep.json)", p.display());
+        }
+    }
+    Ok(out)
+}
+
+/// The comparison, ready to render.
+pub struct Comparison {
+    pub headers: Vec<String>,
+    /// (method, seeds, cells as (mean, std))
+    pub rows: Vec<(String, usize, Vec<Option<(f64, f64)>>)>,
+    /// Index of the best row per column.
+    pub best: Vec<Option<usize>>,
+    pub baseline: Option<usize>,
+    /// Runs without a summary, with how far they got.
+    pub missing: Vec<String>,
+    pub batch_sizes: Vec<usize>,
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let std = if v.len() > 1 { (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    (mean, std)
+}
+
+/// Compare the runs under `paths`, grouped by method, optionally against `baseline`.
+pub fn compare(paths: &[PathBuf], baseline: Option<&str>) -> anyhow::Result<Comparison> {
+    let found = discover(paths)?;
+    let mut groups: Vec<(String, Vec<Summary>)> = Vec::new();
+    let mut missing = Vec::new();
+    for f in found {
+        let file = f.dir.join("summary.json");
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let s: Summary = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a Recall run summary", file.display()))?;
+                match groups.iter_mut().find(|(m, _)| *m == f.method) {
+                    Some((_, v)) => v.push(s),
+                    None => groups.push((f.method, vec![s])),
                 }
+            }
+            Err(_) => {
+                let done = std::fs::read_to_string(f.dir.join("progress.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| v["finished_tasks"].as_u64());
+                missing.push(match done {
+                    Some(k) => format!("{} ({}): {k} tasks finished", f.method, f.dir.display()),
+                    None => format!("{} ({}): not started", f.method, f.dir.display()),
+                });
             }
         }
     }
-    let mut out = String::from("| run | Avg I2T R@1 | Avg T2I R@1 | Last I2T R@1 | Last T2I R@1 | BWT | forgetting |");
-    for h in &heldout {
-        out.push_str(&format!(" PD {h} |"));
+    if groups.is_empty() {
+        bail!(
+            "no finished runs to compare{}",
+            if missing.is_empty() { String::new() } else { format!("; missing: {}", missing.join("; ")) }
+        );
     }
-    out.push_str(" trainable params | batch | train s |\n|---|");
-    out.push_str(&"---:|".repeat(6 + heldout.len() + 3));
-    out.push('\n');
-    for (label, s) in &summaries {
-        let i2t = s.continual.get("retrieval/i2t_r1");
-        let t2i = s.continual.get("retrieval/t2i_r1");
-        let both = |f: fn(&crate::metrics::ClSummary) -> Option<f64>| match (i2t.and_then(f), t2i.and_then(f)) {
-            (Some(a), Some(b)) => Some((a + b) / 2.0),
-            _ => None,
+    let mut heldout: Vec<String> = Vec::new();
+    for s in groups.iter().flat_map(|(_, v)| v) {
+        for k in s.performance_drop.get("zeroshot/top1").into_iter().flat_map(|m| m.keys()) {
+            if !heldout.contains(k) {
+                heldout.push(k.clone());
+            }
+        }
+    }
+    let cols = columns(&heldout);
+    let rows: Vec<(String, usize, Vec<Option<(f64, f64)>>)> = groups
+        .iter()
+        .map(|(m, runs)| {
+            let mut seeds: Vec<u64> = runs.iter().map(|r| r.seed).collect();
+            seeds.sort();
+            seeds.dedup();
+            let cells = cols
+                .iter()
+                .map(|c| {
+                    let v: Vec<f64> = runs.iter().filter_map(|r| (c.value)(r)).collect();
+                    (!v.is_empty()).then(|| mean_std(&v))
+                })
+                .collect();
+            (m.clone(), runs.len(), cells)
+        })
+        .collect();
+    let best = cols
+        .iter()
+        .enumerate()
+        .map(|(j, c)| {
+            let mut best: Option<(usize, f64)> = None;
+            for (i, (_, _, cells)) in rows.iter().enumerate() {
+                if let Some((m, _)) = cells[j] {
+                    let better = match best {
+                        None => true,
+                        Some((_, b)) => {
+                            if c.higher_is_better {
+                                m > b
+                            } else {
+                                m < b
+                            }
+                        }
+                    };
+                    if better {
+                        best = Some((i, m));
+                    }
+                }
+            }
+            best.map(|(i, _)| i)
+        })
+        .collect();
+    let baseline = match baseline {
+        None => None,
+        Some(b) => Some(rows.iter().position(|(m, _, _)| m == b).with_context(|| {
+            let names: Vec<&str> = rows.iter().map(|(m, _, _)| m.as_str()).collect();
+            format!("no method named `{b}` to compare against; methods: {}", names.join(", "))
+        })?),
+    };
+    let mut batch_sizes: Vec<usize> = groups.iter().flat_map(|(_, v)| v.iter().map(|s| s.batch_size)).collect();
+    batch_sizes.sort();
+    batch_sizes.dedup();
+    Ok(Comparison { headers: cols.into_iter().map(|c| c.title).collect(), rows, best, baseline, missing, batch_sizes })
+}
+
+impl Comparison {
+    fn cell(&self, i: usize, j: usize) -> String {
+        let Some((mean, std)) = self.rows[i].2[j] else { return "-".into() };
+        let integer = self.headers[j] == "trainable params";
+        let mut s = if integer {
+            format!("{mean:.0}")
+        } else if self.rows[i].1 > 1 {
+            format!("{mean:.2} ± {std:.2}")
+        } else {
+            format!("{mean:.2}")
         };
+        if let Some(b) = self.baseline.filter(|&b| b != i) {
+            if let Some((base, _)) = self.rows[b].2[j] {
+                if !integer {
+                    s.push_str(&format!(" ({:+.2})", mean - base));
+                }
+            }
+        }
+        s
+    }
+
+    /// Markdown: best per column in bold; the baseline's row marked.
+    pub fn markdown(&self) -> String {
+        let mut out = format!(
+            "| method | seeds | {} |\n|---|---:|{}\n",
+            self.headers.join(" | "),
+            "---:|".repeat(self.headers.len())
+        );
+        for (i, (m, n, _)) in self.rows.iter().enumerate() {
+            let name = if self.baseline == Some(i) { format!("{m} (baseline)") } else { m.clone() };
+            out.push_str(&format!("| {name} | {n} |"));
+            for j in 0..self.headers.len() {
+                let c = self.cell(i, j);
+                if self.best[j] == Some(i) && self.rows.len() > 1 {
+                    out.push_str(&format!(" **{c}** |"));
+                } else {
+                    out.push_str(&format!(" {c} |"));
+                }
+            }
+            out.push('\n');
+        }
         out.push_str(&format!(
-            "| {label} | {} | {} | {} | {} | {} | {} |",
-            fmt(i2t.map(|s| s.avg)),
-            fmt(t2i.map(|s| s.avg)),
-            fmt(i2t.map(|s| s.last)),
-            fmt(t2i.map(|s| s.last)),
-            fmt(both(|s| s.bwt)),
-            fmt(both(|s| s.forgetting)),
+            "\nmean ± std over seeds; R@1 in %, BWT and forgetting averaged over both directions, PD = zero-shot top-1 \
+             before minus after (lower is better); batch size {}.\n",
+            self.batch_sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", ")
         ));
-        for h in &heldout {
+        if !self.missing.is_empty() {
             out.push_str(&format!(
-                " {} |",
-                fmt(s.performance_drop.get("zeroshot/top1").and_then(|m| m.get(h)).copied())
+                "\nmissing runs:\n{}\n",
+                self.missing.iter().map(|m| format!("- {m}\n")).collect::<String>()
             ));
         }
-        out.push_str(&format!(" {} | {} | {:.0} |\n", s.trainable_parameters, s.batch_size, s.train_seconds));
+        out
     }
-    Ok(out)
+
+    /// CSV: one row per method, mean and std columns per metric.
+    pub fn csv(&self) -> String {
+        let mut out = String::from("method,seeds");
+        for h in &self.headers {
+            out.push_str(&format!(",{h} mean,{h} std"));
+        }
+        out.push('\n');
+        for (m, n, cells) in &self.rows {
+            out.push_str(&format!("\"{}\",{n}", m.replace('"', "\"\"")));
+            for c in cells {
+                match c {
+                    Some((mean, std)) => out.push_str(&format!(",{mean},{std}")),
+                    None => out.push_str(",,"),
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
 }

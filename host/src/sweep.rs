@@ -1,0 +1,441 @@
+//! Sweeps: `[sweep]` in an experiment file declares axes over any config key (plus `seeds`),
+//! expanded as a grid product with optional include / exclude rows. Each point is the base
+//! experiment with `--set`-style overrides; its id is a hash of the resolved config, so the
+//! same point always lands in the same run directory and a re-run skips what is finished.
+//!
+//! ```toml
+//! [sweep]
+//! name = "lr-vs-method"          # default: the experiment's name
+//! seeds = [0, 1, 2]
+//! [sweep.axes]
+//! "optimizer.lr" = [1e-3, 3e-4]
+//! "strategy" = [[{ plugin = "finetune" }], [{ plugin = "ewc", lambda = 100.0 }]]
+//! [[sweep.exclude]]
+//! "optimizer.lr" = 1e-3
+//! "strategy" = [{ plugin = "ewc", lambda = 100.0 }]
+//! [[sweep.include]]              # an extra point (overrides of the base), for every seed
+//! "optimizer.lr" = 1e-4
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{self, ConfigError, LoadedConfig};
+
+/// The `[sweep]` section.
+#[derive(Deserialize, Serialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSection {
+    /// Directory name under `output_dir` (default: the experiment's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Seeds: every point runs once per seed (`experiment.seed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
+    /// Dotted config key (`task[1].max_train` reaches into arrays of tables) -> values.
+    #[serde(default)]
+    pub axes: toml::Table,
+    /// Extra points: overrides of the base experiment (run for every seed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<toml::Table>,
+    /// Partial assignments: grid points that match every key of a row are dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<toml::Table>,
+}
+
+/// One point of a sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct Point {
+    /// Hash of the resolved config (12 hex digits).
+    pub id: String,
+    /// The overrides, in axis order, as `key=value` (TOML values).
+    pub overrides: Vec<(String, String)>,
+    /// The overrides without the seed: what makes a method, for grouping seeds.
+    pub label: String,
+    pub seed: u64,
+}
+
+/// The expanded sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub name: String,
+    pub dir: PathBuf,
+    pub points: Vec<Point>,
+}
+
+fn value_text(v: &toml::Value) -> String {
+    // Inline TOML, the form `--set` takes.
+    match v {
+        toml::Value::String(s) => toml::Value::String(s.clone()).to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Keys the host's typed sections own; anything else under these prefixes is a plugin option
+/// that must already exist in the base file to be swept (plugins check their keys only when
+/// they are created, which is too late for a sweep).
+fn plugin_section(key: &str) -> bool {
+    ["model.tokenizer.", "model.vision.", "model.text.", "adapter.", "strategy[", "evaluator["]
+        .iter()
+        .any(|p| key.starts_with(p))
+        && !["adapter.merge_after_task", "adapter.merge_coefficient", "adapter.fresh_per_task", "adapter.freeze_base"]
+            .contains(&key)
+}
+
+/// Whether the dotted key (with `[i]` steps) names something in the document.
+fn key_exists(doc: &toml_edit::DocumentMut, key: &str) -> bool {
+    let steps = config::parse_path(key);
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut i = 0;
+    while i < steps.len() {
+        let config::PathStep::Key(name) = &steps[i] else { return false };
+        let Some(item) = table.get(name) else { return false };
+        let last = i + 1 == steps.len();
+        match steps.get(i + 1) {
+            Some(config::PathStep::Index(k)) => {
+                let Some(t) = item.as_array_of_tables().and_then(|a| a.get(*k)) else { return false };
+                if i + 2 == steps.len() {
+                    return true;
+                }
+                table = t;
+                i += 2;
+            }
+            _ if last => return true,
+            _ => {
+                let Some(t) = item.as_table_like() else { return false };
+                table = t;
+                i += 1;
+            }
+        }
+    }
+    true
+}
+
+fn matches(row: &toml::Table, assignment: &BTreeMap<String, toml::Value>) -> bool {
+    row.iter().all(|(k, v)| assignment.get(k) == Some(v))
+}
+
+/// Expand the sweep of a loaded experiment (its source text is the base).
+pub fn expand(cfg: &LoadedConfig) -> Result<Plan, ConfigError> {
+    let sweep = cfg
+        .config
+        .sweep
+        .clone()
+        .ok_or_else(|| cfg.error_at("sweep", "this experiment has no [sweep] section; add axes to sweep over"))?;
+    let doc: toml_edit::DocumentMut =
+        cfg.source.parse().map_err(|e: toml_edit::TomlError| cfg.error_at("sweep", e.message().to_string()))?;
+    let mut axes: Vec<(String, Vec<toml::Value>)> = Vec::new();
+    for (key, values) in &sweep.axes {
+        let at = format!("sweep.axes.\"{key}\"");
+        let values = match values {
+            toml::Value::Array(v) if !v.is_empty() => v.clone(),
+            toml::Value::Array(_) => {
+                return Err(cfg.error_at(&at, format!("axis `{key}` is empty; give it at least one value")))
+            }
+            _ => return Err(cfg.error_at(&at, format!("axis `{key}` must be a list of values"))),
+        };
+        if key == "experiment.seed" {
+            return Err(cfg.error_at(&at, "sweep seeds with `seeds = [...]`, not an axis over experiment.seed"));
+        }
+        if plugin_section(key) && !key_exists(&doc, key) {
+            return Err(cfg.error_at(
+                &at,
+                format!("axis `{key}` names a plugin option the base experiment does not set; set it in the base file first"),
+            ));
+        }
+        axes.push((key.clone(), values));
+    }
+    for (kind, rows) in [("include", &sweep.include), ("exclude", &sweep.exclude)] {
+        for (r, row) in rows.iter().enumerate() {
+            if row.is_empty() {
+                return Err(cfg.error_at(&format!("sweep.{kind}[{r}]"), format!("{kind} row {r} is empty")));
+            }
+            if kind == "exclude" {
+                if let Some(k) = row.keys().find(|k| !sweep.axes.contains_key(*k)) {
+                    return Err(cfg.error_at(
+                        &format!("sweep.exclude[{r}]"),
+                        format!("exclude row {r} names `{k}`, which is not an axis"),
+                    ));
+                }
+            }
+        }
+    }
+    for (i, inc) in sweep.include.iter().enumerate() {
+        let assignment: BTreeMap<String, toml::Value> = inc.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(e) = sweep.exclude.iter().position(|ex| matches(ex, &assignment)) {
+            return Err(cfg.error_at(
+                &format!("sweep.include[{i}]"),
+                format!("include row {i} is removed again by exclude row {e}; drop one of them"),
+            ));
+        }
+    }
+    // The grid, in axis order (the last axis varies fastest).
+    let mut grid: Vec<Vec<(String, toml::Value)>> = vec![Vec::new()];
+    for (key, values) in &axes {
+        grid = grid
+            .into_iter()
+            .flat_map(|partial| {
+                values.iter().map(move |v| {
+                    let mut p = partial.clone();
+                    p.push((key.clone(), v.clone()));
+                    p
+                })
+            })
+            .collect();
+    }
+    grid.retain(|p| {
+        let a: BTreeMap<String, toml::Value> = p.iter().cloned().collect();
+        !sweep.exclude.iter().any(|ex| matches(ex, &a))
+    });
+    grid.extend(sweep.include.iter().map(|row| row.iter().map(|(k, v)| (k.clone(), v.clone())).collect()));
+    let seeds = if sweep.seeds.is_empty() { vec![cfg.config.experiment.seed] } else { sweep.seeds.clone() };
+    let name = sweep.name.clone().unwrap_or_else(|| cfg.config.experiment.name.clone());
+    let mut points = Vec::new();
+    for assignment in &grid {
+        let label = if assignment.is_empty() {
+            "base".to_string()
+        } else {
+            assignment.iter().map(|(k, v)| format!("{k}={}", value_text(v))).collect::<Vec<_>>().join(" ")
+        };
+        for &seed in &seeds {
+            let mut overrides: Vec<(String, String)> =
+                assignment.iter().map(|(k, v)| (k.clone(), value_text(v))).collect();
+            overrides.push(("experiment.seed".into(), seed.to_string()));
+            let sets: Vec<String> = overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let src = config::apply_overrides(&cfg.source, &cfg.file, &sets)?;
+            let resolved = config::parse(&src, &cfg.file).map_err(|e| ConfigError {
+                message: format!("sweep point `{label}` (seed {seed}): {}", e.message),
+                ..e
+            })?;
+            let mut c = resolved.config.clone();
+            c.sweep = None;
+            let canonical = toml::to_string(&c).map_err(|e| cfg.error_at("sweep", e.to_string()))?;
+            let id = hex(&Sha256::digest(canonical.as_bytes()))[..12].to_string();
+            points.push(Point { id, overrides, label: label.clone(), seed });
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = points.iter().find(|p| !seen.insert(p.id.clone())) {
+        return Err(cfg.error_at(
+            "sweep",
+            format!(
+                "two points resolve to the same config (`{}`, seed {}); remove the duplicate row",
+                dup.label, dup.seed
+            ),
+        ));
+    }
+    let dir = cfg.config.experiment.output_dir.join(&name);
+    Ok(Plan { name, dir, points })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where a point's run lives, and how far it got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Done,
+    Partial,
+    Pending,
+}
+
+impl Plan {
+    pub fn run_dir(&self, p: &Point) -> PathBuf {
+        self.dir.join(&p.id)
+    }
+
+    pub fn status(&self, p: &Point) -> Status {
+        let d = self.run_dir(p);
+        if d.join("summary.json").is_file() {
+            Status::Done
+        } else if d.join("progress.json").is_file() {
+            Status::Partial
+        } else {
+            Status::Pending
+        }
+    }
+
+    /// The `--dry-run` table.
+    pub fn table(&self) -> String {
+        let mut s = format!("sweep `{}`: {} points in {}\n", self.name, self.points.len(), self.dir.display());
+        s.push_str(&format!("{:<14} {:<9} {:>6}  {}\n", "ID", "STATUS", "SEED", "POINT"));
+        for p in &self.points {
+            let st = match self.status(p) {
+                Status::Done => "done",
+                Status::Partial => "partial",
+                Status::Pending => "pending",
+            };
+            s.push_str(&format!("{:<14} {:<9} {:>6}  {}\n", p.id, st, p.seed, p.label));
+        }
+        s
+    }
+
+    /// sweep.json: the manifest of points (the run directories are the truth for results).
+    pub fn write_manifest(&self, experiment: &Path) -> anyhow::Result<()> {
+        let m = serde_json::json!({
+            "name": self.name,
+            "experiment": std::path::absolute(experiment)?,
+            "points": self.points.iter().map(|p| serde_json::json!({
+                "id": p.id, "label": p.label, "seed": p.seed, "overrides": p.overrides,
+                "run_dir": self.run_dir(p),
+            })).collect::<Vec<_>>(),
+        });
+        crate::fsutil::write_atomic(&self.dir.join("sweep.json"), serde_json::to_string_pretty(&m)?.as_bytes())
+    }
+}
+
+/// Outcome of a local sweep.
+pub struct Outcome {
+    pub finished: Vec<String>,
+    pub skipped: Vec<String>,
+    /// (point id, log file)
+    pub failed: Vec<(String, PathBuf)>,
+}
+
+/// Run every unfinished point with at most `jobs` `recall run` processes at once (the same
+/// binary; `base_sets` are the command line's own overrides, applied before each point's);
+/// a partial run is resumed. Each point's output goes to `RUN_DIR/stdout.txt` and
+/// `stderr.txt`.
+pub fn run_local(
+    plan: &Plan,
+    experiment: &Path,
+    base_sets: &[String],
+    recall: &Path,
+    jobs: usize,
+    quiet: bool,
+) -> anyhow::Result<Outcome> {
+    use std::process::{Command, Stdio};
+    std::fs::create_dir_all(&plan.dir)?;
+    plan.write_manifest(experiment)?;
+    let mut out = Outcome { finished: Vec::new(), skipped: Vec::new(), failed: Vec::new() };
+    let mut queue: std::collections::VecDeque<&Point> = std::collections::VecDeque::new();
+    for p in &plan.points {
+        if plan.status(p) == Status::Done {
+            out.skipped.push(p.id.clone());
+        } else {
+            queue.push_back(p);
+        }
+    }
+    let mut running: Vec<(&Point, std::process::Child)> = Vec::new();
+    loop {
+        while running.len() < jobs.max(1) {
+            let Some(p) = queue.pop_front() else { break };
+            let dir = plan.run_dir(p);
+            std::fs::create_dir_all(&dir)?;
+            let mut cmd = Command::new(recall);
+            cmd.arg("run").arg("-q");
+            if plan.status(p) == Status::Partial {
+                cmd.arg("--resume").arg(&dir);
+            } else {
+                cmd.arg(experiment).arg("--run-dir").arg(&dir);
+                for s in base_sets {
+                    cmd.arg("--set").arg(s);
+                }
+                for (k, v) in &p.overrides {
+                    cmd.arg("--set").arg(format!("{k}={v}"));
+                }
+            }
+            cmd.stdout(std::fs::File::create(dir.join("stdout.txt"))?);
+            cmd.stderr(std::fs::File::create(dir.join("stderr.txt"))?);
+            cmd.stdin(Stdio::null());
+            if !quiet {
+                println!("start  {}  seed {}  {}", p.id, p.seed, p.label);
+            }
+            running.push((p, cmd.spawn()?));
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut i = 0;
+        while i < running.len() {
+            if let Some(status) = running[i].1.try_wait()? {
+                let (p, _) = running.remove(i);
+                if status.success() {
+                    if !quiet {
+                        println!("done   {}", p.id);
+                    }
+                    out.finished.push(p.id.clone());
+                } else {
+                    let log = plan.run_dir(p).join("stderr.txt");
+                    if !quiet {
+                        println!("FAILED {}  ({status}); log: {}", p.id, log.display());
+                    }
+                    out.failed.push((p.id.clone(), log));
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(sweep: &str) -> String {
+        format!("{}\n{sweep}", crate::config::tests::MINIMAL)
+    }
+
+    fn plan(src: &str) -> Result<Plan, ConfigError> {
+        expand(&config::parse(src, "s.toml").unwrap())
+    }
+
+    #[test]
+    fn grid_seeds_exclude_include_and_stable_ids() {
+        let src = base(
+            r#"[sweep]
+seeds = [0, 1]
+[sweep.axes]
+"optimizer.lr" = [0.001, 0.0003]
+"train.epochs" = [1, 2]
+[[sweep.exclude]]
+"optimizer.lr" = 0.001
+"train.epochs" = 2
+[[sweep.include]]
+"optimizer.lr" = 0.1
+"#,
+        );
+        let p = plan(&src).unwrap();
+        // 2 x 2 grid minus 1 excluded plus 1 included, times 2 seeds.
+        assert_eq!(p.points.len(), 8);
+        assert_eq!(p.points[0].label, "optimizer.lr=0.001 train.epochs=1");
+        assert!(p.points.iter().all(|x| x.id.len() == 12));
+        let again = plan(&src).unwrap();
+        assert_eq!(
+            p.points.iter().map(|x| &x.id).collect::<Vec<_>>(),
+            again.points.iter().map(|x| &x.id).collect::<Vec<_>>()
+        );
+        assert!(!p.points.iter().any(|x| x.label == "optimizer.lr=0.001 train.epochs=2"));
+        assert_eq!(p.points.last().unwrap().label, "optimizer.lr=0.1");
+        assert_eq!(p.dir, PathBuf::from("runs/t"));
+    }
+
+    #[test]
+    fn bad_sweeps_are_located_errors() {
+        let e = plan(&base("[sweep.axes]\n\"optimizer.lr\" = []\n")).err().unwrap();
+        assert!(e.message.contains("empty"), "{e}");
+        assert!(e.line > 1);
+        let e = plan(&base("[sweep.axes]\n\"optimizer.lrr\" = [0.1]\n")).err().unwrap();
+        assert!(e.message.contains("lrr") && e.message.contains("did you mean `lr`"), "{e}");
+        let e = plan(&base("[sweep.axes]\n\"model.vision.widht\" = [8]\n")).err().unwrap();
+        assert!(e.message.contains("does not set"), "{e}");
+        let e = plan(&base(
+            "[sweep.axes]\n\"optimizer.lr\" = [0.1, 0.2]\n[[sweep.include]]\n\"optimizer.lr\" = 0.3\n[[sweep.exclude]]\n\"optimizer.lr\" = 0.3\n",
+        ))
+        .err()
+        .unwrap();
+        assert!(e.message.contains("include row 0 is removed again by exclude row 0"), "{e}");
+        let e = plan(&base("[sweep.axes]\n\"optimizer.lr\" = [0.1]\n[[sweep.exclude]]\n\"train.epochs\" = 1\n"))
+            .err()
+            .unwrap();
+        assert!(e.message.contains("not an axis"), "{e}");
+    }
+}
