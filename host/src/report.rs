@@ -23,19 +23,28 @@ struct Summary {
     performance_drop: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
+/// How a column reads its value from a run.
+type Getter = Box<dyn Fn(&Summary) -> Option<f64>>;
+
 /// One column: its title, whether higher is better, and the value a run gives.
 struct Column {
     title: String,
     higher_is_better: bool,
-    value: Box<dyn Fn(&Summary) -> Option<f64>>,
+    value: Getter,
 }
 
-fn retrieval(metric: &'static str, f: fn(&crate::metrics::ClSummary) -> f64) -> Box<dyn Fn(&Summary) -> Option<f64>> {
+/// A cell: mean and standard deviation over seeds (`None`: no run reports it).
+pub type Cell = Option<(f64, f64)>;
+
+/// A row: method, number of runs, cells.
+pub type Row = (String, usize, Vec<Cell>);
+
+fn retrieval(metric: &'static str, f: fn(&crate::metrics::ClSummary) -> f64) -> Getter {
     Box::new(move |s: &Summary| s.continual.get(metric).map(f))
 }
 
 /// The mean of both directions of an optional summary (BWT, forgetting).
-fn both_ways(f: fn(&crate::metrics::ClSummary) -> Option<f64>) -> Box<dyn Fn(&Summary) -> Option<f64>> {
+fn both_ways(f: fn(&crate::metrics::ClSummary) -> Option<f64>) -> Getter {
     Box::new(move |s: &Summary| {
         let a = s.continual.get("retrieval/i2t_r1").and_then(f)?;
         let b = s.continual.get("retrieval/t2i_r1").and_then(f)?;
@@ -121,7 +130,7 @@ fn discover(paths: &[PathBuf]) -> anyhow::Result<Vec<Found>> {
 pub struct Comparison {
     pub headers: Vec<String>,
     /// (method, seeds, cells as (mean, std))
-    pub rows: Vec<(String, usize, Vec<Option<(f64, f64)>>)>,
+    pub rows: Vec<Row>,
     /// Index of the best row per column.
     pub best: Vec<Option<usize>>,
     pub baseline: Option<usize>,
@@ -180,7 +189,7 @@ pub fn compare(paths: &[PathBuf], baseline: Option<&str>) -> anyhow::Result<Comp
         }
     }
     let cols = columns(&heldout);
-    let rows: Vec<(String, usize, Vec<Option<(f64, f64)>>)> = groups
+    let rows: Vec<Row> = groups
         .iter()
         .map(|(m, runs)| {
             let mut seeds: Vec<u64> = runs.iter().map(|r| r.seed).collect();
