@@ -19,6 +19,7 @@ pub mod optim;
 pub mod plugin;
 pub mod reference;
 pub mod report;
+pub mod report_html;
 pub mod runlog;
 pub mod runtime;
 pub mod scaffold;

@@ -67,7 +67,7 @@ enum Command {
         /// A method to show signed deltas against.
         #[arg(long)]
         baseline: Option<String>,
-        /// Also write compare.md and compare.csv into this directory.
+        /// Also write compare.md, compare.csv and compare.html (with plots) into this directory.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -267,6 +267,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             if let Some(dir) = out {
                 recall_host::fsutil::write_atomic(&dir.join("compare.md"), md.as_bytes())?;
                 recall_host::fsutil::write_atomic(&dir.join("compare.csv"), c.csv().as_bytes())?;
+                let html = recall_host::report_html::render(&c, "Recall comparison");
+                recall_host::fsutil::write_atomic(&dir.join("compare.html"), html.as_bytes())?;
             }
             Ok(ExitCode::SUCCESS)
         }

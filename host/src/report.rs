@@ -21,6 +21,52 @@ struct Summary {
     continual: BTreeMap<String, crate::metrics::ClSummary>,
     #[serde(default)]
     performance_drop: BTreeMap<String, BTreeMap<String, f64>>,
+    #[serde(default)]
+    results: Matrix,
+    #[serde(default)]
+    heldout: Matrix,
+}
+
+/// A result matrix as summary.json stores it: `rows[stage][set][metric]`.
+#[derive(serde::Deserialize, Default, Clone)]
+struct Matrix {
+    tasks: Vec<String>,
+    rows: Vec<Vec<BTreeMap<String, f64>>>,
+}
+
+impl Matrix {
+    fn metric(&self, name: &str) -> Vec<Vec<f64>> {
+        self.rows.iter().map(|r| r.iter().map(|m| m.get(name).copied().unwrap_or(f64::NAN)).collect()).collect()
+    }
+}
+
+/// A method's matrices, averaged over its seeds, for the plots.
+pub struct Curves {
+    pub method: String,
+    pub tasks: Vec<String>,
+    /// `[stage][task]`, retrieval R@1 each way.
+    pub i2t: Vec<Vec<f64>>,
+    pub t2i: Vec<Vec<f64>>,
+    pub heldout_sets: Vec<String>,
+    /// `[stage][set]`, zero-shot top-1.
+    pub zeroshot: Vec<Vec<f64>>,
+}
+
+/// Element-wise mean of equally shaped matrices (runs of one method).
+fn mean_matrix(ms: &[Vec<Vec<f64>>]) -> Vec<Vec<f64>> {
+    let Some(first) = ms.first() else { return Vec::new() };
+    first
+        .iter()
+        .enumerate()
+        .map(|(t, row)| {
+            (0..row.len())
+                .map(|i| {
+                    ms.iter().map(|m| m.get(t).and_then(|r| r.get(i)).copied().unwrap_or(f64::NAN)).sum::<f64>()
+                        / ms.len() as f64
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// How a column reads its value from a run.
@@ -137,6 +183,7 @@ pub struct Comparison {
     /// Runs without a summary, with how far they got.
     pub missing: Vec<String>,
     pub batch_sizes: Vec<usize>,
+    pub curves: Vec<Curves>,
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -240,10 +287,37 @@ pub fn compare(paths: &[PathBuf], baseline: Option<&str>) -> anyhow::Result<Comp
     let mut batch_sizes: Vec<usize> = groups.iter().flat_map(|(_, v)| v.iter().map(|s| s.batch_size)).collect();
     batch_sizes.sort();
     batch_sizes.dedup();
-    Ok(Comparison { headers: cols.into_iter().map(|c| c.title).collect(), rows, best, baseline, missing, batch_sizes })
+    let curves = groups
+        .iter()
+        .map(|(m, runs)| {
+            let matrices = |f: &dyn Fn(&Summary) -> Vec<Vec<f64>>| mean_matrix(&runs.iter().map(f).collect::<Vec<_>>());
+            Curves {
+                method: m.clone(),
+                tasks: runs[0].results.tasks.clone(),
+                i2t: matrices(&|s| s.results.metric("retrieval/i2t_r1")),
+                t2i: matrices(&|s| s.results.metric("retrieval/t2i_r1")),
+                heldout_sets: runs[0].heldout.tasks.clone(),
+                zeroshot: matrices(&|s| s.heldout.metric("zeroshot/top1")),
+            }
+        })
+        .collect();
+    Ok(Comparison {
+        headers: cols.into_iter().map(|c| c.title).collect(),
+        rows,
+        best,
+        baseline,
+        missing,
+        batch_sizes,
+        curves,
+    })
 }
 
 impl Comparison {
+    /// The text of cell (row i, column j): mean (± std over seeds), delta to the baseline.
+    pub fn cell_text(&self, i: usize, j: usize) -> String {
+        self.cell(i, j)
+    }
+
     fn cell(&self, i: usize, j: usize) -> String {
         let Some((mean, std)) = self.rows[i].2[j] else { return "-".into() };
         let integer = self.headers[j] == "trainable params";

@@ -34,6 +34,11 @@ fn compare_matches_the_golden_files() {
         std::fs::read_to_string(out.path().join("compare.csv")).unwrap(),
         std::fs::read_to_string(root.join("tests/fixtures/compare/expected.csv")).unwrap()
     );
+    // The HTML report: self-contained, with the table and inline SVG charts.
+    let html = std::fs::read_to_string(out.path().join("compare.html")).unwrap();
+    assert!(html.contains("<td>finetune (baseline)</td>") && html.contains("<b>4.00 (-5.00)</b>"), "{html}");
+    assert!(html.matches("<svg").count() >= 8, "bars per metric and curves expected");
+    assert!(!html.contains("chart failed") && !html.contains("src=\"http"), "{html}");
     let (ok, _, stderr) = recall(&["compare", &runs[0], "--baseline", "ewcc"], &root);
     assert!(!ok && stderr.contains("no method named `ewcc`") && stderr.contains("finetune"), "{stderr}");
 }
