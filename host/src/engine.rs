@@ -573,9 +573,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         }
     }
 
-    // Live handles after a step must not grow: a plugin that keeps handles it no longer needs
-    // leaks memory every step.
-    let mut handles_after_first_step: Option<usize> = None;
+    // Live handles after a step must not grow within a task: a plugin that keeps handles it
+    // no longer needs leaks memory every step.
+    let mut handles_after_first_step: Option<usize>;
     let mut leak_reported = false;
     let bs = c.train.batch_size;
     for (t_idx, task) in tasks.iter().enumerate().skip(p.finished_tasks) {
@@ -584,6 +584,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             bail!("task `{}` has {} training examples; at least 2 are needed", task.name, task.train.len());
         }
         rt.reseed(task_seed(c.experiment.seed, t_idx));
+        // Strategies may keep new tensors between tasks (EWC's Fisher, snapshots); a leak is
+        // growth from step to step within a task.
+        handles_after_first_step = None;
         let steps_per_epoch = task.train.len().div_ceil(bs);
         let n_steps = steps_per_epoch * c.train.epochs;
         let info = TaskInfo { index: t_idx as u64, name: task.name.as_str().into(), n_steps: n_steps as u64 };
