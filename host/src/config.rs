@@ -76,6 +76,9 @@ pub struct ExperimentConfig {
     pub zeroshot: Vec<TaskSection>,
     #[serde(default)]
     pub plugins: PluginsSection,
+    /// Remote tracking (MLflow); the run directory is always written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::tracking::TrackingSection>,
     /// Axes to sweep over (`recall sweep`); `recall run` runs the base experiment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sweep: Option<crate::sweep::SweepSection>,
@@ -778,6 +781,17 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
             return Err(c.error_at(
                 &format!("evaluator[{i}].suite"),
                 "this evaluator judges the [[zeroshot]] sets, but the experiment declares none",
+            ));
+        }
+    }
+    if let Some(t) = &cfg.tracking {
+        if t.backend != "mlflow" {
+            return Err(c.error_at(
+                "tracking.backend",
+                format!(
+                    "unknown tracking backend `{}`; available: mlflow (the run directory is always written)",
+                    t.backend
+                ),
             ));
         }
     }

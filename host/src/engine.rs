@@ -506,6 +506,60 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let trainable = model.trainable_parameters();
     let total = rt.params().iter().map(|p| p.var.elem_count()).sum::<usize>();
     tracing::info!(run_dir = %run_dir.display(), trainable, total, "run started");
+    let tracker_uri = match &c.tracking {
+        Some(t) => Some(t.uri().map_err(|e| cfg.error_at("tracking.uri", e.to_string()))?),
+        None => None,
+    };
+    let track = |event: crate::tracking::Event| -> anyhow::Result<()> {
+        if let Some(uri) = &tracker_uri {
+            crate::tracking::record(&run_dir, &event)?;
+            crate::tracking::sync_or_warn(&run_dir, uri);
+        }
+        Ok(())
+    };
+    if let (Some(t), false) = (&c.tracking, opts.resume) {
+        let mut resolved = toml::Value::try_from(c)?;
+        if let Some(table) = resolved.as_table_mut() {
+            table.remove("sweep");
+            table.remove("tracking");
+        }
+        let mut params = Vec::new();
+        crate::tracking::flatten("", &resolved, &mut params);
+        params.push(("trainable_parameters".into(), trainable.to_string()));
+        let mut tags: Vec<(String, String)> = vec![
+            ("method".into(), std::env::var("RECALL_SWEEP_LABEL").unwrap_or_else(|_| c.experiment.name.clone())),
+            ("seed".into(), c.experiment.seed.to_string()),
+            ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
+            ("recall_version".into(), env!("CARGO_PKG_VERSION").into()),
+            ("run_dir".into(), std::path::absolute(&run_dir)?.display().to_string()),
+        ];
+        if let Ok(parent) = std::env::var("RECALL_MLFLOW_PARENT_RUN_ID") {
+            tags.push(("mlflow.parentRunId".into(), parent));
+        }
+        for (k, v) in &t.tags {
+            tags.push((k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())));
+        }
+        let experiment = t
+            .experiment
+            .clone()
+            .or_else(|| std::env::var("RECALL_SWEEP_NAME").ok())
+            .unwrap_or_else(|| c.experiment.name.clone());
+        let name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        track(crate::tracking::Event::Start { experiment, name, tags, params, time_ms: crate::tracking::now_ms() })?;
+    }
+    let stage_metrics = |p: &Progress, stage: usize| -> crate::tracking::Event {
+        let mut metrics = Vec::new();
+        for (suite, m) in [("", &p.results), ("zeroshot/", &p.heldout)] {
+            if let Some(row) = m.rows.get(stage) {
+                for (i, cell) in row.iter().enumerate() {
+                    for (k, v) in cell {
+                        metrics.push((format!("{suite}{}/{k}", m.tasks[i]), *v, stage as u64));
+                    }
+                }
+            }
+        }
+        crate::tracking::Event::Metrics { metrics, time_ms: crate::tracking::now_ms() }
+    };
 
     let empty =
         |sets: &[TaskData]| ResultMatrix { tasks: sets.iter().map(|t| t.name.clone()).collect(), rows: Vec::new() };
@@ -558,6 +612,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     if p.results.rows.is_empty() {
         eval_stage(&mut p)?;
         write_atomic(&progress_file, serde_json::to_string(&p)?.as_bytes())?;
+        track(stage_metrics(&p, 0))?;
     }
     let shown: Vec<String> = p
         .results
@@ -763,6 +818,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         p.finished_tasks = t_idx + 1;
         write_atomic(&progress_file, serde_json::to_string(&p)?.as_bytes())?;
         tracing::info!(task = %task.name, stage = t_idx + 1, steps = p.global_step, "task finished and checkpointed");
+        track(stage_metrics(&p, t_idx + 1))?;
         if !opts.quiet {
             print!("{}", format_table(&p.results, t_idx + 1, &shown_refs));
             if !heldout_sets.is_empty() {
@@ -848,6 +904,37 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         }
     }
     write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    if tracker_uri.is_some() {
+        let t = tasks.len() as u64;
+        let mut metrics = Vec::new();
+        for (m, s) in &summary.continual {
+            for (k, v) in [("last", Some(s.last)), ("avg", Some(s.avg)), ("bwt", s.bwt), ("forgetting", s.forgetting)] {
+                if let Some(v) = v {
+                    metrics.push((format!("continual/{m}/{k}"), v, t));
+                }
+            }
+        }
+        for (m, sets) in &summary.performance_drop {
+            for (set, v) in sets {
+                metrics.push((format!("pd/{m}/{set}"), *v, t));
+            }
+        }
+        metrics.push(("train_seconds".into(), summary.train_seconds, t));
+        crate::tracking::record(
+            &run_dir,
+            &crate::tracking::Event::Metrics { metrics, time_ms: crate::tracking::now_ms() },
+        )?;
+        let mut files = vec!["config.resolved.toml".to_string(), "summary.json".into(), "splits.json".into()];
+        let mut csvs: Vec<String> = std::fs::read_dir(run_dir.join("r_matrix"))?
+            .filter_map(|e| e.ok().map(|e| format!("r_matrix/{}", e.file_name().to_string_lossy())))
+            .collect();
+        csvs.sort();
+        files.extend(csvs);
+        for f in files {
+            crate::tracking::record(&run_dir, &crate::tracking::Event::Artifact { path: f })?;
+        }
+        track(crate::tracking::Event::End { status: "FINISHED".into(), time_ms: crate::tracking::now_ms() })?;
+    }
     tracing::info!(steps = summary.steps, train_seconds = summary.train_seconds, "run finished");
     crate::runlog::close();
     Ok(summary)

@@ -24,3 +24,4 @@ pub mod runlog;
 pub mod runtime;
 pub mod scaffold;
 pub mod sweep;
+pub mod tracking;

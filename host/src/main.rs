@@ -54,6 +54,14 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
+    /// Send tracking events a run (or sweep) kept while the tracker was unreachable.
+    Sync {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Tracking server (default: the run's [tracking] uri, else MLFLOW_TRACKING_URI).
+        #[arg(long)]
+        uri: Option<String>,
+    },
     /// Prepare image-text datasets from registry assets (fetching them if needed).
     Data {
         #[command(subcommand)]
@@ -159,6 +167,27 @@ enum NewCommand {
     },
 }
 
+/// The tracking server of a run (its saved [tracking] uri) or of a sweep (the experiment
+/// named in its manifest), else MLFLOW_TRACKING_URI.
+fn sync_uri(target: &std::path::Path, given: &std::path::Path) -> anyhow::Result<String> {
+    let saved = target.join("config.resolved.toml");
+    let cfg = if saved.is_file() {
+        Some(config::load(&saved, &[])?)
+    } else {
+        let manifest = given.join("sweep.json");
+        let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest)?)?;
+        match m["experiment"].as_str() {
+            Some(f) => Some(config::load(std::path::Path::new(f), &[])?),
+            None => None,
+        }
+    };
+    match cfg.and_then(|c| c.config.tracking) {
+        Some(t) => t.uri(),
+        None => std::env::var("MLFLOW_TRACKING_URI")
+            .map_err(|_| anyhow::anyhow!("{} names no tracking server; pass --uri", target.display())),
+    }
+}
+
 fn init_logging(verbose: bool) {
     let default = if verbose { "debug" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RECALL_LOG")
@@ -246,7 +275,44 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let jobs =
                 jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| (n.get() / 2).max(1)).unwrap_or(1));
             let exe = std::env::current_exe()?;
-            let out = recall_host::sweep::run_local(&plan, file, set, &exe, jobs, cli.quiet)?;
+            // With MLflow: one parent run for the sweep (its events live in the sweep
+            // directory, like a run's), every point a nested child.
+            let mut env = Vec::new();
+            let tracker = match &cfg.config.tracking {
+                Some(t) => Some(t.uri()?),
+                None => None,
+            };
+            if let (Some(uri), Some(t)) = (&tracker, &cfg.config.tracking) {
+                use recall_host::tracking::{self, Event};
+                std::fs::create_dir_all(&plan.dir)?;
+                if !plan.dir.join("tracking").join("events.jsonl").exists() {
+                    let experiment = t.experiment.clone().unwrap_or_else(|| plan.name.clone());
+                    let tags = vec![
+                        ("sweep".to_string(), plan.name.clone()),
+                        ("points".into(), plan.points.len().to_string()),
+                        ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
+                    ];
+                    let event = Event::Start {
+                        experiment,
+                        name: plan.name.clone(),
+                        tags,
+                        params: Vec::new(),
+                        time_ms: tracking::now_ms(),
+                    };
+                    tracking::record(&plan.dir, &event)?;
+                }
+                tracking::sync_or_warn(&plan.dir, uri);
+                if let Some(id) = tracking::run_id(&plan.dir) {
+                    env.push(("RECALL_MLFLOW_PARENT_RUN_ID".to_string(), id));
+                }
+            }
+            let out = recall_host::sweep::run_local(&plan, file, set, &exe, jobs, cli.quiet, &env)?;
+            if let Some(uri) = &tracker {
+                use recall_host::tracking::{self, Event};
+                let status = if out.failed.is_empty() { "FINISHED" } else { "FAILED" };
+                tracking::record(&plan.dir, &Event::End { status: status.into(), time_ms: tracking::now_ms() })?;
+                tracking::sync_or_warn(&plan.dir, uri);
+            }
             println!(
                 "sweep `{}`: {} finished, {} already done, {} failed; runs in {}",
                 plan.name,
@@ -259,6 +325,33 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("failed: {id} (log: {})", log.display());
             }
             Ok(if out.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Sync { dirs, uri } => {
+            let mut failed = 0;
+            for dir in dirs {
+                // A sweep directory: the parent run first, then every point.
+                let mut targets = vec![dir.clone()];
+                if dir.join("sweep.json").is_file() {
+                    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("sweep.json"))?)?;
+                    for p in m["points"].as_array().into_iter().flatten() {
+                        targets.push(dir.join(p["id"].as_str().unwrap_or_default()));
+                    }
+                }
+                for t in targets.iter().filter(|t| t.join("tracking").join("events.jsonl").is_file()) {
+                    let server = match uri {
+                        Some(u) => u.clone(),
+                        None => sync_uri(t, dir)?,
+                    };
+                    match recall_host::tracking::sync(t, &server) {
+                        Ok(n) => println!("{}: {n} events sent to {server}", t.display()),
+                        Err(e) => {
+                            eprintln!("{}: {e:#}", t.display());
+                            failed += 1;
+                        }
+                    }
+                }
+            }
+            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Compare { runs, baseline, out } => {
             let c = recall_host::report::compare(runs, baseline.as_deref())?;

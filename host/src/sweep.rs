@@ -308,6 +308,7 @@ pub fn run_local(
     recall: &Path,
     jobs: usize,
     quiet: bool,
+    env: &[(String, String)],
 ) -> anyhow::Result<Outcome> {
     use std::process::{Command, Stdio};
     std::fs::create_dir_all(&plan.dir)?;
@@ -343,6 +344,11 @@ pub fn run_local(
             cmd.stdout(std::fs::File::create(dir.join("stdout.txt"))?);
             cmd.stderr(std::fs::File::create(dir.join("stderr.txt"))?);
             cmd.stdin(Stdio::null());
+            // Trackers name the sweep and the point (see `tracking`).
+            cmd.env("RECALL_SWEEP_NAME", &plan.name).env("RECALL_SWEEP_LABEL", &p.label);
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
             if !quiet {
                 println!("start  {}  seed {}  {}", p.id, p.seed, p.label);
             }
