@@ -830,16 +830,24 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             );
         }
     }
+    // Evaluators may report a metric's chance level as `{metric}_chance` (what a random model
+    // scores on the split): it is FWT's random baseline, not a score of its own.
     let continual: BTreeMap<String, crate::metrics::ClSummary> = p
         .results
         .metric_names()
         .into_iter()
-        .filter_map(|m| crate::metrics::summarize(&p.results.metric(&m), None).ok().map(|s| (m, s)))
+        .filter(|m| !m.ends_with("_chance"))
+        .filter_map(|m| {
+            let chance: Option<Vec<f64>> =
+                p.results.rows.first()?.iter().map(|cell| cell.get(&format!("{m}_chance")).copied()).collect();
+            crate::metrics::summarize(&p.results.metric(&m), chance.as_deref()).ok().map(|s| (m, s))
+        })
         .collect();
     let performance_drop: BTreeMap<String, BTreeMap<String, f64>> = p
         .heldout
         .metric_names()
         .into_iter()
+        .filter(|m| !m.ends_with("_chance"))
         .map(|m| {
             let pd = crate::metrics::performance_drop(&p.heldout.metric(&m));
             (m, p.heldout.tasks.iter().cloned().zip(pd).collect())
@@ -847,20 +855,21 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         .collect();
     if !opts.quiet {
         println!(
-            "\n{:<26}{:>9}{:>9}{:>9}{:>12}{:>10}",
-            "continual summary", "last", "avg", "bwt", "forgetting", "transfer"
+            "\n{:<26}{:>9}{:>9}{:>9}{:>12}{:>10}{:>9}",
+            "continual summary", "last", "avg", "bwt", "forgetting", "transfer", "fwt"
         );
         for m in &shown {
             if let Some(s) = continual.get(m) {
                 let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
                 println!(
-                    "{:<26}{:>9.2}{:>9.2}{:>9}{:>12}{:>10.2}",
+                    "{:<26}{:>9.2}{:>9.2}{:>9}{:>12}{:>10.2}{:>9}",
                     m,
                     s.last,
                     s.avg,
                     opt(s.bwt),
                     opt(s.forgetting),
-                    s.transfer
+                    s.transfer,
+                    opt(s.fwt)
                 );
             }
         }

@@ -46,4 +46,13 @@ dim = 24
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("plugins.json")).unwrap()).unwrap();
     assert!(plugins.as_array().unwrap().iter().any(|p| p["name"] == "ckc"));
     assert!(summary["continual"]["retrieval/i2t_r1"]["bwt"].is_number());
+    // FWT against the evaluator's chance level: R[i-1][i] minus what a random ranking scores.
+    let i2t = &summary["continual"]["retrieval/i2t_r1"];
+    let r = &summary["results"]["rows"];
+    let chance = |i: usize| r[0][i]["retrieval/i2t_r1_chance"].as_f64().unwrap();
+    let expected = ((r[0][0]["retrieval/i2t_r1"].as_f64().unwrap() - chance(0))
+        + (r[1][1]["retrieval/i2t_r1"].as_f64().unwrap() - chance(1)))
+        / 2.0;
+    assert!((i2t["fwt"].as_f64().unwrap() - expected).abs() < 1e-9, "{i2t}");
+    assert!(summary["continual"].get("retrieval/i2t_r1_chance").is_none(), "chance levels are baselines, not scores");
 }

@@ -90,6 +90,25 @@ pub fn recall_at_k(
     }
     let mean = out.iter().map(|(_, v)| v).sum::<f64>() / out.len().max(1) as f64;
     out.push(("mean_recall".to_string(), mean));
+    // What a random ranking scores on this split (the random baseline of FWT): for a query
+    // with c right answers among n candidates, P(one in the top k) = 1 - C(n-c, k) / C(n, k).
+    let hit = |n: usize, c: usize, k: usize| -> f64 {
+        1.0 - (0..k.min(n)).map(|j| (n.saturating_sub(c + j)) as f64 / (n - j) as f64).product::<f64>()
+    };
+    let mut group_size = vec![0usize; n_images];
+    for i in 0..n_images {
+        group_size[i] = (0..n_images).filter(|&j| same(i, j)).count();
+    }
+    let right_texts: Vec<usize> =
+        (0..n_images).map(|i| text_image.iter().filter(|&&t| same(t as usize, i)).count()).collect();
+    for &k in ks {
+        let queries: Vec<f64> = right_texts.iter().filter(|&&c| c > 0).map(|&c| hit(n_texts, c, k)).collect();
+        out.push((format!("i2t_r{k}_chance"), 100.0 * queries.iter().sum::<f64>() / queries.len().max(1) as f64));
+    }
+    for &k in ks {
+        let queries: Vec<f64> = text_image.iter().map(|&img| hit(n_images, group_size[img as usize], k)).collect();
+        out.push((format!("t2i_r{k}_chance"), 100.0 * queries.iter().sum::<f64>() / queries.len().max(1) as f64));
+    }
     Ok(out)
 }
 
@@ -156,6 +175,21 @@ mod tests {
     #[test]
     fn bad_index_is_an_error() {
         assert!(recall_at_k(&[0.0; 2], 1, &[0, 3], None, &[1]).is_err());
+    }
+
+    #[test]
+    fn chance_levels_are_those_of_a_random_ranking() {
+        // 4 images, one caption each: random R@1 = 1/4, R@2 = 1/2 both ways.
+        let m = recall_at_k(&[0.0; 16], 4, &[0, 1, 2, 3], None, &[1, 2]).unwrap();
+        assert!((get(&m, "i2t_r1_chance") - 25.0).abs() < 1e-9);
+        assert!((get(&m, "i2t_r2_chance") - 50.0).abs() < 1e-9);
+        assert!((get(&m, "t2i_r1_chance") - 25.0).abs() < 1e-9);
+        // Two groups of two images (class captions, one text each): i2t R@1 chance = 1/2,
+        // t2i R@1 chance = 2/4, t2i R@2 chance = 1 - (2/4)(1/3) = 5/6.
+        let m = recall_at_k(&[0.0; 8], 4, &[0, 2], Some(&[0, 0, 2, 2]), &[1, 2]).unwrap();
+        assert!((get(&m, "i2t_r1_chance") - 50.0).abs() < 1e-9);
+        assert!((get(&m, "t2i_r1_chance") - 50.0).abs() < 1e-9);
+        assert!((get(&m, "t2i_r2_chance") - 500.0 / 6.0).abs() < 1e-9);
     }
 
     #[test]

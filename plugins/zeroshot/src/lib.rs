@@ -41,13 +41,18 @@ pub fn top_k(scores: &[f32], n_classes: usize, labels: &[u32], ks: &[usize]) -> 
             row.iter().enumerate().filter(|&(c, &s)| c != l as usize && s >= right).count()
         })
         .collect();
-    Ok(ks
+    let mut out: Vec<(String, f64)> = ks
         .iter()
         .map(|&k| {
             let hits = ranks.iter().filter(|&&r| r < k).count();
             (format!("top{k}"), 100.0 * hits as f64 / ranks.len().max(1) as f64)
         })
-        .collect())
+        .collect();
+    // A random classifier's top-k: k of C classes (the random baseline of FWT).
+    for &k in ks {
+        out.push((format!("top{k}_chance"), 100.0 * k.min(n_classes) as f64 / n_classes as f64));
+    }
+    Ok(out)
 }
 
 impl Evaluator for ZeroShot {
@@ -93,6 +98,7 @@ mod tests {
         assert!((get("top1") - 100.0 / 3.0).abs() < 1e-9);
         assert!((get("top2") - 200.0 / 3.0).abs() < 1e-9);
         assert_eq!(get("top3"), 100.0);
+        assert!((get("top1_chance") - 100.0 / 3.0).abs() < 1e-9);
     }
 
     #[test]
