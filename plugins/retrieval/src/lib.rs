@@ -95,10 +95,7 @@ pub fn recall_at_k(
     let hit = |n: usize, c: usize, k: usize| -> f64 {
         1.0 - (0..k.min(n)).map(|j| (n.saturating_sub(c + j)) as f64 / (n - j) as f64).product::<f64>()
     };
-    let mut group_size = vec![0usize; n_images];
-    for i in 0..n_images {
-        group_size[i] = (0..n_images).filter(|&j| same(i, j)).count();
-    }
+    let group_size: Vec<usize> = (0..n_images).map(|i| (0..n_images).filter(|&j| same(i, j)).count()).collect();
     let right_texts: Vec<usize> =
         (0..n_images).map(|i| text_image.iter().filter(|&&t| same(t as usize, i)).count()).collect();
     for &k in ks {
