@@ -23,5 +23,6 @@ pub mod report_html;
 pub mod runlog;
 pub mod runtime;
 pub mod scaffold;
+pub mod slurm;
 pub mod sweep;
 pub mod tracking;

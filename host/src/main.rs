@@ -53,6 +53,24 @@ enum Command {
         /// Points run at once (default: half the cores, at least 1).
         #[arg(long)]
         jobs: Option<usize>,
+        /// `local` (default) or `slurm` (one array job, a task per unfinished point).
+        #[arg(long, default_value = "local")]
+        executor: String,
+        /// Slurm partition.
+        #[arg(long)]
+        partition: Option<String>,
+        /// Slurm time limit per point (e.g. 01:00:00).
+        #[arg(long)]
+        time: Option<String>,
+        /// GPUs per point (Slurm).
+        #[arg(long)]
+        gpus_per_point: Option<u32>,
+        /// Array tasks running at once (Slurm's `%K`).
+        #[arg(long)]
+        max_parallel: Option<usize>,
+        /// Cancel the sweep's submitted Slurm job.
+        #[arg(long)]
+        cancel: bool,
     },
     /// Send tracking events a run (or sweep) kept while the tracker was unreachable.
     Sync {
@@ -265,12 +283,31 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sweep { file, set, dry_run, jobs } => {
+        Command::Sweep {
+            file,
+            set,
+            dry_run,
+            jobs,
+            executor,
+            partition,
+            time,
+            gpus_per_point,
+            max_parallel,
+            cancel,
+        } => {
             let cfg = config::load(file, set)?;
             let plan = recall_host::sweep::expand(&cfg)?;
             if *dry_run {
                 print!("{}", plan.table());
                 return Ok(ExitCode::SUCCESS);
+            }
+            if *cancel {
+                let job = recall_host::slurm::cancel(&plan)?;
+                println!("cancelled Slurm job {job} of sweep `{}`", plan.name);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !matches!(executor.as_str(), "local" | "slurm") {
+                anyhow::bail!("unknown executor `{executor}`; expected `local` or `slurm`");
             }
             let jobs =
                 jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| (n.get() / 2).max(1)).unwrap_or(1));
@@ -306,7 +343,41 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     env.push(("RECALL_MLFLOW_PARENT_RUN_ID".to_string(), id));
                 }
             }
-            let out = recall_host::sweep::run_local(&plan, file, set, &exe, jobs, cli.quiet, &env)?;
+            let out = if executor == "slurm" {
+                use recall_host::slurm;
+                let opts = slurm::SlurmOptions {
+                    partition: partition.clone(),
+                    time: time.clone(),
+                    gpus_per_point: *gpus_per_point,
+                    max_parallel: *max_parallel,
+                };
+                std::fs::create_dir_all(&plan.dir)?;
+                plan.write_manifest(file)?;
+                let skipped: Vec<String> = plan
+                    .points
+                    .iter()
+                    .filter(|p| plan.status(p) == recall_host::sweep::Status::Done)
+                    .map(|p| p.id.clone())
+                    .collect();
+                let mut out = recall_host::sweep::Outcome { finished: Vec::new(), skipped, failed: Vec::new() };
+                if let Some(job) = slurm::submit(&plan, file, set, &exe, &opts, &env)? {
+                    if !cli.quiet {
+                        println!("submitted Slurm array job {} ({} points)", job.job_id, job.points.len());
+                    }
+                    for (i, (id, state)) in slurm::follow(&plan, &job, cli.quiet)?.into_iter().enumerate() {
+                        let done = plan.dir.join(&id).join("summary.json").is_file();
+                        if state == "COMPLETED" && done {
+                            out.finished.push(id);
+                        } else {
+                            eprintln!("point {id} ended {state}; log: {}", slurm::log_path(&plan, i).display());
+                            out.failed.push((id, slurm::log_path(&plan, i)));
+                        }
+                    }
+                }
+                out
+            } else {
+                recall_host::sweep::run_local(&plan, file, set, &exe, jobs, cli.quiet, &env)?
+            };
             if let Some(uri) = &tracker {
                 use recall_host::tracking::{self, Event};
                 let status = if out.failed.is_empty() { "FINISHED" } else { "FAILED" };

@@ -116,8 +116,11 @@ fn a_plugin_for_another_major_version_is_refused_readably() {
     let ws = root.join("target/abi-v2-src");
     std::fs::create_dir_all(ws.join("sdk/src")).unwrap();
     std::fs::create_dir_all(ws.join("probe/src")).unwrap();
-    for f in ["abi.rs", "checkpoint.rs", "config.rs", "error.rs", "kinds.rs", "lib.rs", "nn.rs", "tensor.rs"] {
-        std::fs::copy(root.join("sdk/src").join(f), ws.join("sdk/src").join(f)).unwrap();
+    for f in std::fs::read_dir(root.join("sdk/src")).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|e| e == "rs") {
+            std::fs::copy(&f, ws.join("sdk/src").join(f.file_name().unwrap())).unwrap();
+        }
     }
     let current = recall_sdk::abi::ABI_VERSION;
     let sdk_toml = std::fs::read_to_string(root.join("sdk/Cargo.toml")).unwrap().replacen(
