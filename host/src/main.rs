@@ -378,8 +378,22 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             } else {
                 recall_host::sweep::run_local(&plan, file, set, &exe, jobs, cli.quiet, &env)?
             };
+            // The comparison of what finished, beside the manifest (and on the parent run).
+            let report = recall_host::report::compare(std::slice::from_ref(&plan.dir), None).ok();
+            if let Some(c) = &report {
+                use recall_host::fsutil::write_atomic;
+                write_atomic(&plan.dir.join("compare.md"), c.markdown().as_bytes())?;
+                write_atomic(&plan.dir.join("compare.csv"), c.csv().as_bytes())?;
+                let html = recall_host::report_html::render(c, &format!("sweep {}", plan.name));
+                write_atomic(&plan.dir.join("compare.html"), html.as_bytes())?;
+            }
             if let Some(uri) = &tracker {
                 use recall_host::tracking::{self, Event};
+                if report.is_some() {
+                    for f in ["sweep.json", "compare.md", "compare.csv", "compare.html"] {
+                        tracking::record(&plan.dir, &Event::Artifact { path: f.into() })?;
+                    }
+                }
                 let status = if out.failed.is_empty() { "FINISHED" } else { "FAILED" };
                 tracking::record(&plan.dir, &Event::End { status: status.into(), time_ms: tracking::now_ms() })?;
                 tracking::sync_or_warn(&plan.dir, uri);

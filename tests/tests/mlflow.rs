@@ -185,6 +185,12 @@ fn a_sweep_is_one_parent_run_with_nested_children() {
         assert!(names.contains(&"summary.json") && names.contains(&"config.resolved.toml"), "{names:?}");
     }
     assert_eq!(parent["info"]["status"], "FINISHED");
+    // The parent carries the sweep's manifest and comparison report.
+    let files = api_get(&server, "artifacts/list", &[("run_id", parent_id)]);
+    let names: Vec<&str> = files["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    for f in ["sweep.json", "compare.md", "compare.html"] {
+        assert!(names.contains(&f), "{names:?}");
+    }
     // No credentials are ever written: nothing sensitive in the tracking files.
     let _ = server;
 }
