@@ -364,7 +364,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     if !cli.quiet {
                         println!("submitted Slurm array job {} ({} points)", job.job_id, job.points.len());
                     }
-                    for (i, (id, state)) in slurm::follow(&plan, &job, cli.quiet)?.into_iter().enumerate() {
+                    for (i, (id, state)) in slurm::follow(&job, cli.quiet)?.into_iter().enumerate() {
                         let done = plan.dir.join(&id).join("summary.json").is_file();
                         if state == "COMPLETED" && done {
                             out.finished.push(id);

@@ -314,11 +314,7 @@ pub fn compare(paths: &[PathBuf], baseline: Option<&str>) -> anyhow::Result<Comp
 
 impl Comparison {
     /// The text of cell (row i, column j): mean (± std over seeds), delta to the baseline.
-    pub fn cell_text(&self, i: usize, j: usize) -> String {
-        self.cell(i, j)
-    }
-
-    fn cell(&self, i: usize, j: usize) -> String {
+    pub fn cell(&self, i: usize, j: usize) -> String {
         let Some((mean, std)) = self.rows[i].2[j] else { return "-".into() };
         let integer = self.headers[j] == "trainable params";
         let mut s = if integer {

@@ -179,7 +179,7 @@ pub fn render(c: &Comparison, title: &str) -> String {
         let name = if c.baseline == Some(i) { format!("{m} (baseline)") } else { m.clone() };
         body.push_str(&format!("<tr><td>{}</td><td>{n}</td>", html_escape(&name)));
         for j in 0..c.headers.len() {
-            let cell = html_escape(&c.cell_text(i, j));
+            let cell = html_escape(&c.cell(i, j));
             if c.best[j] == Some(i) && c.rows.len() > 1 {
                 body.push_str(&format!("<td><b>{cell}</b></td>"));
             } else {

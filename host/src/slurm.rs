@@ -183,7 +183,7 @@ fn parse_states(out: &str) -> Vec<(usize, String)> {
 }
 
 /// Poll until every array task is in a final state; returns (point id, state) per index.
-pub fn follow(plan: &Plan, job: &Submitted, quiet: bool) -> anyhow::Result<Vec<(String, String)>> {
+pub fn follow(job: &Submitted, quiet: bool) -> anyhow::Result<Vec<(String, String)>> {
     let n = job.points.len();
     let mut last_report = String::new();
     loop {
@@ -209,7 +209,6 @@ pub fn follow(plan: &Plan, job: &Submitted, quiet: bool) -> anyhow::Result<Vec<(
                     out[i] = (job.points[i].clone(), st);
                 }
             }
-            let _ = plan;
             return Ok(out);
         }
         std::thread::sleep(std::time::Duration::from_millis(500));

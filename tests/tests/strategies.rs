@@ -157,6 +157,15 @@ fn ewc_runtime() -> std::rc::Rc<Runtime> {
     rt
 }
 
+/// Every fixture parameter's current value equals the fixture tensor `{prefix}{name}`.
+fn assert_params(rt: &Runtime, fx: &std::collections::HashMap<String, Tensor>, prefix: &str, what: &str) {
+    for (name, _) in EWC_PARAMS {
+        let ours = rt.params().get(name).unwrap().var.as_tensor().clone();
+        let e = max_rel(&ours, &fx[&format!("{prefix}{name}")]);
+        assert!(e <= 1e-12, "{what}: {name} off by {e:e}");
+    }
+}
+
 fn set_params(rt: &Runtime, fx: &std::collections::HashMap<String, Tensor>, prefix: &str) {
     for (name, _) in EWC_PARAMS {
         rt.params().get(name).unwrap().var.set(&fx[&format!("{prefix}{name}")]).unwrap();
@@ -255,11 +264,7 @@ fn wise_ft_interpolation_matches_the_reference() {
             // Training moves the weights to the fine-tuned ones.
             set_params(&rt, &fx, &format!("wise.ft{k}."));
             s.after_task(&task(k - 1)).unwrap();
-            for (name, _) in EWC_PARAMS {
-                let ours = rt.params().get(name).unwrap().var.as_tensor().clone();
-                let e = max_rel(&ours, &fx[&format!("wise.{anchor}.after{k}.{name}")]);
-                assert!(e <= 1e-12, "{anchor}, task {k}: {name} off by {e:e}");
-            }
+            assert_params(&rt, &fx, &format!("wise.{anchor}.after{k}."), &format!("{anchor}, task {k}"));
         }
     }
 }
@@ -327,11 +332,7 @@ fn zscl_weight_ensembling_matches_the_reference_loop() {
         s.after_step(step - 1).unwrap();
     }
     s.after_task(&task(0)).unwrap();
-    for (name, _) in EWC_PARAMS {
-        let ours = rt.params().get(name).unwrap().var.as_tensor().clone();
-        let e = max_rel(&ours, &fx[&format!("final.{name}")]);
-        assert!(e <= 1e-12, "{name} off by {e:e}");
-    }
+    assert_params(&rt, &fx, "final.", "weight ensemble after 7 steps");
 }
 
 #[test]
