@@ -74,6 +74,9 @@ pub struct ExperimentConfig {
     /// Held-out sets for zero-shot classification after every task (retention, PD).
     #[serde(default, rename = "zeroshot", skip_serializing_if = "Vec::is_empty")]
     pub zeroshot: Vec<TaskSection>,
+    /// A frozen teacher for feature distillation (TokLIP's `distill`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<TeacherSection>,
     #[serde(default)]
     pub plugins: PluginsSection,
     /// Remote tracking (MLflow); the run directory is always written.
@@ -104,6 +107,8 @@ pub struct ExperimentSection {
 /// A plugin and its own options (everything but `plugin`).
 #[derive(Deserialize, Serialize, Clone, Debug)]
 pub struct PluginSection {
+    /// The plugin's name; empty (absent) only for a tower with `backend = "onnx"`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub plugin: String,
     #[serde(flatten)]
     pub options: toml::Table,
@@ -142,6 +147,26 @@ pub struct ModelSection {
     /// `task-NN.safetensors`. Every tensor in it must fit the model; parameters it lacks
     /// (adapters, strategy parameters) keep their initialisation. Relative paths are relative
     /// to the experiment file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+}
+
+/// A frozen vision tower whose image features on every training batch reach the strategies
+/// as `teacher_image_features`. It sees the batch's images through its own preprocessing
+/// (size from the tower, mean/std here), so a teacher at another resolution needs no resize
+/// step; it is never trained and is built on the experiment's device.
+#[derive(Deserialize, Serialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSection {
+    /// A vision plugin with its options, or `backend = "onnx"` with a model file.
+    pub vision: PluginSection,
+    #[serde(default)]
+    pub preprocess: PreprocessSection,
+    /// Pretrained CLIP weights for a plugin tower (as `model.checkpoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
+    /// A Recall run directory or checkpoint to load the tower's `vision.*` weights from (as
+    /// `model.init`; every tensor of the tower must be there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
 }
@@ -592,6 +617,28 @@ pub fn parse(src: &str, file: &str) -> Result<LoadedConfig, ConfigError> {
         if let Some(init) = config.model.init.as_mut().filter(|p| p.is_relative()) {
             *init = dir.join(&*init);
         }
+        if let Some(t) = config.teacher.as_mut() {
+            for p in [t.init.as_mut(), t.checkpoint.as_mut()].into_iter().flatten() {
+                if p.is_relative() && !p.to_string_lossy().starts_with("asset:") {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        let teacher_vision = config.teacher.as_mut().map(|t| &mut t.vision);
+        for tower in
+            [Some(&mut config.model.vision), Some(&mut config.model.text), teacher_vision].into_iter().flatten()
+        {
+            if !crate::onnx::is_onnx(&tower.options) {
+                continue;
+            }
+            for key in ["model", "library"] {
+                if let Some(toml::Value::String(f)) = tower.options.get_mut(key) {
+                    if !f.starts_with("asset:") && Path::new(f.as_str()).is_relative() {
+                        *f = dir.join(&*f).display().to_string();
+                    }
+                }
+            }
+        }
     }
     let mut loaded = LoadedConfig { config, source: src.to_string(), file: file.to_string() };
     validate(&loaded)?;
@@ -638,6 +685,9 @@ fn resolve_assets(c: &mut LoadedConfig) -> Result<(), ConfigError> {
     if let Some(a) = c.config.adapter.as_mut() {
         sections.push(("adapter".into(), &mut a.options));
     }
+    if let Some(t) = c.config.teacher.as_mut() {
+        sections.push(("teacher.vision".into(), &mut t.vision.options));
+    }
     for (i, s) in c.config.strategies.iter_mut().enumerate() {
         sections.push((format!("strategy[{i}]"), &mut s.options));
     }
@@ -656,11 +706,14 @@ fn resolve_assets(c: &mut LoadedConfig) -> Result<(), ConfigError> {
             }
         }
     }
-    if let Some(ck) = c.config.model.checkpoint.as_mut() {
+    let teacher_ck = c.config.teacher.as_mut().and_then(|t| t.checkpoint.as_mut()).map(|p| ("teacher.checkpoint", p));
+    for (key, ck) in
+        [c.config.model.checkpoint.as_mut().map(|p| ("model.checkpoint", p)), teacher_ck].into_iter().flatten()
+    {
         match resolve_asset(&ck.to_string_lossy()) {
             Ok(Some(p)) => *ck = p,
             Ok(None) => {}
-            Err(m) => failure = failure.or(Some(("model.checkpoint".into(), m))),
+            Err(m) => failure = failure.or(Some((key.to_string(), m))),
         }
     }
     match failure {
@@ -729,6 +782,42 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     if cfg.tasks.is_empty() {
         return Err(c.error_at("task", "the experiment has no [[task]]; add at least one"));
     }
+    let mut plugin_sections: Vec<(String, &PluginSection)> = vec![
+        ("model.tokenizer".into(), &cfg.model.tokenizer),
+        ("model.vision".into(), &cfg.model.vision),
+        ("model.text".into(), &cfg.model.text),
+    ];
+    plugin_sections.extend(cfg.strategies.iter().enumerate().map(|(i, s)| (format!("strategy[{i}]"), s)));
+    if let Some(t) = &cfg.teacher {
+        plugin_sections.push(("teacher.vision".into(), &t.vision));
+    }
+    for (at, p) in plugin_sections {
+        let tower = matches!(at.as_str(), "model.vision" | "model.text" | "teacher.vision");
+        let onnx = tower && crate::onnx::is_onnx(&p.options);
+        match (onnx, p.plugin.is_empty()) {
+            (true, false) => {
+                return Err(c.error_at(
+                    &format!("{at}.plugin"),
+                    "a tower with backend = \"onnx\" runs its model file, not a plugin; remove `plugin`",
+                ))
+            }
+            (false, true) => {
+                let hint = if at == "model.vision" || at == "model.text" {
+                    " (or backend = \"onnx\" with a model file)"
+                } else {
+                    ""
+                };
+                return Err(c.error_at(&at, format!("`plugin` is missing: name the plugin to load{hint}")));
+            }
+            _ => {}
+        }
+        if let Some(b) = p.options.get("backend").and_then(|v| v.as_str()).filter(|b| *b != "onnx") {
+            return Err(c.error_at(
+                &format!("{at}.backend"),
+                format!("unknown backend `{b}`; the one backend a tower can name is `onnx` (plugins run on candle)"),
+            ));
+        }
+    }
     if cfg.train.batch_size < 2 {
         return Err(
             c.error_at("train.batch_size", "batch_size must be at least 2 (the contrastive loss needs negatives)")
@@ -785,11 +874,11 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
         }
     }
     if let Some(t) = &cfg.tracking {
-        if t.backend != "mlflow" {
+        if !["local", "mlflow"].contains(&t.backend.as_str()) {
             return Err(c.error_at(
                 "tracking.backend",
                 format!(
-                    "unknown tracking backend `{}`; available: mlflow (the run directory is always written)",
+                    "unknown tracking backend `{}`; available: local, mlflow (the run directory is always written)",
                     t.backend
                 ),
             ));

@@ -455,6 +455,11 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     } else {
         None
     };
+    // A frozen teacher (TokLIP's distillation): its features on every batch.
+    let teacher = match &c.teacher {
+        Some(t) => Some(crate::model::Teacher::build(t, &c.experiment, cfg, registry)?),
+        None => None,
+    };
     let reference = match (&c.reference, wants_initial) {
         (Some(r), true) => {
             let d = load_sets(cfg, std::slice::from_ref(r), "reference", &model.preprocess)?.remove(0);
@@ -506,18 +511,10 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let trainable = model.trainable_parameters();
     let total = rt.params().iter().map(|p| p.var.elem_count()).sum::<usize>();
     tracing::info!(run_dir = %run_dir.display(), trainable, total, "run started");
-    let tracker_uri = match &c.tracking {
-        Some(t) => Some(t.uri().map_err(|e| cfg.error_at("tracking.uri", e.to_string()))?),
-        None => None,
-    };
-    let track = |event: crate::tracking::Event| -> anyhow::Result<()> {
-        if let Some(uri) = &tracker_uri {
-            crate::tracking::record(&run_dir, &event)?;
-            crate::tracking::sync_or_warn(&run_dir, uri);
-        }
-        Ok(())
-    };
-    if let (Some(t), false) = (&c.tracking, opts.resume) {
+    // The local event log is always written; a `[tracking]` backend delivers from it.
+    let mut tracking = crate::tracking::Tracking::open(&run_dir, c.tracking.as_ref())
+        .map_err(|e| cfg.error_at("tracking", format!("{e:#}")))?;
+    if !tracking.is_started() {
         let mut resolved = toml::Value::try_from(c)?;
         if let Some(table) = resolved.as_table_mut() {
             table.remove("sweep");
@@ -536,16 +533,23 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         if let Ok(parent) = std::env::var("RECALL_MLFLOW_PARENT_RUN_ID") {
             tags.push(("mlflow.parentRunId".into(), parent));
         }
-        for (k, v) in &t.tags {
+        for (k, v) in c.tracking.iter().flat_map(|t| &t.tags) {
             tags.push((k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())));
         }
-        let experiment = t
-            .experiment
-            .clone()
+        let experiment = c
+            .tracking
+            .as_ref()
+            .and_then(|t| t.experiment.clone())
             .or_else(|| std::env::var("RECALL_SWEEP_NAME").ok())
             .unwrap_or_else(|| c.experiment.name.clone());
         let name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        track(crate::tracking::Event::Start { experiment, name, tags, params, time_ms: crate::tracking::now_ms() })?;
+        tracking.log(crate::tracking::Event::Start {
+            experiment,
+            name,
+            tags,
+            params,
+            time_ms: crate::tracking::now_ms(),
+        })?;
     }
     let stage_metrics = |p: &Progress, stage: usize| -> crate::tracking::Event {
         let mut metrics = Vec::new();
@@ -612,7 +616,10 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     if p.results.rows.is_empty() {
         eval_stage(&mut p)?;
         write_atomic(&progress_file, serde_json::to_string(&p)?.as_bytes())?;
-        track(stage_metrics(&p, 0))?;
+    }
+    // Stage metrics not yet in the log (a run killed between its checkpoint and its event).
+    for stage in tracking.stages_logged()?..p.results.rows.len() {
+        tracking.log(stage_metrics(&p, stage))?;
     }
     let shown: Vec<String> = p
         .results
@@ -707,6 +714,16 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                     ("pixel_values", &pixels),
                     ("input_ids", &ids),
                 ];
+                let teacher_features = match &teacher {
+                    Some(t) => {
+                        let tp = data::pixel_batch(&examples, &t.preprocess, rt.device(), rt.float_dtype())?;
+                        Some(t.encode_images(&tp)?)
+                    }
+                    None => None,
+                };
+                if let Some(tf) = &teacher_features {
+                    inputs.push(("teacher_image_features", tf));
+                }
                 if let Some((oi, ot, os)) = &old_features {
                     inputs.push(("old_image_features", oi));
                     inputs.push(("old_text_features", ot));
@@ -818,7 +835,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         p.finished_tasks = t_idx + 1;
         write_atomic(&progress_file, serde_json::to_string(&p)?.as_bytes())?;
         tracing::info!(task = %task.name, stage = t_idx + 1, steps = p.global_step, "task finished and checkpointed");
-        track(stage_metrics(&p, t_idx + 1))?;
+        tracking.log(stage_metrics(&p, t_idx + 1))?;
         if !opts.quiet {
             print!("{}", format_table(&p.results, t_idx + 1, &shown_refs));
             if !heldout_sets.is_empty() {
@@ -913,7 +930,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         }
     }
     write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    if tracker_uri.is_some() {
+    {
         let t = tasks.len() as u64;
         let mut metrics = Vec::new();
         for (m, s) in &summary.continual {
@@ -929,10 +946,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             }
         }
         metrics.push(("train_seconds".into(), summary.train_seconds, t));
-        crate::tracking::record(
-            &run_dir,
-            &crate::tracking::Event::Metrics { metrics, time_ms: crate::tracking::now_ms() },
-        )?;
+        tracking.record(crate::tracking::Event::Metrics { metrics, time_ms: crate::tracking::now_ms() })?;
         let mut files = vec!["config.resolved.toml".to_string(), "summary.json".into(), "splits.json".into()];
         let mut csvs: Vec<String> = std::fs::read_dir(run_dir.join("r_matrix"))?
             .filter_map(|e| e.ok().map(|e| format!("r_matrix/{}", e.file_name().to_string_lossy())))
@@ -940,9 +954,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         csvs.sort();
         files.extend(csvs);
         for f in files {
-            crate::tracking::record(&run_dir, &crate::tracking::Event::Artifact { path: f })?;
+            tracking.record(crate::tracking::Event::Artifact { path: f })?;
         }
-        track(crate::tracking::Event::End { status: "FINISHED".into(), time_ms: crate::tracking::now_ms() })?;
+        tracking.log(crate::tracking::Event::End { status: "FINISHED".into(), time_ms: crate::tracking::now_ms() })?;
     }
     tracing::info!(steps = summary.steps, train_seconds = summary.train_seconds, "run finished");
     crate::runlog::close();

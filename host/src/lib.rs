@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod loader;
 pub mod metrics;
 pub mod model;
+pub mod onnx;
 pub mod optim;
 pub mod plugin;
 pub mod reference;

@@ -144,6 +144,15 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// Open an ONNX model with the ONNX Runtime backend and list its inputs and outputs (the
+    /// names a `backend = "onnx"` tower matches by).
+    OnnxInfo {
+        /// The `.onnx` file.
+        model: PathBuf,
+        /// libonnxruntime to load (default: RECALL_ONNXRUNTIME, then the fetched asset).
+        #[arg(long)]
+        library: Option<PathBuf>,
+    },
     /// Scaffold a new plugin crate (out of tree, depending on recall-sdk only).
     New {
         #[command(subcommand)]
@@ -315,33 +324,31 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             // With MLflow: one parent run for the sweep (its events live in the sweep
             // directory, like a run's), every point a nested child.
             let mut env = Vec::new();
-            let tracker = match &cfg.config.tracking {
-                Some(t) => Some(t.uri()?),
-                None => None,
-            };
-            if let (Some(uri), Some(t)) = (&tracker, &cfg.config.tracking) {
-                use recall_host::tracking::{self, Event};
+            let mut tracking = None;
+            if let Some(t) = &cfg.config.tracking {
+                use recall_host::tracking::{self, Event, Tracking};
                 std::fs::create_dir_all(&plan.dir)?;
-                if !plan.dir.join("tracking").join("events.jsonl").exists() {
+                let mut tr = Tracking::open(&plan.dir, Some(t))?;
+                if !tr.is_started() {
                     let experiment = t.experiment.clone().unwrap_or_else(|| plan.name.clone());
                     let tags = vec![
                         ("sweep".to_string(), plan.name.clone()),
                         ("points".into(), plan.points.len().to_string()),
                         ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
                     ];
-                    let event = Event::Start {
+                    tr.record(Event::Start {
                         experiment,
                         name: plan.name.clone(),
                         tags,
                         params: Vec::new(),
                         time_ms: tracking::now_ms(),
-                    };
-                    tracking::record(&plan.dir, &event)?;
+                    })?;
                 }
-                tracking::sync_or_warn(&plan.dir, uri);
+                tr.flush();
                 if let Some(id) = tracking::run_id(&plan.dir) {
                     env.push(("RECALL_MLFLOW_PARENT_RUN_ID".to_string(), id));
                 }
+                tracking = Some(tr);
             }
             let out = if executor == "slurm" {
                 use recall_host::slurm;
@@ -387,16 +394,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 let html = recall_host::report_html::render(c, &format!("sweep {}", plan.name));
                 write_atomic(&plan.dir.join("compare.html"), html.as_bytes())?;
             }
-            if let Some(uri) = &tracker {
+            if let Some(tr) = &mut tracking {
                 use recall_host::tracking::{self, Event};
                 if report.is_some() {
                     for f in ["sweep.json", "compare.md", "compare.csv", "compare.html"] {
-                        tracking::record(&plan.dir, &Event::Artifact { path: f.into() })?;
+                        tr.record(Event::Artifact { path: f.into() })?;
                     }
                 }
                 let status = if out.failed.is_empty() { "FINISHED" } else { "FAILED" };
-                tracking::record(&plan.dir, &Event::End { status: status.into(), time_ms: tracking::now_ms() })?;
-                tracking::sync_or_warn(&plan.dir, uri);
+                tr.log(Event::End { status: status.into(), time_ms: tracking::now_ms() })?;
             }
             println!(
                 "sweep `{}`: {} finished, {} already done, {} failed; runs in {}",
@@ -510,6 +516,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 out.push('\n');
             }
             print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::OnnxInfo { model, library } => {
+            let m = recall_host::onnx::OnnxModel::open(model, library.as_deref(), 1)?;
+            println!("ONNX Runtime: {}", recall_host::onnx::loaded_library().unwrap_or_default());
+            print!("{}", recall_host::onnx::describe(&m));
             Ok(ExitCode::SUCCESS)
         }
         Command::Fetch { assets, list } => {

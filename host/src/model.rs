@@ -30,14 +30,139 @@ pub enum BuildError {
 pub struct Model {
     pub adapter: Option<AdapterInstance>,
     pub tokenizer: TokenizerInstance,
-    pub vision: EncoderInstance,
-    pub text: EncoderInstance,
+    pub vision: Tower,
+    pub text: Tower,
     pub logit_scale: Tensor,
     pub image_size: usize,
     pub context_length: usize,
     /// How images become `pixel_values` for this model.
     pub preprocess: Preprocess,
     pub runtime: Rc<Runtime>,
+}
+
+/// A tower: a plugin composing host ops (trainable), or a frozen ONNX model.
+pub enum Tower {
+    Plugin(EncoderInstance),
+    Onnx(Box<crate::onnx::OnnxTower>),
+}
+
+impl Tower {
+    /// Build the tower of `section` (`model.vision` or `model.text`).
+    fn create(
+        section: &str,
+        options: &crate::config::PluginSection,
+        image: bool,
+        runtime: &Rc<Runtime>,
+        cfg: &dyn Locate,
+        registry: &Registry,
+    ) -> Result<Tower, BuildError> {
+        if crate::onnx::is_onnx(&options.options) {
+            return crate::onnx::OnnxTower::create(&options.options, image)
+                .map(|t| Tower::Onnx(Box::new(t)))
+                .map_err(|(key, m)| BuildError::Config(cfg.error_at(&format!("{section}.{key}"), m)));
+        }
+        let p = registry
+            .get(&options.plugin, "encoder")
+            .map_err(|m| BuildError::Config(cfg.error_at(&format!("{section}.plugin"), m)))?;
+        let scope = if image { "vision." } else { "text." };
+        EncoderInstance::create(p, runtime, scope, &options.options_text())
+            .map(Tower::Plugin)
+            .map_err(|e| locate_failure(cfg, section, e))
+    }
+
+    /// The plugin's name, or `onnx`.
+    pub fn name(&self) -> &str {
+        match self {
+            Tower::Plugin(p) => &p.plugin,
+            Tower::Onnx(_) => "onnx",
+        }
+    }
+
+    pub fn spec(&self, image: bool) -> Result<recall_sdk::abi::EncoderSpec, PluginFailure> {
+        match self {
+            Tower::Plugin(p) => p.spec(),
+            Tower::Onnx(o) => Ok(recall_sdk::abi::EncoderSpec {
+                modality: if image { modality::IMAGE } else { modality::TEXT },
+                embed_dim: o.embed_dim,
+                input_size: o.input_size,
+            }),
+        }
+    }
+
+    pub fn forward(&self, runtime: &Runtime, inputs: &[(&str, &Tensor)]) -> Result<Tensor, PluginFailure> {
+        match self {
+            Tower::Plugin(p) => p.forward(inputs),
+            Tower::Onnx(o) => o.forward(inputs, runtime.device(), runtime.float_dtype()).map_err(|e| PluginFailure {
+                plugin: "onnx".into(),
+                function: "forward",
+                message: e.to_string(),
+                config_key: None,
+            }),
+        }
+    }
+}
+
+/// A frozen teacher vision tower (`[teacher]`) with a runtime of its own, so its parameters
+/// never reach the optimizer, and its own preprocessing (size and normalisation).
+pub struct Teacher {
+    pub vision: Tower,
+    pub preprocess: Preprocess,
+    pub runtime: Rc<Runtime>,
+}
+
+impl Teacher {
+    pub fn build(
+        t: &crate::config::TeacherSection,
+        experiment: &ExperimentSection,
+        cfg: &dyn Locate,
+        registry: &Registry,
+    ) -> Result<Teacher, BuildError> {
+        let device = ops::device_from_name(&experiment.device).map_err(|m| cfg.error_at("experiment.device", m))?;
+        let runtime = Runtime::new(device, float_dtype(&experiment.dtype), experiment.seed);
+        let mut section = t.vision.clone();
+        if let Some(ck) = t.checkpoint.as_ref().filter(|_| !crate::onnx::is_onnx(&section.options)) {
+            section.options.entry("checkpoint").or_insert_with(|| toml::Value::String(ck.display().to_string()));
+        }
+        let vision = Tower::create("teacher.vision", &section, true, &runtime, cfg, registry)?;
+        let spec = vision.spec(true)?;
+        if spec.modality != modality::IMAGE {
+            return Err(BuildError::Config(
+                cfg.error_at("teacher.vision", format!("plugin `{}` is not an image encoder", vision.name())),
+            ));
+        }
+        if let Some(init) = &t.init {
+            let file = last_checkpoint(init)
+                .map_err(|e| BuildError::Config(cfg.error_at("teacher.init", format!("{e:#}"))))?;
+            let absent = runtime
+                .params()
+                .load_present(&file)
+                .map_err(|e| BuildError::Config(cfg.error_at("teacher.init", format!("{e:#}"))))?;
+            if !absent.is_empty() {
+                return Err(BuildError::Config(cfg.error_at(
+                    "teacher.init",
+                    format!(
+                        "{} lacks the teacher's {} (and {} more); is it a checkpoint of this tower?",
+                        file.display(),
+                        absent[0],
+                        absent.len() - 1
+                    ),
+                )));
+            }
+        }
+        for p in runtime.params_mut().iter_mut() {
+            p.trainable = false;
+        }
+        runtime.detach_frozen();
+        runtime.set_training(false);
+        let preprocess = Preprocess { size: spec.input_size as usize, mean: t.preprocess.mean, std: t.preprocess.std };
+        Ok(Teacher { vision, preprocess, runtime })
+    }
+
+    /// The teacher's image features for pixels prepared with [`Teacher::preprocess`]; a
+    /// constant (no graph behind it).
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
+        Ok(self.vision.forward(&self.runtime, &[("pixel_values", pixels)])?.detach())
+    }
 }
 
 /// Turn a plugin's create failure into an error located at its config key, when it has one.
@@ -84,7 +209,7 @@ pub fn last_checkpoint(path: &std::path::Path) -> anyhow::Result<std::path::Path
 fn with_checkpoint(model: &ModelSection) -> ModelSection {
     let mut m = model.clone();
     if let Some(ck) = &model.checkpoint {
-        for tower in [&mut m.vision, &mut m.text] {
+        for tower in [&mut m.vision, &mut m.text].into_iter().filter(|t| !crate::onnx::is_onnx(&t.options)) {
             tower.options.entry("checkpoint").or_insert_with(|| toml::Value::String(ck.display().to_string()));
         }
     }
@@ -126,30 +251,18 @@ impl Model {
             &m.tokenizer.options_text(),
         )
         .map_err(|e| locate_failure(cfg, "model.tokenizer", e))?;
-        let vision = EncoderInstance::create(
-            get("model.vision", &m.vision.plugin, "encoder")?,
-            &runtime,
-            "vision.",
-            &m.vision.options_text(),
-        )
-        .map_err(|e| locate_failure(cfg, "model.vision", e))?;
-        let text = EncoderInstance::create(
-            get("model.text", &m.text.plugin, "encoder")?,
-            &runtime,
-            "text.",
-            &m.text.options_text(),
-        )
-        .map_err(|e| locate_failure(cfg, "model.text", e))?;
-        let vspec = vision.spec()?;
-        let tspec = text.spec()?;
+        let vision = Tower::create("model.vision", &m.vision, true, &runtime, cfg, registry)?;
+        let text = Tower::create("model.text", &m.text, false, &runtime, cfg, registry)?;
+        let vspec = vision.spec(true)?;
+        let tspec = text.spec(false)?;
         if vspec.modality != modality::IMAGE {
             return Err(BuildError::Config(
-                cfg.error_at("model.vision.plugin", format!("plugin `{}` is not an image encoder", vision.plugin)),
+                cfg.error_at("model.vision.plugin", format!("plugin `{}` is not an image encoder", vision.name())),
             ));
         }
         if tspec.modality != modality::TEXT {
             return Err(BuildError::Config(
-                cfg.error_at("model.text.plugin", format!("plugin `{}` is not a text encoder", text.plugin)),
+                cfg.error_at("model.text.plugin", format!("plugin `{}` is not a text encoder", text.name())),
             ));
         }
         if vspec.embed_dim != tspec.embed_dim {
@@ -259,12 +372,12 @@ impl Model {
 
     /// Image features [B, D] for normalised pixels [B, 3, S, S].
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
-        self.vision.forward(&[("pixel_values", pixels)])
+        self.vision.forward(&self.runtime, &[("pixel_values", pixels)])
     }
 
     /// Text features [B, D] for token ids [B, L] (u32) and their attention mask.
     pub fn encode_texts(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, PluginFailure> {
-        self.text.forward(&[("input_ids", ids), ("attention_mask", mask)])
+        self.text.forward(&self.runtime, &[("input_ids", ids), ("attention_mask", mask)])
     }
 
     /// Tokenize texts into id and mask tensors at the text tower's context length.

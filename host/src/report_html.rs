@@ -125,11 +125,11 @@ fn lines(title: &str, y_label: &str, series: &[(String, Vec<f64>)]) -> String {
     })
 }
 
-/// One bar per method.
-fn bars(title: &str, values: &[(String, f64)]) -> String {
+/// One bar per method: the mean over seeds, with a ±1 std error bar where there are several.
+fn bars(title: &str, values: &[(String, f64, f64)]) -> String {
     let n = values.len().max(1);
-    let lo = values.iter().map(|(_, v)| *v).fold(0f64, f64::min);
-    let hi = values.iter().map(|(_, v)| *v).fold(0f64, f64::max);
+    let lo = values.iter().map(|(_, m, s)| m - s).fold(0f64, f64::min);
+    let hi = values.iter().map(|(_, m, s)| m + s).fold(0f64, f64::max);
     let pad = ((hi - lo) * 0.1).max(1.0);
     svg(120 + 90 * n as u32, 300, |root| {
         let mut chart = ChartBuilder::on(root)
@@ -137,20 +137,36 @@ fn bars(title: &str, values: &[(String, f64)]) -> String {
             .margin(10)
             .x_label_area_size(40)
             .y_label_area_size(45)
-            .build_cartesian_2d(0..n, (lo - pad)..(hi + pad))
+            .build_cartesian_2d((0..n).into_segmented(), (lo - pad)..(hi + pad))
             .map_err(|e| e.to_string())?;
-        let names: Vec<String> = values.iter().map(|(m, _)| m.clone()).collect();
+        let names: Vec<String> = values.iter().map(|(m, _, _)| m.clone()).collect();
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(n)
-            .x_label_formatter(&|i| names.get(*i).cloned().unwrap_or_default())
+            .x_labels(n + 1)
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
             .draw()
             .map_err(|e| e.to_string())?;
-        for (i, (_, v)) in values.iter().enumerate() {
-            chart
-                .draw_series(std::iter::once(Rectangle::new([(i, 0.0), (i + 1, *v)], color(i).mix(0.8).filled())))
-                .map_err(|e| e.to_string())?;
+        for (i, (_, mean, std)) in values.iter().enumerate() {
+            let bar = Rectangle::new(
+                [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *mean)],
+                color(i).mix(0.8).filled(),
+            );
+            chart.draw_series(std::iter::once(bar)).map_err(|e| e.to_string())?;
+            if *std > 0.0 {
+                let whisker = ErrorBar::new_vertical(
+                    SegmentValue::CenterOf(i),
+                    mean - std,
+                    *mean,
+                    mean + std,
+                    BLACK.stroke_width(1),
+                    12,
+                );
+                chart.draw_series(std::iter::once(whisker)).map_err(|e| e.to_string())?;
+            }
         }
         Ok(())
     })
@@ -197,13 +213,13 @@ pub fn render(c: &Comparison, title: &str) -> String {
         body.push_str("</ul>\n");
     }
     // Bars of the summary metrics.
-    body.push_str("<h2>Summary metrics</h2>\n<div class=\"row\">");
+    body.push_str("<h2>Summary metrics</h2>\n<p>Bars: mean over seeds; whiskers: ±1 std.</p>\n<div class=\"row\">");
     for (j, h) in c.headers.iter().enumerate() {
         if h == "trainable params" {
             continue;
         }
-        let values: Vec<(String, f64)> =
-            c.rows.iter().filter_map(|(m, _, cells)| cells[j].map(|(mean, _)| (m.clone(), mean))).collect();
+        let values: Vec<(String, f64, f64)> =
+            c.rows.iter().filter_map(|(m, _, cells)| cells[j].map(|(mean, std)| (m.clone(), mean, std))).collect();
         if !values.is_empty() {
             body.push_str(&bars(h, &values));
         }

@@ -1,11 +1,10 @@
-//! Experiment tracking. The run directory is always the record (the local run store); an
-//! `[tracking]` section adds MLflow. Every tracking event is first appended to
-//! `RUN_DIR/tracking/events.jsonl`, then sent; what was sent is remembered in
-//! `tracking/mlflow.json`, so an unreachable server never stops a run, and `recall sync
-//! RUN_DIR` later sends what is missing exactly once (each event is sent once, metrics carry
-//! the timestamp of their event).
+//! Experiment tracking behind one trait, [`Tracker`]. Every tracking event of a run is first
+//! appended to its write-ahead log, `RUN_DIR/tracking/events.jsonl` (the [`LocalStore`], always
+//! on); every other tracker delivers from that log and remembers how far it got. So an
+//! unreachable server never stops a run, and `recall sync RUN_DIR` later delivers what is
+//! missing exactly once (metrics carry the timestamp of their event, not of the upload).
 //!
-//! MLflow is spoken to through its documented REST API with one blocking HTTP agent:
+//! [`Mlflow`] speaks MLflow's documented REST API with one blocking HTTP agent:
 //! `experiments/get-by-name|create`, `runs/create`, `runs/log-batch` (up to 1,000 metrics per
 //! request), `runs/update`, and artifact uploads through `mlflow-artifacts`. Credentials come
 //! only from the environment (`MLFLOW_TRACKING_TOKEN`, or `MLFLOW_TRACKING_USERNAME` and
@@ -23,7 +22,7 @@ use crate::fsutil::write_atomic;
 #[derive(Deserialize, Serialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct TrackingSection {
-    /// `mlflow` (the local run store is always on).
+    /// `local` (the run directory only) or `mlflow` (and the run directory: it is always on).
     pub backend: String,
     /// Tracking server, e.g. `http://127.0.0.1:5000`; default `MLFLOW_TRACKING_URI`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,41 +74,191 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// What has reached the server.
-#[derive(Serialize, Deserialize, Default, Debug)]
-struct SyncState {
-    uri: String,
-    experiment_id: Option<String>,
-    run_id: Option<String>,
-    /// Events `[0, sent)` are on the server.
-    sent: usize,
+/// A destination for a run's tracking events. Events are numbered by their place in the run's
+/// log; a tracker is handed them in order, each exactly once across processes, so it must
+/// persist what it has delivered before returning.
+pub trait Tracker {
+    /// Name for messages (`mlflow`, `local`).
+    fn name(&self) -> &str;
+    /// How many of the log's events this tracker holds already.
+    fn delivered(&self) -> usize;
+    /// Take event number `index` (always `self.delivered()`), then count it as delivered.
+    fn deliver(&mut self, index: usize, event: &Event) -> anyhow::Result<()>;
 }
 
 fn events_file(run_dir: &Path) -> PathBuf {
     run_dir.join("tracking").join("events.jsonl")
 }
 
-fn state_file(run_dir: &Path) -> PathBuf {
-    run_dir.join("tracking").join("mlflow.json")
+/// The local run store: the append-only event log in the run directory. It is the write-ahead
+/// record every other tracker delivers from.
+pub struct LocalStore {
+    file: PathBuf,
+    count: usize,
 }
 
-/// Append an event to the run's event log (the whole file is rewritten atomically).
-pub fn record(run_dir: &Path, event: &Event) -> anyhow::Result<()> {
-    let f = events_file(run_dir);
-    let mut text = std::fs::read_to_string(&f).unwrap_or_default();
-    text.push_str(&serde_json::to_string(event)?);
-    text.push('\n');
-    write_atomic(&f, text.as_bytes())
+impl LocalStore {
+    pub fn open(run_dir: &Path) -> anyhow::Result<Self> {
+        let file = events_file(run_dir);
+        let count = if file.is_file() { read_log(&file)?.len() } else { 0 };
+        Ok(LocalStore { file, count })
+    }
+
+    /// Every event of the log, in order.
+    pub fn events(&self) -> anyhow::Result<Vec<Event>> {
+        if self.file.is_file() {
+            read_log(&self.file)
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    fn append(&mut self, event: &Event) -> anyhow::Result<()> {
+        let index = self.count;
+        self.deliver(index, event)
+    }
 }
 
-fn read_events(run_dir: &Path) -> anyhow::Result<Vec<Event>> {
-    let f = events_file(run_dir);
-    let text = std::fs::read_to_string(&f).with_context(|| format!("{} has no tracking events", run_dir.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", f.display(), i + 1)))
-        .collect()
+impl Tracker for LocalStore {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    fn delivered(&self) -> usize {
+        self.count
+    }
+
+    /// One `write` of one whole line in append mode, flushed to disk: a crash can leave at
+    /// most a torn last line, which [`read_log`] drops (its event was never delivered anywhere).
+    fn deliver(&mut self, index: usize, event: &Event) -> anyhow::Result<()> {
+        use std::io::Write;
+        debug_assert_eq!(index, self.count);
+        if let Some(dir) = self.file.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let mut line = serde_json::to_string(event)?;
+        line.push('\n');
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.file)
+            .with_context(|| format!("cannot open {}", self.file.display()))?;
+        f.write_all(line.as_bytes())
+            .and_then(|_| f.sync_data())
+            .with_context(|| format!("cannot append to {}", self.file.display()))?;
+        self.count += 1;
+        Ok(())
+    }
+}
+
+/// The events of a log; a torn last line (a crash mid-append) is dropped with a warning.
+fn read_log(file: &Path) -> anyhow::Result<Vec<Event>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let complete = text.ends_with('\n') || text.is_empty();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut events = Vec::with_capacity(lines.len());
+    for (i, l) in lines.iter().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(l) {
+            Ok(e) => events.push(e),
+            Err(_) if i + 1 == lines.len() && !complete => {
+                tracing::warn!("{}:{}: dropping a torn last event", file.display(), i + 1);
+            }
+            Err(e) => bail!("{}:{}: not a tracking event: {e}", file.display(), i + 1),
+        }
+    }
+    Ok(events)
+}
+
+/// A run's trackers: the local store, then the configured remote ones.
+pub struct Tracking {
+    run_dir: PathBuf,
+    local: LocalStore,
+    remote: Vec<Box<dyn Tracker>>,
+}
+
+impl Tracking {
+    /// The trackers `section` asks for (none: the local store alone).
+    pub fn open(run_dir: &Path, section: Option<&TrackingSection>) -> anyhow::Result<Self> {
+        let mut remote: Vec<Box<dyn Tracker>> = Vec::new();
+        if let Some(t) = section {
+            match t.backend.as_str() {
+                "local" => {}
+                "mlflow" => remote.push(Box::new(Mlflow::open(run_dir, &t.uri()?)?)),
+                other => bail!("unknown tracking backend `{other}`; available: local, mlflow"),
+            }
+        }
+        Ok(Tracking { run_dir: run_dir.to_path_buf(), local: LocalStore::open(run_dir)?, remote })
+    }
+
+    /// Whether any tracker beyond the local store is configured.
+    pub fn has_remote(&self) -> bool {
+        !self.remote.is_empty()
+    }
+
+    /// Append `event` to the log, then deliver what is pending to every remote tracker,
+    /// warning instead of failing: the run goes on without them.
+    pub fn log(&mut self, event: Event) -> anyhow::Result<()> {
+        self.local.append(&event)?;
+        self.flush();
+        Ok(())
+    }
+
+    /// Append without delivering (the next [`Tracking::log`] or [`Tracking::flush`] sends it).
+    pub fn record(&mut self, event: Event) -> anyhow::Result<()> {
+        self.local.append(&event)
+    }
+
+    /// Deliver what is pending to every remote tracker, warning on failure.
+    pub fn flush(&mut self) {
+        if self.remote.is_empty() {
+            return;
+        }
+        let events = match self.local.events() {
+            Ok(e) => e,
+            Err(e) => return tracing::warn!("tracking: {e:#}"),
+        };
+        for r in &mut self.remote {
+            if let Err(e) = deliver_pending(&events, r.as_mut()) {
+                tracing::warn!(
+                    "tracking ({}): {e:#}; the events stay in {} and `recall sync {}` sends them later",
+                    r.name(),
+                    events_file(&self.run_dir).display(),
+                    self.run_dir.display()
+                );
+            }
+        }
+    }
+
+    /// How many metric events the log holds (before any end: a run logs one per stage).
+    pub fn stages_logged(&self) -> anyhow::Result<usize> {
+        Ok(self
+            .local
+            .events()?
+            .iter()
+            .take_while(|e| !matches!(e, Event::End { .. }))
+            .filter(|e| matches!(e, Event::Metrics { .. }))
+            .count())
+    }
+
+    /// Whether the log already holds events (a resumed run or sweep).
+    pub fn is_started(&self) -> bool {
+        self.local.delivered() > 0
+    }
+}
+
+/// Hand `tracker` every event of `events` it does not hold yet; returns how many it took.
+pub fn deliver_pending(events: &[Event], tracker: &mut dyn Tracker) -> anyhow::Result<usize> {
+    let from = tracker.delivered();
+    if from > events.len() {
+        bail!("{} holds {from} events but the log has only {}; was the log replaced?", tracker.name(), events.len());
+    }
+    for (i, e) in events.iter().enumerate().skip(from) {
+        tracker.deliver(i, e)?;
+    }
+    Ok(events.len() - from)
 }
 
 /// A blocking MLflow REST client.
@@ -242,64 +391,109 @@ impl MlflowClient {
     }
 }
 
-/// Send every event of `run_dir` that has not reached the server; returns how many were sent.
-pub fn sync(run_dir: &Path, uri: &str) -> anyhow::Result<usize> {
-    let events = read_events(run_dir)?;
-    let sf = state_file(run_dir);
-    let mut state: SyncState = std::fs::read_to_string(&sf)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_else(|| SyncState { uri: uri.to_string(), ..Default::default() });
-    if state.run_id.is_some() && state.uri != uri {
-        bail!("{} was tracked on {}, not {uri}; sync it there", run_dir.display(), state.uri);
+/// What has reached an MLflow server, kept in `tracking/mlflow.json`.
+#[derive(Serialize, Deserialize, Default, Debug)]
+struct MlflowState {
+    uri: String,
+    experiment_id: Option<String>,
+    run_id: Option<String>,
+    /// Events `[0, sent)` are on the server.
+    sent: usize,
+}
+
+fn mlflow_state_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("tracking").join("mlflow.json")
+}
+
+/// MLflow as a [`Tracker`]: one MLflow run per run directory.
+pub struct Mlflow {
+    run_dir: PathBuf,
+    client: MlflowClient,
+    state: MlflowState,
+}
+
+impl Mlflow {
+    /// Resume delivery to `uri`; a run directory already tracked elsewhere is refused, so
+    /// one run never ends up half on one server and half on another.
+    pub fn open(run_dir: &Path, uri: &str) -> anyhow::Result<Self> {
+        let uri = uri.trim_end_matches('/');
+        let sf = mlflow_state_file(run_dir);
+        let mut state: MlflowState = match std::fs::read_to_string(&sf) {
+            Ok(t) => serde_json::from_str(&t)
+                .with_context(|| format!("{} is corrupt; delete it to upload the run again", sf.display()))?,
+            Err(_) => MlflowState::default(),
+        };
+        if state.run_id.is_some() && state.uri != uri {
+            bail!("{} was tracked on {}, not {uri}; sync it there", run_dir.display(), state.uri);
+        }
+        state.uri = uri.to_string();
+        Ok(Mlflow { run_dir: run_dir.to_path_buf(), client: MlflowClient::new(uri), state })
     }
-    state.uri = uri.to_string();
-    let client = MlflowClient::new(uri);
-    let mut sent = 0;
-    for (i, e) in events.iter().enumerate().skip(state.sent) {
-        match e {
+
+    fn save(&self) -> anyhow::Result<()> {
+        write_atomic(&mlflow_state_file(&self.run_dir), serde_json::to_string_pretty(&self.state)?.as_bytes())
+    }
+
+    fn run(&self, what: &str) -> anyhow::Result<&str> {
+        self.state.run_id.as_deref().with_context(|| format!("{what} before the run was created"))
+    }
+}
+
+impl Tracker for Mlflow {
+    fn name(&self) -> &str {
+        "mlflow"
+    }
+
+    fn delivered(&self) -> usize {
+        self.state.sent
+    }
+
+    fn deliver(&mut self, index: usize, event: &Event) -> anyhow::Result<()> {
+        match event {
             Event::Start { experiment, name, tags, params, time_ms } => {
                 // A retried start must not create a second run: create once, remember it
                 // before anything else can fail, then log the (immutable) params.
-                if state.run_id.is_none() {
-                    let exp = client.experiment_id(experiment)?;
-                    let run = client.create_run(&exp, name, tags, *time_ms)?;
-                    state.experiment_id = Some(exp);
-                    state.run_id = Some(run);
-                    write_atomic(&sf, serde_json::to_string_pretty(&state)?.as_bytes())?;
+                if self.state.run_id.is_none() {
+                    let exp = self.client.experiment_id(experiment)?;
+                    let run = self.client.create_run(&exp, name, tags, *time_ms)?;
+                    self.state.experiment_id = Some(exp);
+                    self.state.run_id = Some(run);
+                    self.save()?;
                 }
-                let run = state.run_id.clone().expect("set above");
-                client.log_batch(&run, params, &[], *time_ms)?;
+                self.client.log_batch(self.run("params")?, params, &[], *time_ms)?;
             }
             Event::Metrics { metrics, time_ms } => {
-                let run = state.run_id.as_deref().context("metrics before the run was created")?;
-                client.log_batch(run, &[], metrics, *time_ms)?;
+                self.client.log_batch(self.run("metrics")?, &[], metrics, *time_ms)?
             }
             Event::Artifact { path } => {
-                let (exp, run) = (
-                    state.experiment_id.as_deref().context("artifact before the run was created")?,
-                    state.run_id.as_deref().context("artifact before the run was created")?,
-                );
-                let bytes = std::fs::read(run_dir.join(path)).with_context(|| format!("artifact {path}"))?;
-                client.upload(exp, run, path, &bytes)?;
+                let exp = self.state.experiment_id.as_deref().context("artifact before the run was created")?;
+                let bytes = std::fs::read(self.run_dir.join(path))
+                    .with_context(|| format!("artifact {}", self.run_dir.join(path).display()))?;
+                self.client.upload(exp, self.run("artifact")?, path, &bytes)?;
             }
-            Event::End { status, time_ms } => {
-                let run = state.run_id.as_deref().context("end before the run was created")?;
-                client.end_run(run, status, *time_ms)?;
-            }
+            Event::End { status, time_ms } => self.client.end_run(self.run("end")?, status, *time_ms)?,
         }
-        state.sent = i + 1;
-        sent += 1;
-        write_atomic(&sf, serde_json::to_string_pretty(&state)?.as_bytes())?;
+        self.state.sent = index + 1;
+        self.save()
     }
-    Ok(sent)
+}
+
+/// Deliver every event of `run_dir` that has not reached the MLflow server at `uri`; returns
+/// how many were sent (`recall sync`).
+pub fn sync(run_dir: &Path, uri: &str) -> anyhow::Result<usize> {
+    let log = LocalStore::open(run_dir)?;
+    if log.delivered() == 0 {
+        bail!("{} has no tracking events ({} is missing)", run_dir.display(), events_file(run_dir).display());
+    }
+    let mut mlflow = Mlflow::open(run_dir, uri)?;
+    deliver_pending(&log.events()?, &mut mlflow)
 }
 
 /// The MLflow run id of a tracked run directory, once created.
 pub fn run_id(run_dir: &Path) -> Option<String> {
-    std::fs::read_to_string(state_file(run_dir))
+    std::fs::read_to_string(mlflow_state_file(run_dir))
         .ok()
-        .and_then(|t| serde_json::from_str::<SyncState>(&t).ok())
+        .and_then(|t| serde_json::from_str::<MlflowState>(&t).ok())
         .and_then(|s| s.run_id)
 }
 
@@ -322,20 +516,83 @@ pub fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
     }
 }
 
-/// Send what is pending, warning instead of failing: the run goes on without the tracker.
-pub fn sync_or_warn(run_dir: &Path, uri: &str) {
-    if let Err(e) = sync(run_dir, uri) {
-        tracing::warn!(
-            "tracking: {e:#}; the events stay in {} and `recall sync {}` sends them later",
-            events_file(run_dir).display(),
-            run_dir.display()
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn metrics(v: f64) -> Event {
+        Event::Metrics { metrics: vec![("m".into(), v, 0)], time_ms: 1 }
+    }
+
+    /// Records what it is handed; fails on the event numbers in `fail_at` (once each).
+    struct Flaky {
+        got: Vec<f64>,
+        fail_at: Vec<usize>,
+    }
+
+    impl Tracker for Flaky {
+        fn name(&self) -> &str {
+            "flaky"
+        }
+        fn delivered(&self) -> usize {
+            self.got.len()
+        }
+        fn deliver(&mut self, index: usize, event: &Event) -> anyhow::Result<()> {
+            if let Some(pos) = self.fail_at.iter().position(|&i| i == index) {
+                self.fail_at.remove(pos);
+                bail!("unreachable");
+            }
+            let Event::Metrics { metrics, .. } = event else { panic!("only metrics here") };
+            self.got.push(metrics[0].1);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_outage_delays_events_but_delivers_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LocalStore::open(dir.path()).unwrap();
+        let mut flaky = Flaky { got: Vec::new(), fail_at: vec![1, 2] };
+        for v in 0..4 {
+            log.append(&metrics(v as f64)).unwrap();
+            let _ = deliver_pending(&log.events().unwrap(), &mut flaky);
+        }
+        assert_eq!(flaky.got, vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(deliver_pending(&log.events().unwrap(), &mut flaky).unwrap(), 0);
+        // A reopened log counts what is there.
+        assert_eq!(LocalStore::open(dir.path()).unwrap().delivered(), 4);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_but_a_corrupt_middle_line_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LocalStore::open(dir.path()).unwrap();
+        log.append(&metrics(1.0)).unwrap();
+        log.append(&metrics(2.0)).unwrap();
+        let f = events_file(dir.path());
+        let mut text = std::fs::read_to_string(&f).unwrap();
+        text.push_str("{\"kind\":\"metr");
+        std::fs::write(&f, &text).unwrap();
+        assert_eq!(LocalStore::open(dir.path()).unwrap().events().unwrap().len(), 2);
+        std::fs::write(&f, format!("garbage\n{text}\n")).unwrap();
+        let err = LocalStore::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("events.jsonl:1"), "{err}");
+    }
+
+    #[test]
+    fn a_log_shorter_than_a_trackers_cursor_is_refused() {
+        let mut flaky = Flaky { got: vec![0.0, 1.0], fail_at: Vec::new() };
+        let err = deliver_pending(&[metrics(0.0)], &mut flaky).unwrap_err().to_string();
+        assert!(err.contains("log has only 1"), "{err}");
+    }
+
+    #[test]
+    fn unknown_backend_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TrackingSection { backend: "wandb".into(), uri: None, experiment: None, tags: Default::default() };
+        let err = Tracking::open(dir.path(), Some(&t)).err().unwrap().to_string();
+        assert!(err.contains("`wandb`") && err.contains("local, mlflow"), "{err}");
+    }
 
     #[test]
     fn flatten_names_nested_keys() {

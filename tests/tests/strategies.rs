@@ -353,3 +353,32 @@ fn clip_loss_value_and_gradients_match_open_clip() {
         assert!(e <= 1e-5, "gradient of {name} off by {e:e}");
     }
 }
+
+#[test]
+fn distill_value_and_gradients_match_pytorch() {
+    let fx = fixture("distill.safetensors");
+    let plugin = load_plugin(&cdylib("recall-plugin-distill")).unwrap();
+    for (case, config) in [("normalized", ""), ("raw", "normalize = false\nweight = 1.0\n")] {
+        let rt = Runtime::new(Device::Cpu, DType::F64, 0);
+        let s = StrategyInstance::create(&plugin, &rt, "strategy.", config).unwrap();
+        let vars = variables(&fx, &["image_features", "teacher_image_features"]);
+        let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
+        let terms = s.loss_terms(&inputs).unwrap();
+        assert_eq!(terms[0].0, "distill");
+        let value = terms[0].1.to_scalar::<f64>().unwrap();
+        let expected = fx[&format!("{case}.loss")].to_vec1::<f64>().unwrap()[0];
+        assert!((value - expected).abs() / expected.abs() <= 1e-5, "{case}: loss {value} vs {expected}");
+        let grads = terms[0].1.backward().unwrap();
+        let ours = grads.get(vars[0].1.as_tensor()).expect("a gradient for the student");
+        let e = max_rel(ours, &fx[&format!("{case}.grad.image_features")]);
+        assert!(e <= 1e-5, "{case}: gradient off by {e:e}");
+        assert!(grads.get(vars[1].1.as_tensor()).is_none(), "{case}: the teacher got a gradient");
+    }
+    // Without a teacher the error says what to declare.
+    let rt = Runtime::new(Device::Cpu, DType::F64, 0);
+    let s = StrategyInstance::create(&plugin, &rt, "strategy.", "").unwrap();
+    let e = s.loss_terms(&[("image_features", &fx["image_features"])]).unwrap_err().to_string();
+    assert!(e.contains("[teacher]"), "{e}");
+    let e = StrategyInstance::create(&plugin, &rt, "strategy.", "weight = -1.0").err().unwrap().to_string();
+    assert!(e.contains("weight"), "{e}");
+}
