@@ -105,9 +105,10 @@ pub struct ExperimentSection {
 }
 
 /// A plugin and its own options (everything but `plugin`).
-#[derive(Deserialize, Serialize, Clone, Debug)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default)]
 pub struct PluginSection {
-    /// The plugin's name; empty (absent) only for a tower with `backend = "onnx"`.
+    /// The plugin's name; empty (absent) only for a tower with `backend = "onnx"`, or for a
+    /// part a reconstruction run does not use.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub plugin: String,
     #[serde(flatten)]
@@ -124,9 +125,17 @@ impl PluginSection {
 #[derive(Deserialize, Serialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
+    #[serde(default)]
     pub tokenizer: PluginSection,
+    #[serde(default)]
     pub vision: PluginSection,
+    #[serde(default)]
     pub text: PluginSection,
+    /// Turns pixels into discrete image tokens before the vision tower (TokLIP): the tower
+    /// then reads `code_embeddings` and the image size comes from this tokenizer. Frozen in
+    /// contrastive runs; `[train] objective = "reconstruction"` trains it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_tokenizer: Option<PluginSection>,
     /// Initial `logit_scale` (log of the inverse temperature); CLIP uses ln(1/0.07).
     #[serde(default = "d::logit_scale")]
     pub logit_scale_init: f64,
@@ -149,6 +158,10 @@ pub struct ModelSection {
     /// to the experiment file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
+    /// Glob patterns: load only the matching tensors of `init` (e.g. `["text.*",
+    /// "logit_scale"]` to take a text tower from a model whose vision tower differs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_select: Vec<String>,
 }
 
 /// A frozen vision tower whose image features on every training batch reach the strategies
@@ -165,8 +178,8 @@ pub struct TeacherSection {
     /// Pretrained CLIP weights for a plugin tower (as `model.checkpoint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<PathBuf>,
-    /// A Recall run directory or checkpoint to load the tower's `vision.*` weights from (as
-    /// `model.init`; every tensor of the tower must be there).
+    /// A Recall run directory or checkpoint to load the tower's weights from: its `vision.*`
+    /// tensors, which must all fit the tower and cover it (the rest of the file is ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
 }
@@ -270,6 +283,10 @@ pub struct TrainSection {
     pub batch_size: usize,
     #[serde(default = "d::eval_batch_size")]
     pub eval_batch_size: usize,
+    /// `clip` (contrastive image-text training, the default) or `reconstruction` (train the
+    /// model's `image_tokenizer` alone on the tasks' images, e.g. a VQ-VAE).
+    #[serde(default = "d::objective")]
+    pub objective: String,
 }
 
 /// One task of the sequence, or one held-out zero-shot set: a name and where its data comes
@@ -401,6 +418,9 @@ mod d {
     }
     pub fn eps() -> f64 {
         1e-6
+    }
+    pub fn objective() -> String {
+        "clip".into()
     }
     pub fn eval_batch_size() -> usize {
         256
@@ -624,14 +644,12 @@ pub fn parse(src: &str, file: &str) -> Result<LoadedConfig, ConfigError> {
                 }
             }
         }
+        // File options of towers are relative to the experiment file, like its data.
         let teacher_vision = config.teacher.as_mut().map(|t| &mut t.vision);
-        for tower in
-            [Some(&mut config.model.vision), Some(&mut config.model.text), teacher_vision].into_iter().flatten()
-        {
-            if !crate::onnx::is_onnx(&tower.options) {
-                continue;
-            }
-            for key in ["model", "library"] {
+        let image_tokenizer = config.model.image_tokenizer.as_mut();
+        let towers = [Some(&mut config.model.vision), Some(&mut config.model.text), teacher_vision, image_tokenizer];
+        for tower in towers.into_iter().flatten() {
+            for key in ["model", "library", "checkpoint", "init_from"] {
                 if let Some(toml::Value::String(f)) = tower.options.get_mut(key) {
                     if !f.starts_with("asset:") && Path::new(f.as_str()).is_relative() {
                         *f = dir.join(&*f).display().to_string();
@@ -687,6 +705,9 @@ fn resolve_assets(c: &mut LoadedConfig) -> Result<(), ConfigError> {
     }
     if let Some(t) = c.config.teacher.as_mut() {
         sections.push(("teacher.vision".into(), &mut t.vision.options));
+    }
+    if let Some(t) = c.config.model.image_tokenizer.as_mut() {
+        sections.push(("model.image_tokenizer".into(), &mut t.options));
     }
     for (i, s) in c.config.strategies.iter_mut().enumerate() {
         sections.push((format!("strategy[{i}]"), &mut s.options));
@@ -782,11 +803,33 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     if cfg.tasks.is_empty() {
         return Err(c.error_at("task", "the experiment has no [[task]]; add at least one"));
     }
-    let mut plugin_sections: Vec<(String, &PluginSection)> = vec![
-        ("model.tokenizer".into(), &cfg.model.tokenizer),
-        ("model.vision".into(), &cfg.model.vision),
-        ("model.text".into(), &cfg.model.text),
-    ];
+    let reconstruction = match cfg.train.objective.as_str() {
+        "clip" => false,
+        "reconstruction" => true,
+        other => {
+            return Err(c.error_at(
+                "train.objective",
+                format!("unknown objective `{other}`; expected `clip` or `reconstruction`"),
+            ))
+        }
+    };
+    if reconstruction && cfg.model.image_tokenizer.is_none() {
+        return Err(c.error_at(
+            "train.objective",
+            "a reconstruction run trains the model's image tokenizer: add [model.image_tokenizer]",
+        ));
+    }
+    let mut plugin_sections: Vec<(String, &PluginSection)> = Vec::new();
+    if !reconstruction {
+        plugin_sections.extend([
+            ("model.tokenizer".to_string(), &cfg.model.tokenizer),
+            ("model.vision".into(), &cfg.model.vision),
+            ("model.text".into(), &cfg.model.text),
+        ]);
+    }
+    if let Some(t) = &cfg.model.image_tokenizer {
+        plugin_sections.push(("model.image_tokenizer".into(), t));
+    }
     plugin_sections.extend(cfg.strategies.iter().enumerate().map(|(i, s)| (format!("strategy[{i}]"), s)));
     if let Some(t) = &cfg.teacher {
         plugin_sections.push(("teacher.vision".into(), &t.vision));
@@ -884,7 +927,7 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
             ));
         }
     }
-    if cfg.evaluators.is_empty() {
+    if cfg.evaluators.is_empty() && !reconstruction {
         return Err(c.error_at(
             "evaluator",
             "the experiment has no [[evaluator]]; add e.g. `[[evaluator]] plugin = \"retrieval\"`",

@@ -263,7 +263,7 @@ pub fn evaluate_zeroshot(
 }
 
 /// A fresh run directory `output_dir/NAME-seedS-N` (N counts up).
-fn new_run_dir(output_dir: &Path, name: &str, seed: u64) -> anyhow::Result<PathBuf> {
+pub(crate) fn new_run_dir(output_dir: &Path, name: &str, seed: u64) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("cannot create output directory {}", output_dir.display()))?;
     for n in 0.. {
@@ -277,7 +277,7 @@ fn new_run_dir(output_dir: &Path, name: &str, seed: u64) -> anyhow::Result<PathB
     unreachable!()
 }
 
-fn progress(quiet: bool, len: u64, label: String, unit: &str) -> ProgressBar {
+pub(crate) fn progress(quiet: bool, len: u64, label: String, unit: &str) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -321,15 +321,18 @@ pub fn format_table(results: &ResultMatrix, stage: usize, metrics: &[&str]) -> S
 /// A table of one stage's zero-shot scores.
 fn format_heldout(heldout: &ResultMatrix, stage: usize) -> String {
     let names: Vec<String> = heldout.metric_names();
+    // Columns as wide as their names, so long metric names stay apart.
+    let widths: Vec<usize> = names.iter().map(|m| m.len().max(8) + 2).collect();
     let mut s = format!("{:<20}", "zero-shot set");
-    for m in &names {
-        s.push_str(&format!("{:>16}", m));
+    for (m, w) in names.iter().zip(&widths) {
+        s.push_str(&format!("{m:>w$}"));
     }
     s.push('\n');
     for (i, set) in heldout.tasks.iter().enumerate() {
         s.push_str(&format!("{set:<20}"));
-        for m in &names {
-            s.push_str(&format!("{:>16.2}", heldout.rows[stage][i].get(m).copied().unwrap_or(f64::NAN)));
+        for (m, w) in names.iter().zip(&widths) {
+            let v = heldout.rows[stage][i].get(m).copied().unwrap_or(f64::NAN);
+            s.push_str(&format!("{v:>w$.2}"));
         }
         s.push('\n');
     }
@@ -362,7 +365,7 @@ fn metrics_lines(results: &ResultMatrix, heldout: &ResultMatrix) -> anyhow::Resu
 
 /// run.json: which build ran (version, git commit), with which seed and command line, when;
 /// each resume is appended.
-fn record_provenance(run_dir: &Path, seed: u64, resume: bool) -> anyhow::Result<()> {
+pub(crate) fn record_provenance(run_dir: &Path, seed: u64, resume: bool) -> anyhow::Result<()> {
     let f = run_dir.join("run.json");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let event = serde_json::json!({
@@ -389,7 +392,7 @@ fn record_provenance(run_dir: &Path, seed: u64, resume: bool) -> anyhow::Result<
     write_atomic(&f, serde_json::to_string_pretty(&serde_json::Value::Object(record))?.as_bytes())
 }
 
-fn checkpoint_path(run_dir: &Path, task: usize, what: &str) -> PathBuf {
+pub(crate) fn checkpoint_path(run_dir: &Path, task: usize, what: &str) -> PathBuf {
     run_dir.join("checkpoints").join(format!("task-{task:02}.{what}"))
 }
 
@@ -965,7 +968,11 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
 
 /// Shuffle a task's examples and cut them into batches of at least 2, each image with one of
 /// its captions drawn from `rng`.
-fn batches<'a>(train: &'a [data::Example], bs: usize, rng: &mut StdRng) -> Vec<(Vec<&'a data::Example>, Vec<String>)> {
+pub(crate) fn batches<'a>(
+    train: &'a [data::Example],
+    bs: usize,
+    rng: &mut StdRng,
+) -> Vec<(Vec<&'a data::Example>, Vec<String>)> {
     let mut order: Vec<usize> = (0..train.len()).collect();
     order.shuffle(rng);
     let mut out = Vec::new();

@@ -18,6 +18,7 @@ pub mod model;
 pub mod onnx;
 pub mod optim;
 pub mod plugin;
+pub mod reconstruction;
 pub mod reference;
 pub mod report;
 pub mod report_html;

@@ -261,7 +261,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 (None, None) => anyhow::bail!("give an experiment file or --resume RUN_DIR"),
             };
             let reg = registry(cli, &cfg.config.plugins.search_path);
-            let summary = engine::run(&cfg, &reg, &opts)?;
+            let summary = if cfg.config.train.objective == "reconstruction" {
+                recall_host::reconstruction::run(&cfg, &reg, &opts)?
+            } else {
+                engine::run(&cfg, &reg, &opts)?
+            };
             if !cli.quiet {
                 println!(
                     "\n{} steps in {:.1} s; {} trainable of {} parameters; results in {}",

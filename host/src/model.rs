@@ -30,6 +30,8 @@ pub enum BuildError {
 pub struct Model {
     pub adapter: Option<AdapterInstance>,
     pub tokenizer: TokenizerInstance,
+    /// Pixels -> image tokens before the vision tower (TokLIP), frozen.
+    pub image_tokenizer: Option<Tower>,
     pub vision: Tower,
     pub text: Tower,
     pub logit_scale: Tensor,
@@ -47,10 +49,11 @@ pub enum Tower {
 }
 
 impl Tower {
-    /// Build the tower of `section` (`model.vision` or `model.text`).
-    fn create(
+    /// Build the tower of `section` (`model.vision`, ...) under the parameter scope `scope`.
+    pub fn create(
         section: &str,
         options: &crate::config::PluginSection,
+        scope: &str,
         image: bool,
         runtime: &Rc<Runtime>,
         cfg: &dyn Locate,
@@ -64,7 +67,6 @@ impl Tower {
         let p = registry
             .get(&options.plugin, "encoder")
             .map_err(|m| BuildError::Config(cfg.error_at(&format!("{section}.plugin"), m)))?;
-        let scope = if image { "vision." } else { "text." };
         EncoderInstance::create(p, runtime, scope, &options.options_text())
             .map(Tower::Plugin)
             .map_err(|e| locate_failure(cfg, section, e))
@@ -123,7 +125,7 @@ impl Teacher {
         if let Some(ck) = t.checkpoint.as_ref().filter(|_| !crate::onnx::is_onnx(&section.options)) {
             section.options.entry("checkpoint").or_insert_with(|| toml::Value::String(ck.display().to_string()));
         }
-        let vision = Tower::create("teacher.vision", &section, true, &runtime, cfg, registry)?;
+        let vision = Tower::create("teacher.vision", &section, "vision.", true, &runtime, cfg, registry)?;
         let spec = vision.spec(true)?;
         if spec.modality != modality::IMAGE {
             return Err(BuildError::Config(
@@ -135,7 +137,7 @@ impl Teacher {
                 .map_err(|e| BuildError::Config(cfg.error_at("teacher.init", format!("{e:#}"))))?;
             let absent = runtime
                 .params()
-                .load_present(&file)
+                .load_selected(&file, |name| name.starts_with("vision."))
                 .map_err(|e| BuildError::Config(cfg.error_at("teacher.init", format!("{e:#}"))))?;
             if !absent.is_empty() {
                 return Err(BuildError::Config(cfg.error_at(
@@ -251,8 +253,14 @@ impl Model {
             &m.tokenizer.options_text(),
         )
         .map_err(|e| locate_failure(cfg, "model.tokenizer", e))?;
-        let vision = Tower::create("model.vision", &m.vision, true, &runtime, cfg, registry)?;
-        let text = Tower::create("model.text", &m.text, false, &runtime, cfg, registry)?;
+        let image_tokenizer = match &m.image_tokenizer {
+            Some(t) => {
+                Some(Tower::create("model.image_tokenizer", t, "image_tokenizer.", true, &runtime, cfg, registry)?)
+            }
+            None => None,
+        };
+        let vision = Tower::create("model.vision", &m.vision, "vision.", true, &runtime, cfg, registry)?;
+        let text = Tower::create("model.text", &m.text, "text.", false, &runtime, cfg, registry)?;
         let vspec = vision.spec(true)?;
         let tspec = text.spec(false)?;
         if vspec.modality != modality::IMAGE {
@@ -291,15 +299,21 @@ impl Model {
             ),
             None => None,
         };
+        // With an image tokenizer, images come in at its size and the vision tower reads tokens.
+        let image_size = match &image_tokenizer {
+            Some(t) => t.spec(true)?.input_size as usize,
+            None => vspec.input_size as usize,
+        };
         let model = Model {
             adapter,
             tokenizer,
+            image_tokenizer,
             vision,
             text,
             logit_scale,
-            image_size: vspec.input_size as usize,
+            image_size,
             context_length: tspec.input_size as usize,
-            preprocess: Preprocess { size: vspec.input_size as usize, mean: m.preprocess.mean, std: m.preprocess.std },
+            preprocess: Preprocess { size: image_size, mean: m.preprocess.mean, std: m.preprocess.std },
             runtime,
         };
         model.apply_freezing(m, adapter_section, cfg)?;
@@ -309,10 +323,21 @@ impl Model {
                     cfg.error_at("model.init", format!("{e:#}; produce it first (see the experiment's comments)")),
                 )
             })?;
+            let select = if m.init_select.is_empty() {
+                None
+            } else {
+                let mut b = GlobSetBuilder::new();
+                for (i, p) in m.init_select.iter().enumerate() {
+                    b.add(Glob::new(p).map_err(|e| {
+                        BuildError::Config(cfg.error_at("model.init_select", format!("pattern {i} `{p}`: {e}")))
+                    })?);
+                }
+                Some(b.build().map_err(|e| BuildError::Other(e.to_string()))?)
+            };
             let absent = model
                 .runtime
                 .params()
-                .load_present(&file)
+                .load_selected(&file, |name| select.as_ref().is_none_or(|g| g.is_match(name)))
                 .map_err(|e| BuildError::Config(cfg.error_at("model.init", format!("{e:#}"))))?;
             tracing::info!(file = %file.display(), kept_initialisation = absent.len(), "model initialised from a checkpoint");
         }
@@ -355,7 +380,10 @@ impl Model {
         {
             let mut params = self.runtime.params_mut();
             for p in params.iter_mut() {
-                if frozen.is_match(&p.name) || adapted_params.contains(&p.name) {
+                // The image tokenizer is trained only by a reconstruction run, which does not
+                // build a Model.
+                let tokenizer = p.name.starts_with("image_tokenizer.");
+                if frozen.is_match(&p.name) || adapted_params.contains(&p.name) || tokenizer {
                     p.trainable = false;
                 }
                 if let Some(prefix) = adapter_prefix {
@@ -372,7 +400,13 @@ impl Model {
 
     /// Image features [B, D] for normalised pixels [B, 3, S, S].
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
-        self.vision.forward(&self.runtime, &[("pixel_values", pixels)])
+        match &self.image_tokenizer {
+            Some(t) => {
+                let codes = t.forward(&self.runtime, &[("pixel_values", pixels)])?.detach();
+                self.vision.forward(&self.runtime, &[("code_embeddings", &codes), ("pixel_values", pixels)])
+            }
+            None => self.vision.forward(&self.runtime, &[("pixel_values", pixels)]),
+        }
     }
 
     /// Text features [B, D] for token ids [B, L] (u32) and their attention mask.

@@ -115,3 +115,59 @@ fn inputs_of_the_wrong_shape_say_what_is_expected() {
     let e = enc.forward(&[("code_embeddings", &codes)]).unwrap_err().to_string();
     assert!(e.contains("[B, 6, 8]") && e.contains("[2, 5, 8]"), "{e}");
 }
+
+/// TokLIP end to end at smoke size on the embedded shapes: a VQ-VAE trained by a
+/// reconstruction run, then the token encoder over its frozen codes, distilled from a teacher.
+#[test]
+fn vq_vae_then_a_distilled_token_encoder_run_end_to_end() {
+    use std::process::Command;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = "[[task]]\nname = \"shapes\"\nshapes = [\"circle\", \"square\", \"triangle\", \"cross\"]\ncolors = [\"red\", \"blue\"]\ntrain_per_combo = 4\n";
+    let tokenizer = "[model.image_tokenizer]\nplugin = \"vq-tokenizer\"\nimage_size = 16\npatch = 4\nhidden = 32\ncode_dim = 8\ncodebook_size = 32\n";
+    let vq = format!(
+        "[experiment]\nname = \"vq\"\n{tokenizer}[optimizer]\nlr = 3e-3\nweight_decay = 0.0\n\
+         [train]\nobjective = \"reconstruction\"\nepochs = 4\nbatch_size = 16\n{data}"
+    );
+    std::fs::write(tmp.path().join("vq.toml"), vq).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(recall_tests::recall_bin()).args(args).current_dir(tmp.path()).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["run", "-q", "vq.toml", "--run-dir", "vq"]);
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("vq/summary.json")).unwrap()).unwrap();
+    let loss = |stage: usize| s["results"]["rows"][stage][0]["vq_loss"].as_f64().unwrap();
+    assert!(loss(1) < 0.7 * loss(0), "the VQ-VAE did not learn: {} -> {}", loss(0), loss(1));
+    assert!(s["results"]["rows"][1][0]["codes_used"].as_f64().unwrap() >= 2.0);
+
+    let student = format!(
+        "[experiment]\nname = \"student\"\n\
+         [model.tokenizer]\nplugin = \"clip-bpe\"\ncontext_length = 12\n\
+         {tokenizer}checkpoint = \"vq/checkpoints/task-01.safetensors\"\n\
+         [model.vision]\nplugin = \"toklip-encoder\"\ntokens = 16\ncode_dim = 8\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
+         [model.text]\nplugin = \"clip-text\"\ncontext_length = 12\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
+         [teacher.vision]\nplugin = \"clip-vision\"\nimage_size = 16\npatch_size = 8\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
+         [[strategy]]\nplugin = \"distill\"\n\
+         [optimizer]\nlr = 1e-3\n[train]\nepochs = 2\nbatch_size = 16\n{data}\
+         [[evaluator]]\nplugin = \"retrieval\"\n"
+    );
+    std::fs::write(tmp.path().join("student.toml"), student).unwrap();
+    run(&["run", "-q", "student.toml", "--run-dir", "student"]);
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("student/summary.json")).unwrap()).unwrap();
+    let terms = &s["epoch_terms"][0];
+    let distill: Vec<f64> = terms.as_array().unwrap().iter().map(|t| t["distill"].as_f64().unwrap()).collect();
+    assert!(distill.iter().all(|d| d.is_finite() && *d > 0.0), "{terms}");
+    assert!(distill[1] < distill[0], "distillation did not pull the student toward the teacher: {distill:?}");
+    // The tokenizer and the teacher are frozen: only the token encoder, the text tower and
+    // logit_scale train.
+    let ckpt = candle_core::safetensors::load(tmp.path().join("student/checkpoints/task-01.safetensors"), &Device::Cpu)
+        .unwrap();
+    let vq =
+        candle_core::safetensors::load(tmp.path().join("vq/checkpoints/task-01.safetensors"), &Device::Cpu).unwrap();
+    for (name, t) in &vq {
+        assert_eq!(max_abs(&ckpt[name], t), 0.0, "{name} moved in the student run");
+    }
+    assert!(!ckpt.keys().any(|k| k.starts_with("teacher")), "the teacher is not part of the student's checkpoint");
+}

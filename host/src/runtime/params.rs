@@ -122,9 +122,19 @@ impl ParamStore {
     /// model with the same shape (all mismatches reported together); parameters the file
     /// lacks keep their values and are returned.
     pub fn load_present(&self, path: &Path) -> anyhow::Result<Vec<String>> {
+        self.load_selected(path, |_| true)
+    }
+
+    /// [`ParamStore::load_present`] restricted to the file's tensors whose names `select`
+    /// accepts; the others are ignored.
+    pub fn load_selected(&self, path: &Path, select: impl Fn(&str) -> bool) -> anyhow::Result<Vec<String>> {
         let device = self.params.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
-        let loaded = candle_core::safetensors::load(path, &device)
+        let mut loaded = candle_core::safetensors::load(path, &device)
             .map_err(|e| anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()))?;
+        loaded.retain(|name, _| select(name));
+        if loaded.is_empty() {
+            anyhow::bail!("checkpoint {} has no tensor the selection takes", path.display());
+        }
         let mut problems = Vec::new();
         for (name, t) in &loaded {
             match self.get(name) {
