@@ -287,6 +287,14 @@ pub struct TrainSection {
     /// model's `image_tokenizer` alone on the tasks' images, e.g. a VQ-VAE).
     #[serde(default = "d::objective")]
     pub objective: String,
+    /// Compute precision of training: `f32` (the parameters' own), or `bf16` / `f16` mixed
+    /// precision (master weights and optimizer state stay in full precision; the loss is
+    /// computed in full precision).
+    #[serde(default = "d::precision")]
+    pub precision: String,
+    /// Evaluation precision: `f32` (full, the default) or `train` (as training computes).
+    #[serde(default = "d::precision")]
+    pub eval_precision: String,
 }
 
 /// One task of the sequence, or one held-out zero-shot set: a name and where its data comes
@@ -418,6 +426,9 @@ mod d {
     }
     pub fn eps() -> f64 {
         1e-6
+    }
+    pub fn precision() -> String {
+        "f32".into()
     }
     pub fn objective() -> String {
         "clip".into()
@@ -813,6 +824,24 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
             ))
         }
     };
+    if !matches!(cfg.train.precision.as_str(), "f32" | "bf16" | "f16") {
+        return Err(c.error_at(
+            "train.precision",
+            format!("unknown precision `{}`; expected `f32`, `bf16` or `f16`", cfg.train.precision),
+        ));
+    }
+    if !matches!(cfg.train.eval_precision.as_str(), "f32" | "train") {
+        return Err(c.error_at(
+            "train.eval_precision",
+            format!("unknown eval_precision `{}`; expected `f32` or `train`", cfg.train.eval_precision),
+        ));
+    }
+    if cfg.train.precision != "f32" && cfg.experiment.dtype == "f64" {
+        return Err(c.error_at(
+            "train.precision",
+            "mixed precision keeps f32 master weights; use experiment.dtype = \"f32\" with it",
+        ));
+    }
     if reconstruction && cfg.model.image_tokenizer.is_none() {
         return Err(c.error_at(
             "train.objective",

@@ -82,6 +82,21 @@ pub struct RunSummary {
     pub data: BTreeMap<String, DataCounts>,
     pub steps: usize,
     pub train_seconds: f64,
+    pub performance: Performance,
+}
+
+/// Speed and memory of a run's training.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+pub struct Performance {
+    /// `f32` (full precision), `bf16` or `f16` compute.
+    pub precision: String,
+    pub device: String,
+    pub steps_per_second: f64,
+    pub images_per_second: f64,
+    /// Peak device memory in use (CUDA, sampled after each step's forward and backward), or
+    /// the process's peak resident memory on the CPU.
+    pub peak_memory_bytes: Option<u64>,
+    pub memory_kind: String,
 }
 
 /// How much data a task had.
@@ -108,6 +123,11 @@ struct Progress {
     finished_tasks: usize,
     global_step: usize,
     train_seconds: f64,
+    /// Time in training steps proper and the images they saw (throughput).
+    #[serde(default)]
+    step_seconds: f64,
+    #[serde(default)]
+    images_seen: usize,
     epoch_losses: Vec<Vec<f64>>,
     epoch_terms: Vec<Vec<BTreeMap<String, f64>>>,
     results: ResultMatrix,
@@ -576,6 +596,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             finished_tasks: 0,
             global_step: 0,
             train_seconds: 0.0,
+            step_seconds: 0.0,
+            images_seen: 0,
             epoch_losses: Vec::new(),
             epoch_terms: Vec::new(),
             results: empty(&tasks),
@@ -598,7 +620,20 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             println!("resuming {} after task {k} of {}", run_dir.display(), tasks.len());
         }
     }
+    // Mixed precision: the masters stay in full precision, ops compute lower (runtime docs).
+    let compute = match c.train.precision.as_str() {
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        _ => rt.float_dtype(),
+    };
+    let mixed = compute != rt.float_dtype();
+    let eval_full = c.train.eval_precision == "f32";
+    rt.set_compute_dtype(compute).map_err(anyhow::Error::msg)?;
+    let mut peak_memory: Option<u64> = None;
     let eval_stage = |p: &mut Progress| -> anyhow::Result<()> {
+        if mixed && eval_full {
+            rt.set_compute_dtype(rt.float_dtype()).map_err(anyhow::Error::msg)?;
+        }
         let pb = progress(opts.quiet, (tasks.len() + heldout_sets.len()) as u64, "evaluating".into(), "sets");
         let mut row = Vec::new();
         for t in &tasks {
@@ -613,6 +648,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         }
         p.heldout.rows.push(row);
         pb.finish_and_clear();
+        rt.set_compute_dtype(compute).map_err(anyhow::Error::msg)?;
         write_atomic(&run_dir.join("metrics.jsonl"), metrics_lines(&p.results, &p.heldout)?.as_bytes())?;
         Ok(())
     };
@@ -690,11 +726,16 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             let mut term_sums: BTreeMap<String, f64> = BTreeMap::new();
             let mut n_batches = 0;
             for (examples, captions) in batches(&task.train, bs, &mut rng) {
+                let step_started = Instant::now();
                 rt.set_training(true);
+                if mixed {
+                    // Casts of the masters as the optimizer left them.
+                    rt.refresh_views().map_err(anyhow::Error::msg)?;
+                }
                 for s in &strategies {
                     s.before_step(p.global_step as u64)?;
                 }
-                let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
+                let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.compute_dtype())?;
                 let (ids, mask) = model.tokenize(&captions)?;
                 let img = model.encode_images(&pixels)?;
                 let txt = model.encode_texts(&ids, &mask)?;
@@ -774,7 +815,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                         task.name
                     );
                 }
+                peak_memory = peak_memory.max(crate::runtime::device_memory_in_use(rt.device()));
                 let grads = total.backward()?;
+                peak_memory = peak_memory.max(crate::runtime::device_memory_in_use(rt.device()));
                 rt.set_grads(Some(grads));
                 let hooks = strategies.iter().try_for_each(|s| s.after_backward(p.global_step as u64));
                 let grads = rt.set_grads(None).expect("gradients were set above");
@@ -805,6 +848,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 n_batches += 1;
                 step_in_task += 1;
                 p.global_step += 1;
+                p.step_seconds += step_started.elapsed().as_secs_f64();
+                p.images_seen += examples.len();
                 pb.inc(1);
             }
             let mean = epoch_loss / n_batches.max(1) as f64;
@@ -920,6 +965,14 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         data,
         steps: p.global_step,
         train_seconds: p.train_seconds,
+        performance: Performance {
+            precision: c.train.precision.clone(),
+            device: format!("{:?}", rt.device()),
+            steps_per_second: p.global_step as f64 / p.step_seconds.max(1e-9),
+            images_per_second: p.images_seen as f64 / p.step_seconds.max(1e-9),
+            memory_kind: if peak_memory.is_some() { "device".into() } else { "host-rss".into() },
+            peak_memory_bytes: peak_memory.or_else(crate::runtime::peak_rss),
+        },
     };
     for (suite, m) in [("", &summary.results), ("zeroshot__", &summary.heldout)] {
         for name in m.metric_names() {

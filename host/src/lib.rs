@@ -8,6 +8,7 @@ pub mod bench;
 pub mod config;
 pub mod conformance;
 pub mod data;
+pub mod devcheck;
 pub mod embed;
 pub mod engine;
 pub mod fetch;

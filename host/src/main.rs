@@ -144,6 +144,19 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// Run every host op forward and backward on a device and dtype and report the largest
+    /// relative difference per op against the CPU in f32 (exit 1 if any exceeds the tolerance).
+    DeviceCheck {
+        /// `cpu`, `cuda`, `cuda:N` or `auto`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// `f32`, `bf16`, `f16` or `f64`.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Also write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Open an ONNX model with the ONNX Runtime backend and list its inputs and outputs (the
     /// names a `backend = "onnx"` tower matches by).
     OnnxInfo {
@@ -521,6 +534,24 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             print!("{out}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::DeviceCheck { device, dtype, json } => {
+            use recall_host::devcheck;
+            let dev = recall_host::runtime::ops::device_from_name(device).map_err(anyhow::Error::msg)?;
+            let dt = match dtype.as_str() {
+                "f32" => candle_core::DType::F32,
+                "f64" => candle_core::DType::F64,
+                "bf16" => candle_core::DType::BF16,
+                "f16" => candle_core::DType::F16,
+                other => anyhow::bail!("unknown dtype `{other}`; expected f32, bf16, f16 or f64"),
+            };
+            let reports = devcheck::check(&dev, dt)?;
+            let (text, ok) = devcheck::table(&reports, devcheck::tolerance(dt));
+            println!("device {dev:?}, {dtype} against cpu f32\n{text}");
+            if let Some(path) = json {
+                recall_host::fsutil::write_atomic(path, serde_json::to_string_pretty(&reports)?.as_bytes())?;
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::OnnxInfo { model, library } => {
             let m = recall_host::onnx::OnnxModel::open(model, library.as_deref(), 1)?;

@@ -400,18 +400,31 @@ impl Model {
 
     /// Image features [B, D] for normalised pixels [B, 3, S, S].
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
-        match &self.image_tokenizer {
+        let features = match &self.image_tokenizer {
             Some(t) => {
                 let codes = t.forward(&self.runtime, &[("pixel_values", pixels)])?.detach();
-                self.vision.forward(&self.runtime, &[("code_embeddings", &codes), ("pixel_values", pixels)])
+                self.vision.forward(&self.runtime, &[("code_embeddings", &codes), ("pixel_values", pixels)])?
             }
-            None => self.vision.forward(&self.runtime, &[("pixel_values", pixels)]),
-        }
+            None => self.vision.forward(&self.runtime, &[("pixel_values", pixels)])?,
+        };
+        self.full_precision(features, "vision")
+    }
+
+    /// Features leave the towers in the parameters' dtype: losses and strategies compute in
+    /// full precision under mixed precision too.
+    fn full_precision(&self, t: Tensor, tower: &str) -> Result<Tensor, PluginFailure> {
+        t.to_dtype(self.runtime.float_dtype()).map_err(|e| PluginFailure {
+            plugin: tower.into(),
+            function: "forward",
+            message: e.to_string(),
+            config_key: None,
+        })
     }
 
     /// Text features [B, D] for token ids [B, L] (u32) and their attention mask.
     pub fn encode_texts(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, PluginFailure> {
-        self.text.forward(&self.runtime, &[("input_ids", ids), ("attention_mask", mask)])
+        let features = self.text.forward(&self.runtime, &[("input_ids", ids), ("attention_mask", mask)])?;
+        self.full_precision(features, "text")
     }
 
     /// Tokenize texts into id and mask tensors at the text tower's context length.

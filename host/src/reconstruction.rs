@@ -21,8 +21,8 @@ use rand::SeedableRng;
 use crate::config::LoadedConfig;
 use crate::data::{self, preprocess::Preprocess};
 use crate::engine::{
-    batches, checkpoint_path, load_tasks, new_run_dir, progress, record_provenance, DataCounts, ResultMatrix,
-    RunOptions, RunSummary,
+    batches, checkpoint_path, load_tasks, new_run_dir, progress, record_provenance, DataCounts, Performance,
+    ResultMatrix, RunOptions, RunSummary,
 };
 use crate::fsutil::write_atomic;
 use crate::loader::Registry;
@@ -188,6 +188,14 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             .collect(),
         steps: step,
         train_seconds,
+        performance: Performance {
+            precision: "f32".into(),
+            device: format!("{:?}", rt.device()),
+            steps_per_second: step as f64 / train_seconds.max(1e-9),
+            images_per_second: (train.len() * c.train.epochs) as f64 / train_seconds.max(1e-9),
+            memory_kind: "host-rss".into(),
+            peak_memory_bytes: crate::runtime::peak_rss(),
+        },
     };
     drop(params);
     write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;

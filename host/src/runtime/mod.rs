@@ -48,6 +48,12 @@ pub struct AdapterHook {
 pub struct Runtime {
     device: Device,
     float: DType,
+    /// The dtype matmul-like ops compute in: `float` (full precision) or lower (bf16/f16
+    /// mixed precision, with `float` master weights).
+    compute: Cell<DType>,
+    /// Under mixed precision, what each parameter's handles stand for now: a cast of the
+    /// master weight taken at the start of the step (see `refresh_views`).
+    views: RefCell<HashMap<String, Tensor>>,
     store: RefCell<TensorStore>,
     params: RefCell<ParamStore>,
     sites: RefCell<Vec<LinearSite>>,
@@ -79,11 +85,32 @@ impl PluginCtx {
     }
 }
 
+/// Device memory in use now (CUDA: total minus free, as the driver reports it); `None` on
+/// the CPU.
+pub fn device_memory_in_use(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = device.as_cuda_device() {
+        return d.cuda_stream().context().mem_get_info().ok().map(|(free, total)| (total - free) as u64);
+    }
+    let _ = device;
+    None
+}
+
+/// The process's peak resident memory (Linux `VmHWM`), if known.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 impl Runtime {
     pub fn new(device: Device, float: DType, seed: u64) -> Rc<Self> {
         Rc::new(Runtime {
             device,
             float,
+            compute: Cell::new(float),
+            views: RefCell::default(),
             store: RefCell::default(),
             params: RefCell::default(),
             sites: RefCell::default(),
@@ -104,9 +131,69 @@ impl Runtime {
         &self.device
     }
 
-    /// The floating-point dtype parameters and activations use.
+    /// The floating-point dtype of parameters (the master weights) and optimizer state.
     pub fn float_dtype(&self) -> DType {
         self.float
+    }
+
+    /// The dtype matmul-like ops and inputs use: `float_dtype` unless mixed precision is on.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute.get()
+    }
+
+    /// Whether ops compute below the parameters' precision.
+    pub fn is_mixed(&self) -> bool {
+        self.compute.get() != self.float
+    }
+
+    /// Compute in `dtype` from now on (the parameters' own dtype turns mixed precision off).
+    /// Parameter handles are re-pointed at once; see [`Runtime::refresh_views`].
+    pub fn set_compute_dtype(&self, dtype: DType) -> Result<(), String> {
+        if !dtype.is_float() {
+            return Err(format!("compute dtype must be a float type, not {dtype:?}"));
+        }
+        self.compute.set(dtype);
+        self.refresh_views()
+    }
+
+    /// Point every parameter's handles (and linear sites) at a fresh cast of its master
+    /// weight in the compute dtype: differentiable for trainable parameters (gradients reach
+    /// the master in full precision), constant for frozen ones. Call once per step under
+    /// mixed precision, after the optimizer moved the masters; with full precision it restores
+    /// the masters themselves (detached views for frozen parameters).
+    pub fn refresh_views(&self) -> Result<(), String> {
+        let compute = self.compute.get();
+        let mut params = self.params.borrow_mut();
+        let mut views = self.views.borrow_mut();
+        let mut swap: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
+        let mut aliases = Vec::new();
+        for p in params.iter() {
+            let master = if p.trainable { p.var.as_tensor().clone() } else { p.var.as_tensor().detach() };
+            let new =
+                if compute == self.float { master } else { master.to_dtype(compute).map_err(|e| e.to_string())? };
+            let old = views.get(&p.name).cloned();
+            // Handles may hold the master, its frozen view or the previous cast.
+            for t in [Some(p.var.as_tensor().clone()), old].into_iter().flatten() {
+                swap.insert(t.id(), new.clone());
+            }
+            aliases.push((p.name.clone(), new.clone()));
+            views.insert(p.name.clone(), new);
+        }
+        for (name, t) in &aliases {
+            params.alias(name, t);
+        }
+        drop(params);
+        let lookup = |t: &Tensor| swap.get(&t.id()).cloned();
+        self.store.borrow_mut().substitute(lookup);
+        for site in self.sites.borrow_mut().iter_mut() {
+            if let Some(w) = lookup(&site.weight) {
+                site.weight = w;
+            }
+            if let Some(b) = site.bias.as_ref().and_then(lookup) {
+                site.bias = Some(b);
+            }
+        }
+        Ok(())
     }
 
     pub fn set_training(&self, training: bool) {
@@ -209,6 +296,7 @@ impl Runtime {
         }
         for (name, view) in &names {
             params.alias(name, view);
+            self.views.borrow_mut().insert(name.clone(), view.clone());
         }
         let swap = |t: &Tensor| views.get(&t.id()).cloned();
         self.store.borrow_mut().substitute(swap);
@@ -334,7 +422,10 @@ impl Runtime {
     /// (they call back into the runtime).
     pub fn linear(&self, site_id: u32, x_id: TensorId) -> Result<Tensor, String> {
         let site = self.site(site_id)?;
-        let x = self.get(x_id)?;
+        let mut x = self.get(x_id)?;
+        if x.dtype() != site.weight.dtype() && x.dtype().is_float() {
+            x = x.to_dtype(site.weight.dtype()).map_err(|e| e.to_string())?;
+        }
         let mut y =
             ops::linear(&x, &site.weight, site.bias.as_ref()).map_err(|e| format!("linear `{}`: {e}", site.name))?;
         let hooks: Vec<AdapterHook> = self.adapters.borrow().clone();

@@ -293,7 +293,14 @@ pub fn device_from_name(name: &str) -> std::result::Result<Device, String> {
                     "device `{n}` was requested but this build of recall has no CUDA support; rebuild with `--features cuda` or set device = \"cpu\""
                 ));
             }
-            Device::new_cuda(ordinal).map_err(|e| format!("device `{n}`: no usable GPU ({e})"))
+            match Device::new_cuda(ordinal) {
+                Ok(d) => Ok(d),
+                // `auto` means "a GPU if there is one".
+                Err(_) if n == "auto" => Ok(Device::Cpu),
+                Err(e) => Err(format!(
+                    "device `{n}`: no usable GPU ({e}); check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or set device = \"cpu\""
+                )),
+            }
         }
         other => Err(format!("invalid device `{other}`: expected `cpu`, `cuda`, `cuda:N` or `auto`")),
     }

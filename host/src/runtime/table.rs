@@ -125,6 +125,40 @@ fn get(rt: &Runtime, id: TensorId) -> candle_core::Result<Tensor> {
     rt.get(id).map_err(candle_core::Error::msg)
 }
 
+// Mixed precision follows torch.autocast: matmul-like ops (matmul, attention, patch
+// embedding, linear sites) run in the compute dtype; softmax, normalisation, sums and means,
+// exp and log run in the parameters' dtype; other ops given mixed float operands promote them
+// to the parameters' dtype. Without mixed precision every helper is the identity.
+
+/// `id` in the compute dtype (matmul-like ops).
+fn low(rt: &Runtime, id: TensorId) -> candle_core::Result<Tensor> {
+    let t = get(rt, id)?;
+    if rt.is_mixed() && t.dtype().is_float() && t.dtype() != rt.compute_dtype() {
+        t.to_dtype(rt.compute_dtype())
+    } else {
+        Ok(t)
+    }
+}
+
+/// `id` in the parameters' dtype (precision-sensitive ops).
+fn high(rt: &Runtime, id: TensorId) -> candle_core::Result<Tensor> {
+    let t = get(rt, id)?;
+    if rt.is_mixed() && t.dtype().is_float() && t.dtype() != rt.float_dtype() {
+        t.to_dtype(rt.float_dtype())
+    } else {
+        Ok(t)
+    }
+}
+
+/// Float operands of different dtypes promoted to the parameters' dtype.
+fn promote(rt: &Runtime, ts: Vec<Tensor>) -> candle_core::Result<Vec<Tensor>> {
+    let first = ts.first().map(|t| t.dtype());
+    if !rt.is_mixed() || ts.iter().all(|t| Some(t.dtype()) == first || !t.dtype().is_float()) {
+        return Ok(ts);
+    }
+    ts.into_iter().map(|t| if t.dtype().is_float() { t.to_dtype(rt.float_dtype()) } else { Ok(t) }).collect()
+}
+
 fn usizes(s: RSlice<u64>) -> Vec<usize> {
     s.iter().map(|&d| d as usize).collect()
 }
@@ -239,11 +273,18 @@ extern "C" fn site_weight(ctx: HostCtx, site: u32) -> HostResult<TensorId> {
 }
 
 extern "C" fn unary(ctx: HostCtx, op: u32, x: TensorId) -> HostResult<TensorId> {
+    use recall_sdk::abi::unary as u;
+    if matches!(op, u::EXP | u::LOG) {
+        return produce(ctx, "unary", |rt| ops::unary(op, &high(rt, x)?));
+    }
     produce(ctx, "unary", |rt| ops::unary(op, &get(rt, x)?))
 }
 
 extern "C" fn binary(ctx: HostCtx, op: u32, a: TensorId, b: TensorId) -> HostResult<TensorId> {
-    produce(ctx, "binary", |rt| ops::binary(op, &get(rt, a)?, &get(rt, b)?))
+    produce(ctx, "binary", |rt| {
+        let ab = promote(rt, vec![get(rt, a)?, get(rt, b)?])?;
+        ops::binary(op, &ab[0], &ab[1])
+    })
 }
 
 extern "C" fn affine(ctx: HostCtx, x: TensorId, mul: f64, add: f64) -> HostResult<TensorId> {
@@ -259,11 +300,15 @@ extern "C" fn clamp(ctx: HostCtx, x: TensorId, lo: f64, hi: f64) -> HostResult<T
 }
 
 extern "C" fn matmul(ctx: HostCtx, a: TensorId, b: TensorId) -> HostResult<TensorId> {
-    produce(ctx, "matmul", |rt| ops::matmul(&get(rt, a)?, &get(rt, b)?))
+    produce(ctx, "matmul", |rt| ops::matmul(&low(rt, a)?, &low(rt, b)?))
 }
 
 extern "C" fn reduce(ctx: HostCtx, op: u32, x: TensorId, dims: RSlice<u64>, keepdim: bool) -> HostResult<TensorId> {
-    produce(ctx, "reduce", |rt| ops::reduce(op, &get(rt, x)?, &usizes(dims), keepdim))
+    produce(ctx, "reduce", |rt| {
+        use recall_sdk::abi::reduce as r;
+        let x = if matches!(op, r::SUM | r::MEAN) { high(rt, x)? } else { get(rt, x)? };
+        ops::reduce(op, &x, &usizes(dims), keepdim)
+    })
 }
 
 extern "C" fn argmax(ctx: HostCtx, x: TensorId, dim: u64) -> HostResult<TensorId> {
@@ -271,15 +316,15 @@ extern "C" fn argmax(ctx: HostCtx, x: TensorId, dim: u64) -> HostResult<TensorId
 }
 
 extern "C" fn softmax(ctx: HostCtx, x: TensorId, dim: u64) -> HostResult<TensorId> {
-    produce(ctx, "softmax", |rt| ops::softmax(&get(rt, x)?, dim as usize))
+    produce(ctx, "softmax", |rt| ops::softmax(&high(rt, x)?, dim as usize))
 }
 
 extern "C" fn log_softmax(ctx: HostCtx, x: TensorId, dim: u64) -> HostResult<TensorId> {
-    produce(ctx, "log_softmax", |rt| ops::log_softmax(&get(rt, x)?, dim as usize))
+    produce(ctx, "log_softmax", |rt| ops::log_softmax(&high(rt, x)?, dim as usize))
 }
 
 extern "C" fn layer_norm(ctx: HostCtx, x: TensorId, w: TensorId, b: TensorId, eps: f64) -> HostResult<TensorId> {
-    produce(ctx, "layer_norm", |rt| ops::layer_norm(&get(rt, x)?, &get(rt, w)?, &get(rt, b)?, eps))
+    produce(ctx, "layer_norm", |rt| ops::layer_norm(&high(rt, x)?, &high(rt, w)?, &high(rt, b)?, eps))
 }
 
 extern "C" fn reshape(ctx: HostCtx, x: TensorId, shape: RSlice<i64>) -> HostResult<TensorId> {
@@ -301,7 +346,7 @@ extern "C" fn narrow(ctx: HostCtx, x: TensorId, dim: u64, start: u64, len: u64) 
 extern "C" fn cat(ctx: HostCtx, xs: RSlice<TensorId>, dim: u64) -> HostResult<TensorId> {
     produce(ctx, "cat", |rt| {
         let ts = xs.iter().map(|&id| get(rt, id)).collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&ts, dim as usize)
+        Tensor::cat(&promote(rt, ts)?, dim as usize)
     })
 }
 
@@ -329,8 +374,8 @@ extern "C" fn patch_embed(
     patch: u64,
 ) -> HostResult<TensorId> {
     produce(ctx, "patch_embed", |rt| {
-        let bias = b.into_option().map(|b| get(rt, b)).transpose()?;
-        ops::patch_embed(&get(rt, px)?, &get(rt, w)?, bias.as_ref(), patch as usize)
+        let bias = b.into_option().map(|b| low(rt, b)).transpose()?;
+        ops::patch_embed(&low(rt, px)?, &low(rt, w)?, bias.as_ref(), patch as usize)
     })
 }
 
@@ -345,7 +390,7 @@ extern "C" fn attention(
 ) -> HostResult<TensorId> {
     produce(ctx, "attention", |rt| {
         let mask = mask.into_option().map(|m| get(rt, m)).transpose()?;
-        ops::attention(&get(rt, q)?, &get(rt, k)?, &get(rt, v)?, causal, mask.as_ref(), scale)
+        ops::attention(&low(rt, q)?, &low(rt, k)?, &low(rt, v)?, causal, mask.as_ref(), scale)
     })
 }
 
