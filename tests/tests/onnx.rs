@@ -169,3 +169,29 @@ fn inputs_the_model_does_not_take_are_named() {
     let e = model.encode_texts(&ids, &ids).unwrap_err().to_string();
     assert!(e.contains("input_ids: int64[?, 77]") && e.contains("F32"), "{e}");
 }
+
+#[test]
+fn a_teacher_runs_in_candle_or_through_onnx_runtime_with_the_same_features() {
+    fetch("onnxruntime");
+    let exp: ExperimentSection = toml::from_str("name = \"teacher\"").unwrap();
+    let reg = Registry::discover(&search_path(&[]));
+    let build = |text: String| {
+        let t: recall_host::config::TeacherSection = toml::from_str(&text).unwrap();
+        recall_host::model::Teacher::build(&t, &exp, &NamedSource("t.toml".into()), &reg)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let onnx = build(format!(
+        "[vision]\nbackend = \"onnx\"\nmodel = {:?}\noutput = \"image_embeds\"\nthreads = 1\n",
+        fixture("onnx/clip_vision.onnx").display().to_string()
+    ));
+    let candle = build(format!(
+        "checkpoint = {:?}\n[vision]\nplugin = \"clip-vision\"\n",
+        fixture("clip/hf").display().to_string()
+    ));
+    assert_eq!(onnx.preprocess.size, 32);
+    let r = candle_core::safetensors::load(fixture("clip/reference.safetensors"), &Device::Cpu).unwrap();
+    let (a, b) = (onnx.encode_images(&r["pixel_values"]).unwrap(), candle.encode_images(&r["pixel_values"]).unwrap());
+    assert!(rel(&a, &b) <= 1e-4, "{}", rel(&a, &b));
+    // Frozen: nothing of either teacher trains.
+    assert!(candle.runtime.params().iter().all(|p| !p.trainable));
+}

@@ -13,30 +13,32 @@ use recall_host::model::Model;
 use recall_tests::{recall_bin, SMALL_EXPERIMENT};
 
 #[test]
-fn bf16_compute_keeps_f32_masters_and_returns_to_them() {
+fn low_precision_compute_keeps_f32_masters_and_returns_to_them() {
     let cfg = config::parse(SMALL_EXPERIMENT, "small.toml").unwrap();
     let model = Model::build(&cfg, &Registry::discover(&search_path(&[]))).unwrap_or_else(|e| panic!("{e}"));
     let rt = model.runtime.clone();
     let pixels = candle_core::Tensor::randn(0f32, 1.0, (4, 3, 16, 16), rt.device()).unwrap();
     let full = model.encode_images(&pixels).unwrap();
 
-    rt.set_compute_dtype(DType::BF16).unwrap();
-    let mixed = model.encode_images(&pixels).unwrap();
-    assert_eq!(mixed.dtype(), DType::F32, "features leave the towers in the masters' dtype");
-    let diff = (&mixed - &full).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = full.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff > 0.0 && diff / scale < 5e-2, "bf16 must differ from f32 by rounding only: {diff} / {scale}");
-    let grads = mixed.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-    let params = rt.params();
-    let trained: Vec<_> = params.iter().filter(|p| p.trainable && p.name.starts_with("vision.")).collect();
-    assert!(!trained.is_empty());
-    for p in &trained {
-        assert_eq!(p.var.dtype(), DType::F32, "{}: masters stay f32", p.name);
-        let g = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{}: no gradient reached the master", p.name));
-        assert_eq!(g.dtype(), DType::F32);
+    for low in [DType::BF16, DType::F16] {
+        rt.set_compute_dtype(low).unwrap();
+        let mixed = model.encode_images(&pixels).unwrap();
+        assert_eq!(mixed.dtype(), DType::F32, "features leave the towers in the masters' dtype");
+        let diff = (&mixed - &full).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = full.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff > 0.0 && diff / scale < 5e-2, "{low:?} must differ from f32 by rounding only: {diff} / {scale}");
+        let grads = mixed.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let params = rt.params();
+        let trained: Vec<_> = params.iter().filter(|p| p.trainable && p.name.starts_with("vision.")).collect();
+        assert!(!trained.is_empty());
+        for p in &trained {
+            assert_eq!(p.var.dtype(), DType::F32, "{}: masters stay f32", p.name);
+            let g =
+                grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{}: no gradient reached the master", p.name));
+            assert_eq!(g.dtype(), DType::F32);
+        }
+        drop(params);
     }
-    drop(params);
-
     rt.set_compute_dtype(DType::F32).unwrap();
     let back = model.encode_images(&pixels).unwrap();
     let d = (&back - &full).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
