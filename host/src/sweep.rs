@@ -1,7 +1,8 @@
 //! Sweeps: `[sweep]` in an experiment file declares axes over any config key (plus `seeds`),
 //! expanded as a grid product with optional include / exclude rows. Each point is the base
-//! experiment with `--set`-style overrides; its id is a hash of the resolved config, so the
-//! same point always lands in the same run directory and a re-run skips what is finished.
+//! experiment with `--set`-style overrides; its id is a hash of the config as written with them
+//! (keys sorted, numbers as values), so the same point always lands in the same run directory
+//! and a re-run skips what is finished, also under a newer Recall.
 //!
 //! ```toml
 //! [sweep]
@@ -206,13 +207,19 @@ pub fn expand(cfg: &LoadedConfig) -> Result<Plan, ConfigError> {
             overrides.push(("experiment.seed".into(), seed.to_string()));
             let sets: Vec<String> = overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let src = config::apply_overrides(&cfg.source, &cfg.file, &sets)?;
-            let resolved = config::parse(&src, &cfg.file).map_err(|e| ConfigError {
+            config::parse(&src, &cfg.file).map_err(|e| ConfigError {
                 message: format!("sweep point `{label}` (seed {seed}): {}", e.message),
                 ..e
             })?;
-            let mut c = resolved.config.clone();
-            c.sweep = None;
-            let canonical = toml::to_string(&c).map_err(|e| cfg.error_at("sweep", e.to_string()))?;
+            // The id hashes the experiment as written plus the point's overrides, keys sorted:
+            // `1e-3` and `0.001` are one point, and a Recall version that adds config defaults
+            // keeps the ids (and so the finished points) of an existing sweep.
+            let mut explicit: serde_json::Value =
+                toml::from_str(&src).map_err(|e| cfg.error_at("sweep", e.to_string()))?;
+            if let Some(t) = explicit.as_object_mut() {
+                t.remove("sweep");
+            }
+            let canonical = serde_json::to_string(&explicit).map_err(|e| cfg.error_at("sweep", e.to_string()))?;
             let id = hex(&Sha256::digest(canonical.as_bytes()))[..12].to_string();
             points.push(Point { id, overrides, label: label.clone(), seed });
         }
@@ -422,6 +429,21 @@ seeds = [0, 1]
         assert!(!p.points.iter().any(|x| x.label == "optimizer.lr=0.001 train.epochs=2"));
         assert_eq!(p.points.last().unwrap().label, "optimizer.lr=0.1");
         assert_eq!(p.dir, PathBuf::from("runs/t"));
+    }
+
+    #[test]
+    fn ids_ignore_key_order_and_number_spelling() {
+        let axes = "[sweep.axes]\n\"train.epochs\" = [1]\n";
+        let a = plan(&base(axes)).unwrap();
+        let respelled = base(axes).replace("lr = 0.001", "lr = 1e-3");
+        assert_ne!(respelled, base(axes), "the fixture must spell lr as 0.001");
+        let b = plan(&respelled).unwrap();
+        assert_eq!(a.points[0].id, b.points[0].id);
+        let reordered = format!("{}[optimizer]\nlr = 0.001\n", base(axes).replacen("[optimizer]\nlr = 0.001\n", "", 1));
+        assert_ne!(reordered, base(axes));
+        assert_eq!(a.points[0].id, plan(&reordered).unwrap().points[0].id);
+        let c = plan(&base("[sweep.axes]\n\"train.epochs\" = [2]\n")).unwrap();
+        assert_ne!(a.points[0].id, c.points[0].id);
     }
 
     #[test]
