@@ -173,14 +173,19 @@ impl Runtime {
                 if compute == self.float { master } else { master.to_dtype(compute).map_err(|e| e.to_string())? };
             let old = views.get(&p.name).cloned();
             // Handles may hold the master, its frozen view or the previous cast.
-            for t in [Some(p.var.as_tensor().clone()), old].into_iter().flatten() {
+            for t in [Some(p.var.as_tensor().clone()), old.clone()].into_iter().flatten() {
                 swap.insert(t.id(), new.clone());
             }
-            aliases.push((p.name.clone(), new.clone()));
+            aliases.push((p.name.clone(), old, new.clone()));
             views.insert(p.name.clone(), new);
         }
-        for (name, t) in &aliases {
-            params.alias(name, t);
+        for (name, old, new) in &aliases {
+            // One alias per parameter: the superseded cast goes, or the lookup table would
+            // grow by every parameter every step.
+            if let Some(old) = old {
+                params.unalias(old);
+            }
+            params.alias(name, new);
         }
         drop(params);
         let lookup = |t: &Tensor| swap.get(&t.id()).cloned();
@@ -452,5 +457,32 @@ impl Runtime {
         let mut rng = self.rng.borrow_mut();
         let keep: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() >= p { 1.0 } else { 0.0 }).collect();
         ops::dropout_with_mask(x, keep, p).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixed_precision_views_replace_each_other_and_return_to_the_masters() {
+        let rt = Runtime::new(Device::Cpu, DType::F32, 0);
+        let w = rt.param("w", &[2, 3], ParamInit::normal(0.0, 1.0), true).unwrap();
+        let f = rt.param("f", &[3], ParamInit::normal(0.0, 1.0), false).unwrap();
+        rt.detach_frozen();
+        let (hw, hf) = (rt.insert(w.clone()), rt.insert(f));
+        rt.set_compute_dtype(DType::BF16).unwrap();
+        let first = rt.get(hw).unwrap();
+        assert_eq!(first.dtype(), DType::BF16);
+        for _ in 0..5 {
+            rt.refresh_views().unwrap();
+        }
+        let now = rt.get(hw).unwrap();
+        assert_eq!(rt.params().by_tensor(&now).map(|p| p.name.as_str()), Some("w"), "the current cast stands for w");
+        assert!(rt.params().by_tensor(&first).is_none(), "a superseded cast is forgotten");
+        assert_eq!(rt.get(hf).unwrap().dtype(), DType::BF16);
+        rt.set_compute_dtype(DType::F32).unwrap();
+        assert_eq!(rt.get(hw).unwrap().id(), w.id(), "full precision hands out the master itself");
+        assert!(rt.params().by_tensor(&w).is_some());
     }
 }

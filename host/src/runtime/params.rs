@@ -77,6 +77,15 @@ impl ParamStore {
         }
     }
 
+    /// Forget a view made by `alias` (a superseded cast), never a parameter's own tensor.
+    pub fn unalias(&mut self, view: &Tensor) {
+        if let Some(&i) = self.by_tensor.get(&view.id()) {
+            if self.params[i].var.as_tensor().id() != view.id() {
+                self.by_tensor.remove(&view.id());
+            }
+        }
+    }
+
     pub fn insert(&mut self, param: Param) -> &Param {
         let i = self.params.len();
         self.by_name.insert(param.name.clone(), i);
