@@ -283,7 +283,18 @@ pub fn evaluate_zeroshot(
 }
 
 /// A fresh run directory `output_dir/NAME-seedS-N` (N counts up).
-pub(crate) fn new_run_dir(output_dir: &Path, name: &str, seed: u64) -> anyhow::Result<PathBuf> {
+/// The run directory: the one `--run-dir` names (created if needed), else a fresh one.
+pub(crate) fn open_run_dir(opts: &RunOptions, e: &crate::config::ExperimentSection) -> anyhow::Result<PathBuf> {
+    match &opts.run_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create run directory {}", d.display()))?;
+            Ok(d.clone())
+        }
+        None => new_run_dir(&e.output_dir, &e.name, e.seed),
+    }
+}
+
+fn new_run_dir(output_dir: &Path, name: &str, seed: u64) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("cannot create output directory {}", output_dir.display()))?;
     for n in 0.. {
@@ -495,13 +506,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     };
     let tasks = load_tasks(cfg, &model.preprocess)?;
     let heldout_sets = load_sets(cfg, &c.zeroshot, "zeroshot", &model.preprocess)?;
-    let run_dir = match &opts.run_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create run directory {}", d.display()))?;
-            d.clone()
-        }
-        None => new_run_dir(&c.experiment.output_dir, &c.experiment.name, c.experiment.seed)?,
-    };
+    let run_dir = open_run_dir(opts, &c.experiment)?;
     let progress_file = run_dir.join("progress.json");
     let previous: Option<Progress> = if opts.resume && progress_file.is_file() {
         let text = std::fs::read_to_string(&progress_file)
@@ -628,7 +633,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     };
     let mixed = compute != rt.float_dtype();
     let eval_full = c.train.eval_precision == "f32";
-    rt.set_compute_dtype(compute).map_err(anyhow::Error::msg)?;
+    if mixed {
+        rt.set_compute_dtype(compute).map_err(anyhow::Error::msg)?;
+    }
     let mut peak_memory: Option<u64> = None;
     let eval_stage = |p: &mut Progress| -> anyhow::Result<()> {
         if mixed && eval_full {
@@ -648,7 +655,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         }
         p.heldout.rows.push(row);
         pb.finish_and_clear();
-        rt.set_compute_dtype(compute).map_err(anyhow::Error::msg)?;
+        if mixed && eval_full {
+            rt.set_compute_dtype(compute).map_err(anyhow::Error::msg)?;
+        }
         write_atomic(&run_dir.join("metrics.jsonl"), metrics_lines(&p.results, &p.heldout)?.as_bytes())?;
         Ok(())
     };

@@ -9,7 +9,7 @@ use globset::{Glob, GlobSetBuilder};
 use crate::config::{AdapterSection, ExperimentSection, FreezeBase, LoadedConfig, Locate, ModelSection};
 use crate::data::preprocess::Preprocess;
 use crate::loader::Registry;
-use crate::plugin::{AdapterInstance, EncoderInstance, PluginFailure, TokenizerInstance};
+use crate::plugin::{host_failure, AdapterInstance, EncoderInstance, PluginFailure, TokenizerInstance};
 use crate::runtime::{ops, Runtime};
 use recall_sdk::abi::modality;
 use recall_sdk::ParamInit;
@@ -94,12 +94,9 @@ impl Tower {
     pub fn forward(&self, runtime: &Runtime, inputs: &[(&str, &Tensor)]) -> Result<Tensor, PluginFailure> {
         match self {
             Tower::Plugin(p) => p.forward(inputs),
-            Tower::Onnx(o) => o.forward(inputs, runtime.device(), runtime.float_dtype()).map_err(|e| PluginFailure {
-                plugin: "onnx".into(),
-                function: "forward",
-                message: e.to_string(),
-                config_key: None,
-            }),
+            Tower::Onnx(o) => o
+                .forward(inputs, runtime.device(), runtime.float_dtype())
+                .map_err(|e| host_failure("onnx", "forward", e.to_string())),
         }
     }
 }
@@ -218,7 +215,16 @@ fn with_checkpoint(model: &ModelSection) -> ModelSection {
     m
 }
 
-fn float_dtype(name: &str) -> DType {
+/// The glob patterns of config key `key`; a bad pattern is an error located there.
+fn glob_set(patterns: &[String], key: &str, cfg: &dyn Locate) -> Result<globset::GlobSet, BuildError> {
+    let mut b = GlobSetBuilder::new();
+    for (i, p) in patterns.iter().enumerate() {
+        b.add(Glob::new(p).map_err(|e| BuildError::Config(cfg.error_at(key, format!("pattern {i} `{p}`: {e}"))))?);
+    }
+    b.build().map_err(|e| BuildError::Other(e.to_string()))
+}
+
+pub(crate) fn float_dtype(name: &str) -> DType {
     match name {
         "f64" => DType::F64,
         _ => DType::F32,
@@ -323,17 +329,8 @@ impl Model {
                     cfg.error_at("model.init", format!("{e:#}; produce it first (see the experiment's comments)")),
                 )
             })?;
-            let select = if m.init_select.is_empty() {
-                None
-            } else {
-                let mut b = GlobSetBuilder::new();
-                for (i, p) in m.init_select.iter().enumerate() {
-                    b.add(Glob::new(p).map_err(|e| {
-                        BuildError::Config(cfg.error_at("model.init_select", format!("pattern {i} `{p}`: {e}")))
-                    })?);
-                }
-                Some(b.build().map_err(|e| BuildError::Other(e.to_string()))?)
-            };
+            let select =
+                if m.init_select.is_empty() { None } else { Some(glob_set(&m.init_select, "model.init_select", cfg)?) };
             let absent = model
                 .runtime
                 .params()
@@ -352,14 +349,7 @@ impl Model {
         adapter: Option<&AdapterSection>,
         cfg: &dyn Locate,
     ) -> Result<(), BuildError> {
-        let mut b = GlobSetBuilder::new();
-        for (i, p) in model.frozen.iter().enumerate() {
-            b.add(
-                Glob::new(p)
-                    .map_err(|e| BuildError::Config(cfg.error_at("model.frozen", format!("pattern {i} `{p}`: {e}"))))?,
-            );
-        }
-        let frozen = b.build().map_err(|e| BuildError::Other(e.to_string()))?;
+        let frozen = glob_set(&model.frozen, "model.frozen", cfg)?;
         let mut adapted_params: Vec<String> = Vec::new();
         let mut adapter_prefix = None;
         if let (Some(a), Some(inst)) = (adapter, &self.adapter) {
@@ -413,12 +403,7 @@ impl Model {
     /// Features leave the towers in the parameters' dtype: losses and strategies compute in
     /// full precision under mixed precision too.
     fn full_precision(&self, t: Tensor, tower: &str) -> Result<Tensor, PluginFailure> {
-        t.to_dtype(self.runtime.float_dtype()).map_err(|e| PluginFailure {
-            plugin: tower.into(),
-            function: "forward",
-            message: e.to_string(),
-            config_key: None,
-        })
+        t.to_dtype(self.runtime.float_dtype()).map_err(|e| host_failure(tower, "forward", e.to_string()))
     }
 
     /// Text features [B, D] for token ids [B, L] (u32) and their attention mask.

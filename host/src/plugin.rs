@@ -35,7 +35,7 @@ fn lift<T>(plugin: &str, function: &'static str, r: PluginResult<T>) -> Result<T
     })
 }
 
-fn host_failure(plugin: &str, function: &'static str, message: String) -> PluginFailure {
+pub(crate) fn host_failure(plugin: &str, function: &'static str, message: String) -> PluginFailure {
     PluginFailure { plugin: plugin.to_string(), function, message, config_key: None }
 }
 

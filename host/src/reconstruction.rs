@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use crate::config::LoadedConfig;
 use crate::data::{self, preprocess::Preprocess};
 use crate::engine::{
-    batches, checkpoint_path, load_tasks, new_run_dir, progress, record_provenance, DataCounts, Performance,
+    batches, checkpoint_path, load_tasks, open_run_dir, progress, record_provenance, DataCounts, Performance,
     ResultMatrix, RunOptions, RunSummary,
 };
 use crate::fsutil::write_atomic;
@@ -77,8 +77,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     }
     let section = c.model.image_tokenizer.as_ref().context("the experiment has no [model.image_tokenizer]")?;
     let device = ops::device_from_name(&c.experiment.device).map_err(|m| cfg.error_at("experiment.device", m))?;
-    let dtype = if c.experiment.dtype == "f64" { candle_core::DType::F64 } else { candle_core::DType::F32 };
-    let rt = Runtime::new(device, dtype, c.experiment.seed);
+    let rt = Runtime::new(device, crate::model::float_dtype(&c.experiment.dtype), c.experiment.seed);
     let tok = Tower::create("model.image_tokenizer", section, "image_tokenizer.", true, &rt, cfg, registry)?;
     let size = tok.spec(true)?.input_size as usize;
     let pre = Preprocess { size, mean: c.model.preprocess.mean, std: c.model.preprocess.std };
@@ -87,13 +86,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     if train.len() < 2 {
         bail!("{}: the tasks have {} training images; at least 2 are needed", cfg.file, train.len());
     }
-    let run_dir = match &opts.run_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create run directory {}", d.display()))?;
-            d.clone()
-        }
-        None => new_run_dir(&c.experiment.output_dir, &c.experiment.name, c.experiment.seed)?,
-    };
+    let run_dir = open_run_dir(opts, &c.experiment)?;
     record_provenance(&run_dir, c.experiment.seed, false)?;
     if let Err(e) = crate::runlog::open(&run_dir.join("log.txt")) {
         tracing::warn!("cannot write {}: {e}", run_dir.join("log.txt").display());

@@ -46,33 +46,7 @@ fn ckc_value_and_gradients_match_pytorch() {
         let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
         let terms = s.loss_terms(&inputs).unwrap();
         assert_eq!(terms.len(), 1);
-        let loss = &terms[0].1;
-        let value = loss.to_scalar::<f64>().unwrap();
-        let expected = fx[&format!("{case}.loss")].to_vec1::<f64>().unwrap()[0];
-        assert!((value - expected).abs() / expected.abs() <= 1e-5, "{case}: loss {value} vs {expected}");
-        let grads = loss.backward().unwrap();
-        for (name, v) in &vars {
-            let key = format!("{case}.grad.{name}");
-            match fx.get(&key) {
-                Some(g) => {
-                    let ours = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
-                    let e = max_rel(&ours.reshape(g.dims()).unwrap(), g);
-                    assert!(e <= 1e-5, "{case}: gradient of {name} off by {e:e}");
-                }
-                // Old features are detached: no gradient may reach them.
-                None => assert!(
-                    grads.get(v.as_tensor()).is_none_or(|g| g
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap()
-                        == 0.0),
-                    "{case}: {name} got a gradient"
-                ),
-            }
-        }
+        let grads = loss_matches_fixture(&fx, case, &terms[0].1, &vars);
         let params = rt.params();
         for p in ["fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "fc2.weight", "fc2.bias"] {
             let param = params.get(&format!("strategy.projector.{p}")).unwrap();
@@ -124,22 +98,45 @@ fn lwf_value_and_gradients_match_pytorch() {
         );
         let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
         let terms = s.loss_terms(&inputs).unwrap();
-        let loss = &terms[0].1;
-        let value = loss.to_scalar::<f64>().unwrap();
-        let expected = fx[&format!("{case}.loss")].to_vec1::<f64>().unwrap()[0];
-        assert!((value - expected).abs() / expected.abs() <= 1e-5, "{case}: loss {value} vs {expected}");
-        let grads = loss.backward().unwrap();
-        for (name, v) in &vars {
-            match fx.get(&format!("{case}.grad.{name}")) {
-                Some(g) => {
-                    let ours = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
-                    let e = max_rel(&ours.reshape(g.dims()).unwrap(), g);
-                    assert!(e <= 1e-5, "{case}: gradient of {name} off by {e:e}");
-                }
-                None => assert!(grads.get(v.as_tensor()).is_none(), "{case}: the teacher's {name} got a gradient"),
+        loss_matches_fixture(&fx, case, &terms[0].1, &vars);
+    }
+}
+
+/// The loss equals the fixture's `{case}.loss` and each variable's gradient its
+/// `{case}.grad.NAME` within 1e-5; a variable the fixture has no gradient for (a teacher's
+/// input) must get none. Returns the gradients for further checks.
+fn loss_matches_fixture(
+    fx: &std::collections::HashMap<String, Tensor>,
+    case: &str,
+    loss: &Tensor,
+    vars: &[(&str, Var)],
+) -> candle_core::backprop::GradStore {
+    let value = loss.to_scalar::<f64>().unwrap();
+    let expected = fx[&format!("{case}.loss")].to_vec1::<f64>().unwrap()[0];
+    assert!((value - expected).abs() / expected.abs() <= 1e-5, "{case}: loss {value} vs {expected}");
+    let grads = loss.backward().unwrap();
+    for (name, v) in vars {
+        match fx.get(&format!("{case}.grad.{name}")) {
+            Some(g) => {
+                let ours = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+                let e = max_rel(&ours.reshape(g.dims()).unwrap(), g);
+                assert!(e <= 1e-5, "{case}: gradient of {name} off by {e:e}");
             }
+            // Teacher and old features are detached: no gradient (or only zeros) may reach them.
+            None => assert!(
+                grads.get(v.as_tensor()).is_none_or(|g| g
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    == 0.0),
+                "{case}: {name} got a gradient"
+            ),
         }
     }
+    grads
 }
 
 const EWC_PARAMS: [(&str, &[usize]); 2] = [("vision.w", &[3, 4]), ("text.b", &[5])];
@@ -303,20 +300,7 @@ fn zscl_distillation_matches_pytorch_on_the_reference_batch() {
     s.before_task(&task(0)).unwrap();
     let terms = s.loss_terms(&inputs).unwrap();
     assert_eq!(terms.len(), 1);
-    let value = terms[0].1.to_scalar::<f64>().unwrap();
-    let expected = fx["zscl.loss"].to_vec1::<f64>().unwrap()[0];
-    assert!((value - expected).abs() / expected.abs() <= 1e-5, "loss {value} vs {expected}");
-    let grads = terms[0].1.backward().unwrap();
-    for (name, v) in &vars {
-        match fx.get(&format!("zscl.grad.{name}")) {
-            Some(g) => {
-                let ours = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-                let e = max_rel(&ours.reshape(g.dims()).unwrap(), g);
-                assert!(e <= 1e-5, "gradient of {name} off by {e:e}");
-            }
-            None => assert!(grads.get(v.as_tensor()).is_none(), "the initial model's {name} got a gradient"),
-        }
-    }
+    loss_matches_fixture(&fx, "zscl", &terms[0].1, &vars);
 }
 
 #[test]
@@ -365,14 +349,7 @@ fn distill_value_and_gradients_match_pytorch() {
         let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
         let terms = s.loss_terms(&inputs).unwrap();
         assert_eq!(terms[0].0, "distill");
-        let value = terms[0].1.to_scalar::<f64>().unwrap();
-        let expected = fx[&format!("{case}.loss")].to_vec1::<f64>().unwrap()[0];
-        assert!((value - expected).abs() / expected.abs() <= 1e-5, "{case}: loss {value} vs {expected}");
-        let grads = terms[0].1.backward().unwrap();
-        let ours = grads.get(vars[0].1.as_tensor()).expect("a gradient for the student");
-        let e = max_rel(ours, &fx[&format!("{case}.grad.image_features")]);
-        assert!(e <= 1e-5, "{case}: gradient off by {e:e}");
-        assert!(grads.get(vars[1].1.as_tensor()).is_none(), "{case}: the teacher got a gradient");
+        loss_matches_fixture(&fx, case, &terms[0].1, &vars);
     }
     // Without a teacher the error says what to declare.
     let rt = Runtime::new(Device::Cpu, DType::F64, 0);
