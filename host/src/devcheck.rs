@@ -130,6 +130,22 @@ fn cases() -> Vec<Case> {
         vec![n(&[2, 3, 8, 8]), n(&[6, 3, 4, 4]), n(&[6])],
         Box::new(|x| ops::patch_embed(&x[0], &x[1], Some(&x[2]), 4)),
     );
+    add(
+        "conv2d 3x3 (padding 1)",
+        vec![n(&[2, 3, 6, 6]), n(&[4, 3, 3, 3]), n(&[4])],
+        Box::new(|x| ops::conv2d(&x[0], &x[1], Some(&x[2]), 1, 1)),
+    );
+    add(
+        "pad + conv2d 3x3 (stride 2)",
+        vec![n(&[2, 3, 6, 6]), n(&[4, 3, 3, 3])],
+        Box::new(|x| ops::conv2d(&ops::pad_zeros(&ops::pad_zeros(&x[0], 2, 0, 1)?, 3, 0, 1)?, &x[1], None, 2, 0)),
+    );
+    add(
+        "group_norm",
+        vec![n(&[2, 8, 3, 3]), n(&[8]), n(&[8])],
+        Box::new(|x| ops::group_norm(&x[0], 4, &x[1], &x[2], 1e-6)),
+    );
+    add("upsample_nearest2d", vec![n(&[2, 3, 3, 3])], Box::new(|x| ops::upsample_nearest2d(&x[0], 2)?.contiguous()));
     for (name, causal) in [("attention", false), ("attention (causal)", true)] {
         add(
             name,

@@ -292,7 +292,7 @@ impl Model {
         if let Some(path) = &m.checkpoint {
             let file = checkpoint_file(path);
             let value = runtime
-                .checkpoint_tensor(&file, "logit_scale")
+                .checkpoint_tensor(&file.to_string_lossy(), "logit_scale")
                 .map_err(|e| BuildError::Config(cfg.error_at("model.checkpoint", e)))?;
             let value = value.reshape(1).map_err(|e| BuildError::Other(e.to_string()))?;
             runtime.param_assign(&logit_scale, &value).map_err(BuildError::Other)?;

@@ -354,7 +354,8 @@ pub struct HostApi {
     #[sabi(last_prefix_field)]
     pub is_training: extern "C" fn(HostCtx) -> bool,
     // ---- appended in 1.1 ----
-    /// The tensors of a checkpoint file (safetensors): names, shapes, dtypes.
+    /// The tensors of a checkpoint file: names, shapes, dtypes. Safetensors, or (hosts from
+    /// 1.4) a PyTorch zip checkpoint, `file.pt#key` naming a nested state dict.
     pub checkpoint_index: extern "C" fn(HostCtx, RStr<'_>) -> HostResult<RVec<CheckpointEntry>>,
     /// One tensor of a checkpoint file, as a constant in the runtime's float dtype (integer
     /// tensors keep their dtype).
@@ -370,6 +371,21 @@ pub struct HostApi {
     /// A detached copy with storage of its own (`detach` shares storage, so a detached
     /// parameter changes when the parameter is updated; a snapshot must be a copy).
     pub copy: extern "C" fn(HostCtx, TensorId) -> HostResult<TensorId>,
+    // ---- appended in 1.4 ----
+    /// 2-D convolution (cross-correlation, as torch's `conv2d`): x [B, Cin, H, W], weight
+    /// [Cout, Cin, Kh, Kw], optional bias [Cout], the same stride and zero padding on both
+    /// spatial dimensions -> [B, Cout, H', W'].
+    pub conv2d: extern "C" fn(HostCtx, TensorId, TensorId, ROption<TensorId>, u64, u64) -> HostResult<TensorId>,
+    /// Zeros added along one dimension: `(x, dim, before, after)` (torch's `F.pad` with a
+    /// constant 0, one dimension at a time; asymmetric padding before a strided convolution).
+    pub pad_zeros: extern "C" fn(HostCtx, TensorId, u64, u64, u64) -> HostResult<TensorId>,
+    /// Group norm on [B, C, ...]: `(x, groups, weight [C], bias [C], eps)`. Statistics over each
+    /// group of `C / groups` channels and all positions (biased variance), then a per-channel
+    /// affine, as torch's `nn.GroupNorm`.
+    pub group_norm: extern "C" fn(HostCtx, TensorId, u64, TensorId, TensorId, f64) -> HostResult<TensorId>,
+    /// Nearest-neighbour upsampling of [B, C, H, W] by an integer factor -> [B, C, sH, sW]
+    /// (torch's `F.interpolate(mode="nearest", scale_factor=s)`).
+    pub upsample_nearest2d: extern "C" fn(HostCtx, TensorId, u64) -> HostResult<TensorId>,
     #[cfg(feature = "abi-next")]
     /// Appended after 1.0 (present only in SDK builds with the `abi-next` feature, which exists
     /// to test ABI evolution): returns the number of live tensor handles.

@@ -527,6 +527,35 @@ impl Tensor {
         self.wrap(f(self.host.ctx, self.id))
     }
 
+    /// 2-D convolution of [B, Cin, H, W] with weight [Cout, Cin, K, K] (stride and zero padding
+    /// on both spatial dimensions). Needs recall-sdk >= 1.4 in the host.
+    pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+        let f = self.api().conv2d().ok_or_else(|| Error::new(old_host("convolutions", "1.4")))?;
+        let bias: ROption<TensorId> = bias.map(|b| b.id).into();
+        self.wrap(f(self.host.ctx, self.id, weight.id, bias, stride as u64, padding as u64))
+    }
+
+    /// `before` zeros in front of dimension `dim` and `after` zeros behind it. Needs
+    /// recall-sdk >= 1.4 in the host.
+    pub fn pad_zeros(&self, dim: usize, before: usize, after: usize) -> Result<Tensor> {
+        let f = self.api().pad_zeros().ok_or_else(|| Error::new(old_host("padding", "1.4")))?;
+        self.wrap(f(self.host.ctx, self.id, dim as u64, before as u64, after as u64))
+    }
+
+    /// Group norm of [B, C, ...] with `groups` groups and per-channel `weight` and `bias` [C].
+    /// Needs recall-sdk >= 1.4 in the host.
+    pub fn group_norm(&self, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+        let f = self.api().group_norm().ok_or_else(|| Error::new(old_host("group norm", "1.4")))?;
+        self.wrap(f(self.host.ctx, self.id, groups as u64, weight.id, bias.id, eps))
+    }
+
+    /// Nearest-neighbour upsampling of [B, C, H, W] by `scale` -> [B, C, scale H, scale W].
+    /// Needs recall-sdk >= 1.4 in the host.
+    pub fn upsample_nearest2d(&self, scale: usize) -> Result<Tensor> {
+        let f = self.api().upsample_nearest2d().ok_or_else(|| Error::new(old_host("upsampling", "1.4")))?;
+        self.wrap(f(self.host.ctx, self.id, scale as u64))
+    }
+
     pub fn detach(&self) -> Result<Tensor> {
         self.wrap((self.api().detach())(self.host.ctx, self.id))
     }

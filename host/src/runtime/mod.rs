@@ -5,6 +5,7 @@
 //! Plugins reach it through a per-instance [`PluginCtx`]; [`table`] holds the `extern "C"`
 //! functions. Single-threaded by design: the graph of one training step is built on one thread.
 
+pub mod checkpoint_file;
 pub mod ops;
 pub mod params;
 pub mod store;
@@ -21,6 +22,7 @@ use rand::{Rng, SeedableRng};
 use recall_sdk::abi::{AdapterFnsRef, HostCtx, HostHandle, StatePtr, TensorId};
 use recall_sdk::ParamInit;
 
+use checkpoint_file::CheckpointFile;
 use params::{init_tensor, Param, ParamStore};
 use store::TensorStore;
 
@@ -60,7 +62,8 @@ pub struct Runtime {
     adapters: RefCell<Vec<AdapterHook>>,
     rng: RefCell<StdRng>,
     training: Cell<bool>,
-    checkpoints: RefCell<HashMap<std::path::PathBuf, Rc<candle_core::safetensors::MmapedSafetensors>>>,
+    /// Checkpoint files opened for plugins, by the reference they were asked for.
+    checkpoints: RefCell<HashMap<String, Rc<CheckpointFile>>>,
     /// Gradients of the latest backward pass, while strategy hooks that read them run.
     grads: RefCell<Option<candle_core::backprop::GradStore>>,
 }
@@ -340,45 +343,35 @@ impl Runtime {
 
     // ---- checkpoints ----
 
-    /// A checkpoint file, opened once (memory-mapped) and kept for later lookups.
-    pub fn checkpoint(
-        &self,
-        path: &std::path::Path,
-    ) -> Result<Rc<candle_core::safetensors::MmapedSafetensors>, String> {
-        if let Some(c) = self.checkpoints.borrow().get(path) {
+    /// A checkpoint file (`path` or `path#key`, see [`checkpoint_file`]), opened once and
+    /// kept for later lookups.
+    pub fn checkpoint(&self, reference: &str) -> Result<Rc<CheckpointFile>, String> {
+        if let Some(c) = self.checkpoints.borrow().get(reference) {
             return Ok(c.clone());
         }
-        if !path.is_file() {
-            return Err(format!("checkpoint {} does not exist or is not a file", path.display()));
-        }
-        // SAFETY: the file is mapped read-only; Recall does not support modifying a checkpoint
-        // while a run reads it (the mapping would then change underneath).
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
-            format!("checkpoint {} is not a readable safetensors file (truncated or corrupt?): {e}", path.display())
-        })?;
-        let st = Rc::new(st);
-        self.checkpoints.borrow_mut().insert(path.to_path_buf(), st.clone());
-        Ok(st)
+        let file = Rc::new(CheckpointFile::open(reference)?);
+        self.checkpoints.borrow_mut().insert(reference.to_string(), file.clone());
+        Ok(file)
     }
 
-    /// Names, shapes and dtypes of a checkpoint's tensors.
-    pub fn checkpoint_index(&self, path: &std::path::Path) -> Result<Vec<(String, Vec<usize>, DType)>, String> {
-        let st = self.checkpoint(path)?;
-        let mut v: Vec<(String, Vec<usize>, DType)> = Vec::new();
-        for (name, view) in st.tensors() {
-            let dtype = DType::try_from(view.dtype())
-                .map_err(|e| format!("checkpoint {}: tensor {name}: {e}", path.display()))?;
-            v.push((name, view.shape().to_vec(), dtype));
-        }
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(v)
+    /// Names, shapes and dtypes of a checkpoint's tensors, sorted by name.
+    pub fn checkpoint_index(&self, reference: &str) -> Result<Vec<(String, Vec<usize>, DType)>, String> {
+        self.checkpoint(reference)?
+            .index()
+            .into_iter()
+            .map(|(name, shape, dtype)| {
+                let dtype = dtype.map_err(|e| format!("checkpoint {reference}: tensor {name}: {e}"))?;
+                Ok((name, shape, dtype))
+            })
+            .collect()
     }
 
     /// One checkpoint tensor on the runtime's device; floats in the runtime's float dtype.
-    pub fn checkpoint_tensor(&self, path: &std::path::Path, name: &str) -> Result<Tensor, String> {
-        let st = self.checkpoint(path)?;
-        let t =
-            st.load(name, &self.device).map_err(|e| format!("checkpoint {}: tensor `{name}`: {e}", path.display()))?;
+    pub fn checkpoint_tensor(&self, reference: &str, name: &str) -> Result<Tensor, String> {
+        let t = self
+            .checkpoint(reference)?
+            .load(name, &self.device)
+            .map_err(|e| format!("checkpoint {reference}: tensor `{name}`: {e}"))?;
         if t.dtype().is_float() {
             t.to_dtype(self.float).map_err(|e| e.to_string())
         } else {

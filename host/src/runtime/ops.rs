@@ -99,6 +99,82 @@ pub fn patch_embed(pixels: &Tensor, weight: &Tensor, bias: Option<&Tensor>, patc
     linear(&cols, &weight.reshape((d, c * patch * patch))?, bias)
 }
 
+/// torch's `conv2d` with one stride and one zero padding for both spatial dimensions:
+/// x [B, Cin, H, W], weight [Cout, Cin, Kh, Kw], bias [Cout] -> [B, Cout, H', W'].
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
+    let (cout, wc, kh, kw) = weight.dims4()?;
+    if wc != c {
+        candle_core::bail!("conv2d: weight [{cout}, {wc}, {kh}, {kw}] takes {wc} input channels, the input has {c}");
+    }
+    if stride == 0 {
+        candle_core::bail!("conv2d: stride must be at least 1");
+    }
+    if h + 2 * padding < kh || w + 2 * padding < kw {
+        candle_core::bail!("conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input with padding {padding}");
+    }
+    // candle's CPU convolution has no bf16 kernel: there it runs in f32 and casts back (the
+    // CPU's bf16 is for checking mixed precision, not for speed).
+    let y = if x.device().is_cpu() && x.dtype() == DType::BF16 {
+        x.to_dtype(DType::F32)?
+            .conv2d(&weight.to_dtype(DType::F32)?.contiguous()?, padding, stride, 1, 1)?
+            .to_dtype(DType::BF16)?
+    } else {
+        x.contiguous()?.conv2d(&weight.contiguous()?, padding, stride, 1, 1)?
+    };
+    match bias {
+        Some(b) => {
+            if b.dims() != [cout] {
+                candle_core::bail!("conv2d: bias is {:?}, expected [{cout}]", b.dims());
+            }
+            y.broadcast_add(&b.reshape((1, cout, 1, 1))?)
+        }
+        None => Ok(y),
+    }
+}
+
+/// Zeros added before and after dimension `dim` (torch's constant `F.pad`, one dimension).
+pub fn pad_zeros(x: &Tensor, dim: usize, before: usize, after: usize) -> Result<Tensor> {
+    if dim >= x.rank() {
+        candle_core::bail!("pad_zeros: dimension {dim} out of range for a {:?} tensor", x.dims());
+    }
+    x.pad_with_zeros(dim, before, after)
+}
+
+/// torch's `nn.GroupNorm` on [B, C, ...]: mean and biased variance over each group of
+/// `C / groups` channels and every position, then a per-channel affine.
+pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.len() < 2 {
+        candle_core::bail!("group_norm: expected [B, C, ...], got {dims:?}");
+    }
+    let (b, c) = (dims[0], dims[1]);
+    if groups == 0 || !c.is_multiple_of(groups) {
+        candle_core::bail!("group_norm: {c} channels are not divisible into {groups} groups");
+    }
+    if weight.dims() != [c] || bias.dims() != [c] {
+        candle_core::bail!("group_norm: weight {:?} and bias {:?} must both be [{c}]", weight.dims(), bias.dims());
+    }
+    let grouped = x.reshape((b, groups, ()))?;
+    let mean = grouped.mean_keepdim(2)?;
+    let centered = grouped.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(2)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+    let mut channel = vec![1usize; dims.len()];
+    channel[1] = c;
+    normed.broadcast_mul(&weight.reshape(channel.as_slice())?)?.broadcast_add(&bias.reshape(channel.as_slice())?)
+}
+
+/// Nearest-neighbour upsampling of [B, C, H, W] by an integer `scale`, as a broadcast (so its
+/// gradient sums each output block back into its source pixel).
+pub fn upsample_nearest2d(x: &Tensor, scale: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if scale == 0 {
+        candle_core::bail!("upsample_nearest2d: scale must be at least 1");
+    }
+    x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, scale, w, scale))?.reshape((b, c, h * scale, w * scale))
+}
+
 /// The additive value used for masked attention logits: finite, so a fully masked row gives
 /// a uniform distribution rather than NaN.
 fn mask_value(dtype: DType) -> f64 {
@@ -404,6 +480,80 @@ pub(crate) mod tests {
         let conv = px.conv2d(&w, 0, 2, 1, 1).unwrap().flatten_from(2).unwrap().transpose(1, 2).unwrap();
         let diff = (ours - conv).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(diff < 1e-12, "{diff}");
+    }
+
+    #[test]
+    fn grad_conv2d_strides_and_padding() {
+        let (x, w, b) = (randt(&[2, 3, 5, 5], 40), randt(&[4, 3, 3, 3], 41), randt(&[4], 42));
+        grad_check("conv2d 3x3 pad 1", &[x.clone(), w.clone(), b.clone()], |t| conv2d(&t[0], &t[1], Some(&t[2]), 1, 1));
+        grad_check("conv2d 3x3 stride 2", &[x.clone(), w.clone()], |t| conv2d(&t[0], &t[1], None, 2, 0));
+        let w1 = randt(&[2, 3, 1, 1], 43);
+        grad_check("conv2d 1x1", &[x.clone(), w1], |t| conv2d(&t[0], &t[1], None, 1, 0));
+        // LlamaGen's downsampling: pad right and bottom by one, then a stride-2 3x3 convolution.
+        let even = randt(&[1, 3, 4, 4], 44);
+        grad_check("pad + conv2d stride 2", &[even, w], |t| {
+            conv2d(&pad_zeros(&pad_zeros(&t[0], 2, 0, 1)?, 3, 0, 1)?, &t[1], None, 2, 0)
+        });
+    }
+
+    #[test]
+    fn conv2d_matches_a_hand_computed_sum() {
+        // One output pixel of a padded 3x3 convolution, summed by hand.
+        let x = randt(&[1, 2, 3, 3], 45);
+        let w = randt(&[1, 2, 3, 3], 46);
+        let y = conv2d(&x, &w, None, 1, 1).unwrap();
+        assert_eq!(y.dims(), [1, 1, 3, 3]);
+        let (xv, wv): (Vec<f64>, Vec<f64>) =
+            (x.flatten_all().unwrap().to_vec1().unwrap(), w.flatten_all().unwrap().to_vec1().unwrap());
+        // Output (0, 0): the kernel's top-left row and column fall on padding.
+        let mut want = 0.0;
+        for c in 0..2 {
+            for (i, j) in [(1usize, 1usize), (1, 2), (2, 1), (2, 2)] {
+                want += xv[c * 9 + (i - 1) * 3 + (j - 1)] * wv[c * 9 + i * 3 + j];
+            }
+        }
+        let got: f64 = y.flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        assert!(conv2d(&x, &randt(&[1, 3, 3, 3], 47), None, 1, 1).unwrap_err().to_string().contains("input channels"));
+    }
+
+    #[test]
+    fn grad_group_norm_and_upsample() {
+        let (x, w, b) = (randt(&[2, 4, 3, 2], 48), randt(&[4], 49), randt(&[4], 50));
+        grad_check("group_norm", &[x.clone(), w.clone(), b.clone()], |t| group_norm(&t[0], 2, &t[1], &t[2], 1e-6));
+        grad_check("upsample_nearest2d", std::slice::from_ref(&x), |t| upsample_nearest2d(&t[0], 2));
+        // One group per channel over a single position is all zeros before the affine.
+        let one = group_norm(&randt(&[3, 4, 1, 1], 51), 4, &w, &b, 1e-6).unwrap();
+        let want = b.reshape((1, 4, 1, 1)).unwrap().broadcast_as((3, 4, 1, 1)).unwrap();
+        let diff = (one - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-9, "{diff}");
+        // Groups of the whole channel dimension: layer norm over (C, H, W).
+        let gn = group_norm(
+            &x,
+            1,
+            &Tensor::ones(4, DType::F64, &Device::Cpu).unwrap(),
+            &Tensor::zeros(4, DType::F64, &Device::Cpu).unwrap(),
+            1e-6,
+        )
+        .unwrap();
+        let flat = x.reshape((2, 24)).unwrap();
+        let ln = layer_norm(
+            &flat,
+            &Tensor::ones(24, DType::F64, &Device::Cpu).unwrap(),
+            &Tensor::zeros(24, DType::F64, &Device::Cpu).unwrap(),
+            1e-6,
+        )
+        .unwrap();
+        let diff =
+            (gn.reshape((2, 24)).unwrap() - ln).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12, "{diff}");
+        assert!(group_norm(&x, 3, &w, &b, 1e-6).unwrap_err().to_string().contains("not divisible"));
+        let up = upsample_nearest2d(&x, 2).unwrap();
+        assert_eq!(up.dims(), [2, 4, 6, 4]);
+        let (src, dst): (Vec<f64>, Vec<f64>) =
+            (x.flatten_all().unwrap().to_vec1().unwrap(), up.flatten_all().unwrap().to_vec1().unwrap());
+        // Output (row 3, col 1) of channel 0 copies input (row 1, col 0).
+        assert_eq!(dst[3 * 4 + 1], src[2]);
     }
 
     #[test]

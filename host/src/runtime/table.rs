@@ -67,6 +67,10 @@ pub fn host_api() -> HostApiRef {
             model_param,
             grad,
             copy,
+            conv2d,
+            pad_zeros,
+            group_norm,
+            upsample_nearest2d,
             #[cfg(feature = "abi-next")]
             live_handles,
         }
@@ -126,7 +130,8 @@ fn get(rt: &Runtime, id: TensorId) -> candle_core::Result<Tensor> {
 }
 
 // Mixed precision follows torch.autocast: matmul-like ops (matmul, attention, patch
-// embedding, linear sites) run in the compute dtype; softmax, normalisation, sums and means,
+// embedding, convolutions, linear sites) run in the compute dtype; softmax, normalisation
+// (layer and group norm), sums and means,
 // exp and log run in the parameters' dtype; other ops given mixed float operands promote them
 // to the parameters' dtype. Without mixed precision every helper is the identity.
 
@@ -379,6 +384,39 @@ extern "C" fn patch_embed(
     })
 }
 
+extern "C" fn conv2d(
+    ctx: HostCtx,
+    x: TensorId,
+    w: TensorId,
+    b: ROption<TensorId>,
+    stride: u64,
+    padding: u64,
+) -> HostResult<TensorId> {
+    produce(ctx, "conv2d", |rt| {
+        let bias = b.into_option().map(|b| low(rt, b)).transpose()?;
+        ops::conv2d(&low(rt, x)?, &low(rt, w)?, bias.as_ref(), stride as usize, padding as usize)
+    })
+}
+
+extern "C" fn pad_zeros(ctx: HostCtx, x: TensorId, dim: u64, before: u64, after: u64) -> HostResult<TensorId> {
+    produce(ctx, "pad_zeros", |rt| ops::pad_zeros(&get(rt, x)?, dim as usize, before as usize, after as usize))
+}
+
+extern "C" fn group_norm(
+    ctx: HostCtx,
+    x: TensorId,
+    groups: u64,
+    w: TensorId,
+    b: TensorId,
+    eps: f64,
+) -> HostResult<TensorId> {
+    produce(ctx, "group_norm", |rt| ops::group_norm(&high(rt, x)?, groups as usize, &high(rt, w)?, &high(rt, b)?, eps))
+}
+
+extern "C" fn upsample_nearest2d(ctx: HostCtx, x: TensorId, scale: u64) -> HostResult<TensorId> {
+    produce(ctx, "upsample_nearest2d", |rt| ops::upsample_nearest2d(&get(rt, x)?, scale as usize))
+}
+
 extern "C" fn attention(
     ctx: HostCtx,
     q: TensorId,
@@ -431,7 +469,7 @@ extern "C" fn checkpoint_index(ctx: HostCtx, path: RStr<'_>) -> HostResult<RVec<
     call(ctx, "checkpoint_index", |pc| {
         Ok(pc
             .runtime
-            .checkpoint_index(std::path::Path::new(path.as_str()))?
+            .checkpoint_index(path.as_str())?
             .into_iter()
             .map(|(name, shape, dtype)| CheckpointEntry {
                 name: name.into(),
@@ -444,7 +482,7 @@ extern "C" fn checkpoint_index(ctx: HostCtx, path: RStr<'_>) -> HostResult<RVec<
 
 extern "C" fn checkpoint_tensor(ctx: HostCtx, path: RStr<'_>, name: RStr<'_>) -> HostResult<TensorId> {
     call(ctx, "checkpoint_tensor", |pc| {
-        let t = pc.runtime.checkpoint_tensor(std::path::Path::new(path.as_str()), name.as_str())?;
+        let t = pc.runtime.checkpoint_tensor(path.as_str(), name.as_str())?;
         Ok(pc.runtime.insert(t))
     })
 }
