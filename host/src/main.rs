@@ -165,6 +165,10 @@ enum Command {
         /// libonnxruntime to load (default: RECALL_ONNXRUNTIME, then the fetched asset).
         #[arg(long)]
         library: Option<PathBuf>,
+        /// Open the model on this execution provider (`cpu`, `cuda`, `cuda:N`): checks that
+        /// the library and the machine can run it there.
+        #[arg(long, default_value = "cpu")]
+        execution_provider: recall_host::onnx::Provider,
     },
     /// Scaffold a new plugin crate (out of tree, depending on recall-sdk only).
     New {
@@ -553,9 +557,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::OnnxInfo { model, library } => {
-            let m = recall_host::onnx::OnnxModel::open(model, library.as_deref(), 1)?;
+        Command::OnnxInfo { model, library, execution_provider } => {
+            let m = recall_host::onnx::OnnxModel::open(model, library.as_deref(), 1, *execution_provider)?;
             println!("ONNX Runtime: {}", recall_host::onnx::loaded_library().unwrap_or_default());
+            println!("execution provider: {execution_provider}");
             print!("{}", recall_host::onnx::describe(&m));
             Ok(ExitCode::SUCCESS)
         }

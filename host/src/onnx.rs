@@ -4,8 +4,14 @@
 //! backpropagates into it and no plugin ever sees ONNX Runtime.
 //!
 //! The library is loaded at run time (`ort`'s `load-dynamic`): from the tower's `library`,
-//! else `RECALL_ONNXRUNTIME`, else the cached `recall fetch onnxruntime` asset. One library per
-//! process (an ONNX Runtime rule); its version is checked before first use.
+//! else `RECALL_ONNXRUNTIME`, else the cached `recall fetch onnxruntime` asset (for a tower
+//! with `execution_provider = "cuda"`, `onnxruntime-gpu`). One library per process (an ONNX
+//! Runtime rule); its version is checked before first use.
+//!
+//! Where a model runs is the tower's `execution_provider`: the CPU, or ONNX Runtime's CUDA
+//! execution provider, which an onnxruntime-gpu library carries and which needs the CUDA 13
+//! and cuDNN 9 libraries on the loader's path. It is independent of the candle build: a CPU
+//! build of Recall can run an ONNX teacher on the GPU.
 //!
 //! Inputs and outputs are matched by name. Host tensors are converted to the element type the
 //! model declares where that is lossless (u32 ids to int64, f32 stays f32); anything else, and a
@@ -16,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::{Device, Tensor};
+use ort::session::builder::SessionBuilder;
 use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 
@@ -28,11 +35,11 @@ pub fn needed_version() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
     #[error(
-        "ONNX Runtime library not found: {0}; run `recall fetch onnxruntime`, or point a tower's `library` \
+        "ONNX Runtime library not found: {what}; run `recall fetch {asset}`, or point a tower's `library` \
          or RECALL_ONNXRUNTIME at a libonnxruntime.so (version {needed} or newer)",
         needed = needed_version()
     )]
-    Missing(String),
+    Missing { what: String, asset: &'static str },
     #[error(
         "the ONNX Runtime library {path} is version {found}, too old: Recall needs {needed} or newer; \
          run `recall fetch onnxruntime` and drop RECALL_ONNXRUNTIME and `library`, or point them at a newer build",
@@ -43,6 +50,71 @@ pub enum OnnxError {
     Load { path: PathBuf, message: String },
     #[error("ONNX model {model}: {message}")]
     Model { model: PathBuf, message: String },
+    #[error("ONNX Runtime cannot run on {provider}: {message}")]
+    Provider { provider: Provider, message: String },
+}
+
+/// Where ONNX Runtime runs a model (a tower's `execution_provider`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Provider {
+    #[default]
+    Cpu,
+    /// The CUDA execution provider on this device ordinal.
+    Cuda(u32),
+}
+
+impl std::str::FromStr for Provider {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("unknown execution provider `{s}`: expected `cpu`, `cuda` or `cuda:N`");
+        match s {
+            "cpu" => Ok(Provider::Cpu),
+            "cuda" => Ok(Provider::Cuda(0)),
+            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Provider::Cuda).ok_or_else(bad),
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Provider::Cpu => write!(f, "cpu"),
+            Provider::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Provider {
+    /// The asset that carries this provider, when no library is named.
+    fn asset(self) -> &'static str {
+        match self {
+            Provider::Cpu => "onnxruntime",
+            Provider::Cuda(_) => "onnxruntime-gpu",
+        }
+    }
+
+    /// Register the provider on a session being built; CPU needs nothing.
+    fn register(self, builder: SessionBuilder, library: &Path) -> Result<SessionBuilder, OnnxError> {
+        use ort::ep::ExecutionProvider;
+        let Provider::Cuda(device) = self else { return Ok(builder) };
+        let fail = |message: String| OnnxError::Provider { provider: self, message };
+        if !ort::ep::CUDA::is_available().unwrap_or(false) {
+            return Err(fail(format!(
+                "the library {} has no CUDA execution provider (a CPU build of ONNX Runtime); run `recall fetch \
+                 onnxruntime-gpu` and drop `library` and RECALL_ONNXRUNTIME (or point them at its \
+                 libonnxruntime.so), or set execution_provider = \"cpu\"",
+                library.display()
+            )));
+        }
+        let cuda = ort::ep::CUDA::default().with_device_id(device as i32).build().error_on_failure();
+        builder.with_execution_providers([cuda]).map_err(|e| {
+            fail(format!(
+                "the CUDA execution provider did not start: {e}; it needs a GPU with this ordinal and the CUDA 13 \
+                 and cuDNN 9 libraries on LD_LIBRARY_PATH (the CUDA bundle's launcher adds PyTorch's)"
+            ))
+        })
+    }
 }
 
 /// The loaded library: its path and environment.
@@ -54,27 +126,38 @@ struct Loaded {
 static RUNTIME: Mutex<Option<Loaded>> = Mutex::new(None);
 
 /// Which library to load: `explicit` (from the experiment), else `RECALL_ONNXRUNTIME`, else the
-/// cached asset.
-pub fn library_path(explicit: Option<&Path>) -> Result<PathBuf, OnnxError> {
+/// cached asset that carries `provider`.
+pub fn library_path(explicit: Option<&Path>, provider: Provider) -> Result<PathBuf, OnnxError> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
     if let Some(p) = std::env::var_os("RECALL_ONNXRUNTIME").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let registry = crate::fetch::Registry::load().map_err(|e| OnnxError::Missing(format!("{e:#}")))?;
-    let asset = registry.get("onnxruntime").map_err(|e| OnnxError::Missing(format!("{e:#}")))?;
-    let dir = crate::fetch::asset_dir(&crate::fetch::recall_home(), asset);
-    let file = dir.join(format!("libonnxruntime.so.{}", asset.version));
-    if crate::fetch::is_cached(&crate::fetch::recall_home(), asset) && file.is_file() {
-        Ok(file)
-    } else {
-        Err(OnnxError::Missing(format!("{} is not in the cache", asset.name)))
+    let wanted = provider.asset();
+    let missing = |what: String| OnnxError::Missing { what, asset: wanted };
+    let registry = crate::fetch::Registry::load().map_err(|e| missing(format!("{e:#}")))?;
+    // The GPU build runs on the CPU too, so a CPU tower takes it when it is the one fetched.
+    let candidates: &[&str] = match provider {
+        Provider::Cpu => &["onnxruntime", "onnxruntime-gpu"],
+        Provider::Cuda(_) => &["onnxruntime-gpu"],
+    };
+    let home = crate::fetch::recall_home();
+    for name in candidates {
+        let asset = registry.get(name).map_err(|e| missing(format!("{e:#}")))?;
+        let file = crate::fetch::asset_dir(&home, asset).join(format!("libonnxruntime.so.{}", asset.version));
+        if crate::fetch::is_cached(&home, asset) && file.is_file() {
+            return Ok(file);
+        }
     }
+    Err(missing(format!("{wanted} is not in the cache")))
 }
 
-/// Load the library once per process and return its environment.
-fn environment(explicit: Option<&Path>) -> Result<ort::environment::Environment, OnnxError> {
+/// Load the library once per process and return it with its environment.
+fn environment(
+    explicit: Option<&Path>,
+    provider: Provider,
+) -> Result<(PathBuf, ort::environment::Environment), OnnxError> {
     let mut slot = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(l) = slot.as_ref() {
         if let Some(p) = explicit {
@@ -82,11 +165,11 @@ fn environment(explicit: Option<&Path>) -> Result<ort::environment::Environment,
                 tracing::warn!(loaded = %l.path.display(), asked = %p.display(), "one ONNX Runtime per process: keeping the loaded one");
             }
         }
-        return Ok(l.env.clone());
+        return Ok((l.path.clone(), l.env.clone()));
     }
-    let path = library_path(explicit)?;
+    let path = library_path(explicit, provider)?;
     if !path.is_file() {
-        return Err(OnnxError::Missing(format!("{} does not exist", path.display())));
+        return Err(OnnxError::Missing { what: format!("{} does not exist", path.display()), asset: provider.asset() });
     }
     let builder = ort::init_from(&path).map_err(|e| match e {
         ort::LoadDynamicError::BadVersion { version_str, path } => OnnxError::TooOld { path, found: version_str },
@@ -97,8 +180,8 @@ fn environment(explicit: Option<&Path>) -> Result<ort::environment::Environment,
         .build()
         .map_err(|e| OnnxError::Load { path: path.clone(), message: e.to_string() })?;
     tracing::info!(library = %path.display(), "ONNX Runtime loaded");
-    *slot = Some(Loaded { path, env: env.clone() });
-    Ok(env)
+    *slot = Some(Loaded { path: path.clone(), env: env.clone() });
+    Ok((path, env))
 }
 
 /// The loaded library and its build description (once a model was opened).
@@ -157,17 +240,17 @@ pub struct OnnxModel {
 }
 
 impl OnnxModel {
-    /// Open `model` with the library chosen by [`library_path`].
-    pub fn open(model: &Path, library: Option<&Path>, threads: usize) -> Result<Self, OnnxError> {
-        let env = environment(library)?;
+    /// Open `model` on `provider` with the library chosen by [`library_path`].
+    pub fn open(model: &Path, library: Option<&Path>, threads: usize, provider: Provider) -> Result<Self, OnnxError> {
+        let (library, env) = environment(library, provider)?;
         let err = |message: String| OnnxError::Model { model: model.to_path_buf(), message };
         if !model.is_file() {
             return Err(err("no such file".into()));
         }
-        let session = Session::builder(&env)
+        let builder = Session::builder(&env)
             .and_then(|b| b.with_intra_threads(threads.max(1)).map_err(ort::Error::from))
-            .and_then(|mut b| b.commit_from_file(model))
             .map_err(|e| err(e.to_string()))?;
+        let session = provider.register(builder, &library)?.commit_from_file(model).map_err(|e| err(e.to_string()))?;
         let inputs = session.inputs().iter().map(|o| port(o.name(), o.dtype())).collect();
         let outputs = session.outputs().iter().map(|o| port(o.name(), o.dtype())).collect();
         Ok(OnnxModel { path: model.to_path_buf(), session: std::cell::RefCell::new(session), inputs, outputs })
@@ -309,6 +392,9 @@ pub struct OnnxTowerConfig {
     /// Intra-op threads (default: the machine's cores).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// `cpu` (default), `cuda` or `cuda:N` (ONNX Runtime's CUDA execution provider).
+    #[serde(default)]
+    pub execution_provider: Option<String>,
 }
 
 /// Whether a tower's options ask for the ONNX backend.
@@ -333,9 +419,14 @@ impl OnnxTower {
             .map_err(|e: toml::de::Error| ("backend".into(), e.message().to_string()))?;
         let threads =
             config.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        let model = OnnxModel::open(&config.model, config.library.as_deref(), threads).map_err(|e| {
+        let provider: Provider = match &config.execution_provider {
+            Some(p) => p.parse().map_err(|e| ("execution_provider".to_string(), e))?,
+            None => Provider::Cpu,
+        };
+        let model = OnnxModel::open(&config.model, config.library.as_deref(), threads, provider).map_err(|e| {
             let key = match e {
                 OnnxError::Model { .. } => "model",
+                OnnxError::Provider { .. } => "execution_provider",
                 _ => "library",
             };
             (key.to_string(), e.to_string())
@@ -479,11 +570,23 @@ mod tests {
     }
 
     #[test]
+    fn execution_providers_parse_and_print() {
+        for (text, p) in [("cpu", Provider::Cpu), ("cuda", Provider::Cuda(0)), ("cuda:3", Provider::Cuda(3))] {
+            assert_eq!(text.parse::<Provider>().unwrap(), p);
+        }
+        assert_eq!(Provider::Cuda(3).to_string(), "cuda:3");
+        for bad in ["gpu", "cuda:", "cuda:x", "CUDA"] {
+            assert!(bad.parse::<Provider>().unwrap_err().contains("expected `cpu`, `cuda` or `cuda:N`"), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_missing_library_says_what_to_run() {
-        let err = OnnxModel::open(Path::new("m.onnx"), Some(Path::new("/nonexistent/libonnxruntime.so")), 1)
-            .err()
-            .unwrap()
-            .to_string();
+        let err =
+            OnnxModel::open(Path::new("m.onnx"), Some(Path::new("/nonexistent/libonnxruntime.so")), 1, Provider::Cpu)
+                .err()
+                .unwrap()
+                .to_string();
         assert!(err.contains("recall fetch onnxruntime") && err.contains(&needed_version()), "{err}");
     }
 }

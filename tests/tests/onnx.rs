@@ -170,6 +170,30 @@ fn inputs_the_model_does_not_take_are_named() {
     assert!(e.contains("input_ids: int64[?, 77]") && e.contains("F32"), "{e}");
 }
 
+/// The CUDA execution provider needs an onnxruntime-gpu library (and a GPU): asked of the CPU
+/// library it is a located error that names the asset to fetch.
+#[test]
+fn the_cuda_execution_provider_without_a_gpu_library_says_what_to_fetch() {
+    let base = onnx_clip();
+    let e = build(&base.replacen("threads = 1", "threads = 1\nexecution_provider = \"cuda\"", 1))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.vision.execution_provider") && e.contains("recall fetch onnxruntime-gpu"), "{e}");
+    let e =
+        build(&base.replacen("threads = 1", "threads = 1\nexecution_provider = \"gpu\"", 1)).err().unwrap().to_string();
+    assert!(e.contains("model.vision.execution_provider") && e.contains("expected `cpu`, `cuda` or `cuda:N`"), "{e}");
+    // `cpu`, spelled out, is the default.
+    build(&base.replacen("threads = 1", "threads = 1\nexecution_provider = \"cpu\"", 1)).unwrap();
+    let out = Command::new(recall_bin())
+        .args(["onnx-info", "--execution-provider", "cuda:1"])
+        .arg(fixture("onnx/clip_vision.onnx"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("onnxruntime-gpu"), "{text}");
+}
+
 #[test]
 fn a_teacher_runs_in_candle_or_through_onnx_runtime_with_the_same_features() {
     fetch("onnxruntime");
