@@ -27,6 +27,7 @@ use crate::model::{locate_failure, Model};
 use crate::optim::{clip_factor, lr_factor, AdamW};
 use crate::plugin::{EvaluatorInstance, StrategyInstance};
 use crate::runtime::ops;
+use crate::runtime::Runtime;
 
 /// How the engine reports progress.
 #[derive(Clone, Debug, Default)]
@@ -97,6 +98,56 @@ pub struct Performance {
     /// the process's peak resident memory on the CPU.
     pub peak_memory_bytes: Option<u64>,
     pub memory_kind: String,
+}
+
+/// `[train] precision` and `eval_precision` applied to a runtime: under mixed precision the
+/// masters stay in full precision and the ops compute lower (see `runtime`).
+pub(crate) struct Precision {
+    compute: candle_core::DType,
+    full: candle_core::DType,
+    eval_full: bool,
+}
+
+impl Precision {
+    /// Set the runtime's compute dtype for training.
+    pub fn start(train: &crate::config::TrainSection, rt: &Runtime) -> anyhow::Result<Self> {
+        let full = rt.float_dtype();
+        let compute = match train.precision.as_str() {
+            "bf16" => candle_core::DType::BF16,
+            "f16" => candle_core::DType::F16,
+            _ => full,
+        };
+        let p = Precision { compute, full, eval_full: train.eval_precision == "f32" };
+        if p.mixed() {
+            rt.set_compute_dtype(compute).map_err(anyhow::Error::msg)?;
+        }
+        Ok(p)
+    }
+
+    fn mixed(&self) -> bool {
+        self.compute != self.full
+    }
+
+    /// Before a training step: casts of the masters as the optimizer left them.
+    pub fn before_step(&self, rt: &Runtime) -> anyhow::Result<()> {
+        if self.mixed() {
+            rt.refresh_views().map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    }
+
+    /// Run `f` (an evaluation) at the evaluation precision.
+    pub fn evaluating<T>(&self, rt: &Runtime, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let switch = self.mixed() && self.eval_full;
+        if switch {
+            rt.set_compute_dtype(self.full).map_err(anyhow::Error::msg)?;
+        }
+        let out = f();
+        if switch {
+            rt.set_compute_dtype(self.compute).map_err(anyhow::Error::msg)?;
+        }
+        out
+    }
 }
 
 /// How much data a task had.
@@ -625,22 +676,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             println!("resuming {} after task {k} of {}", run_dir.display(), tasks.len());
         }
     }
-    // Mixed precision: the masters stay in full precision, ops compute lower (runtime docs).
-    let compute = match c.train.precision.as_str() {
-        "bf16" => candle_core::DType::BF16,
-        "f16" => candle_core::DType::F16,
-        _ => rt.float_dtype(),
-    };
-    let mixed = compute != rt.float_dtype();
-    let eval_full = c.train.eval_precision == "f32";
-    if mixed {
-        rt.set_compute_dtype(compute).map_err(anyhow::Error::msg)?;
-    }
+    let precision = Precision::start(&c.train, &rt)?;
     let mut peak_memory: Option<u64> = None;
-    let eval_stage = |p: &mut Progress| -> anyhow::Result<()> {
-        if mixed && eval_full {
-            rt.set_compute_dtype(rt.float_dtype()).map_err(anyhow::Error::msg)?;
-        }
+    let evaluate_stage = |p: &mut Progress| -> anyhow::Result<()> {
         let pb = progress(opts.quiet, (tasks.len() + heldout_sets.len()) as u64, "evaluating".into(), "sets");
         let mut row = Vec::new();
         for t in &tasks {
@@ -655,9 +693,10 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         }
         p.heldout.rows.push(row);
         pb.finish_and_clear();
-        if mixed && eval_full {
-            rt.set_compute_dtype(compute).map_err(anyhow::Error::msg)?;
-        }
+        Ok(())
+    };
+    let eval_stage = |p: &mut Progress| -> anyhow::Result<()> {
+        precision.evaluating(&rt, || evaluate_stage(p))?;
         write_atomic(&run_dir.join("metrics.jsonl"), metrics_lines(&p.results, &p.heldout)?.as_bytes())?;
         Ok(())
     };
@@ -737,10 +776,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             for (examples, captions) in batches(&task.train, bs, &mut rng) {
                 let step_started = Instant::now();
                 rt.set_training(true);
-                if mixed {
-                    // Casts of the masters as the optimizer left them.
-                    rt.refresh_views().map_err(anyhow::Error::msg)?;
-                }
+                precision.before_step(&rt)?;
                 for s in &strategies {
                     s.before_step(p.global_step as u64)?;
                 }

@@ -7,7 +7,9 @@
 //! training images pooled and shuffled per epoch, then the held-out images scored before and
 //! after training: the mean loss, how many distinct codes the images use, and the codes'
 //! perplexity (`exp` of the entropy of their frequencies; the number of equally used codes
-//! that would give the same entropy). The run directory has the usual layout: the trained
+//! that would give the same entropy). `[train] precision` applies as in contrastive runs (f32
+//! masters, lower-precision compute), and scoring follows `eval_precision`. The run directory
+//! has the usual layout: the trained
 //! weights in `checkpoints/task-01.safetensors` (what `vq-tokenizer`'s `checkpoint` loads),
 //! `summary.json`, `config.resolved.toml`, `run.json` and `log.txt`.
 
@@ -22,7 +24,7 @@ use crate::config::LoadedConfig;
 use crate::data::{self, preprocess::Preprocess};
 use crate::engine::{
     batches, checkpoint_path, load_tasks, open_run_dir, progress, record_provenance, DataCounts, Performance,
-    ResultMatrix, RunOptions, RunSummary,
+    Precision, ResultMatrix, RunOptions, RunSummary,
 };
 use crate::fsutil::write_atomic;
 use crate::loader::Registry;
@@ -93,11 +95,15 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     }
     write_atomic(&run_dir.join("config.resolved.toml"), toml::to_string(c)?.as_bytes())?;
 
+    let precision = Precision::start(&c.train, &rt)?;
     let eval = |stage: &str| -> anyhow::Result<Vec<BTreeMap<String, f64>>> {
-        let row = tasks.iter().map(|t| score(&tok, &rt, &t.test, &pre, c.train.eval_batch_size)).collect();
+        let row = precision.evaluating(&rt, || {
+            tasks.iter().map(|t| score(&tok, &rt, &t.test, &pre, c.train.eval_batch_size)).collect()
+        });
         tracing::info!(stage, "tokenizer scored");
         row
     };
+    let mut peak_memory: Option<u64> = None;
     let before = eval("before training")?;
     let mut opt = AdamW::new(&rt.params(), &c.optimizer).map_err(|m| cfg.error_at("optimizer", m))?;
     let bs = c.train.batch_size;
@@ -110,6 +116,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         let (mut sum, mut n) = (0.0, 0usize);
         for (examples, _) in batches(&train, bs, &mut rng) {
             rt.set_training(true);
+            precision.before_step(&rt)?;
             let px = data::pixel_batch(&examples, &pre, rt.device(), rt.float_dtype())?;
             let loss = tok.forward(&rt, &[("pixel_values", &px), ("target_pixels", &px)])?;
             if loss.elem_count() != 1 {
@@ -124,7 +131,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             if !value.is_finite() {
                 bail!("the loss became {value} at step {step}; lower the learning rate or enable grad_clip");
             }
+            peak_memory = peak_memory.max(crate::runtime::device_memory_in_use(rt.device()));
             let grads = loss.backward()?;
+            peak_memory = peak_memory.max(crate::runtime::device_memory_in_use(rt.device()));
             let scale = clip_factor(opt.grad_norm(&grads)?, c.optimizer.grad_clip);
             opt.step(&grads, lr_factor(step, c.optimizer.warmup_steps, n_steps, c.optimizer.min_lr_ratio), scale)?;
             sum += value;
@@ -182,12 +191,12 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         steps: step,
         train_seconds,
         performance: Performance {
-            precision: "f32".into(),
+            precision: c.train.precision.clone(),
             device: format!("{:?}", rt.device()),
             steps_per_second: step as f64 / train_seconds.max(1e-9),
             images_per_second: (train.len() * c.train.epochs) as f64 / train_seconds.max(1e-9),
-            memory_kind: "host-rss".into(),
-            peak_memory_bytes: crate::runtime::peak_rss(),
+            memory_kind: if peak_memory.is_some() { "device".into() } else { "host-rss".into() },
+            peak_memory_bytes: peak_memory.or_else(crate::runtime::peak_rss),
         },
     };
     drop(params);

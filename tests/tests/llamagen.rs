@@ -171,3 +171,42 @@ fn a_llamagen_tokenizer_fine_tunes_and_feeds_a_token_encoder() {
     assert_eq!(max_abs(&ckpt[encoder_weight], &tuned[encoder_weight]), 0.0, "the frozen tokenizer moved");
     assert!(!ckpt.keys().any(|k| k.starts_with("image_tokenizer.decoder")), "decoder = false built a decoder");
 }
+
+/// Reconstruction runs follow `[train] precision` too: the convolutional tokenizer fine-tuned
+/// in bf16 (convolutions in bf16, group norms and losses in f32) learns like the f32 run, and
+/// its checkpoint stays f32.
+#[test]
+fn a_reconstruction_run_in_bf16_learns_like_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pt = fixture("vq.pt").display().to_string();
+    let experiment = format!(
+        "[experiment]\nname = \"vq\"\n[model.image_tokenizer]\nplugin = \"llamagen-vq\"\n{ARCH}checkpoint = {pt:?}\n\
+         [model.preprocess]\nmean = [0.5, 0.5, 0.5]\nstd = [0.5, 0.5, 0.5]\n\
+         [optimizer]\nlr = 1e-3\nweight_decay = 0.0\n[train]\nobjective = \"reconstruction\"\nepochs = 3\nbatch_size = 8\n\
+         [[task]]\nname = \"shapes\"\nshapes = [\"circle\", \"square\"]\ncolors = [\"red\", \"blue\"]\ntrain_per_combo = 4\n"
+    );
+    std::fs::write(tmp.path().join("vq.toml"), experiment).unwrap();
+    let run = |precision: &str| -> serde_json::Value {
+        let out = Command::new(recall_tests::recall_bin())
+            .args(["run", "-q", "vq.toml", "--run-dir", precision, "--set", &format!("train.precision={precision}")])
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{precision}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join(precision).join("summary.json")).unwrap())
+            .unwrap()
+    };
+    let (full, half) = (run("f32"), run("bf16"));
+    let losses = |s: &serde_json::Value| -> Vec<f64> {
+        s["epoch_losses"][0].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+    };
+    let (a, b) = (losses(&full), losses(&half));
+    eprintln!("epoch losses f32 {a:?}, bf16 {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() / x < 0.05, "bf16 losses {b:?} drift from f32 {a:?}");
+    }
+    assert_eq!(half["performance"]["precision"], "bf16");
+    let ckpt =
+        candle_core::safetensors::load(tmp.path().join("bf16/checkpoints/task-01.safetensors"), &Device::Cpu).unwrap();
+    assert!(ckpt.values().all(|t| t.dtype() == DType::F32));
+}
