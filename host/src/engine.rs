@@ -783,6 +783,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.compute_dtype())?;
                 let (ids, mask) = model.tokenize(&captions)?;
                 let img = model.encode_images(&pixels)?;
+                // Read now: later forwards of the model (reference batches) replace them.
+                let image_tokens = model.image_tokens()?;
                 let txt = model.encode_texts(&ids, &mask)?;
                 let loss = ops::clip_loss(&img, &txt, &model.logit_scale)?;
                 *term_sums.entry("clip".into()).or_default() +=
@@ -803,15 +805,22 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                     ("pixel_values", &pixels),
                     ("input_ids", &ids),
                 ];
+                if let Some(tokens) = &image_tokens {
+                    inputs.push(("image_tokens", tokens));
+                }
                 let teacher_features = match &teacher {
                     Some(t) => {
                         let tp = data::pixel_batch(&examples, &t.preprocess, rt.device(), rt.float_dtype())?;
-                        Some(t.encode_images(&tp)?)
+                        let features = t.encode_images(&tp)?;
+                        Some((features, t.image_tokens()?))
                     }
                     None => None,
                 };
-                if let Some(tf) = &teacher_features {
-                    inputs.push(("teacher_image_features", tf));
+                if let Some((features, tokens)) = &teacher_features {
+                    inputs.push(("teacher_image_features", features));
+                    if let Some(tokens) = tokens {
+                        inputs.push(("teacher_image_tokens", tokens));
+                    }
                 }
                 if let Some((oi, ot, os)) = &old_features {
                     inputs.push(("old_image_features", oi));

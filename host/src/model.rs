@@ -99,6 +99,15 @@ impl Tower {
                 .map_err(|e| host_failure("onnx", "forward", e.to_string())),
         }
     }
+
+    /// Side output `name` of the latest forward (plugins publish them with `emit`; ONNX towers
+    /// have none).
+    pub fn emitted(&self, name: &str) -> Option<Tensor> {
+        match self {
+            Tower::Plugin(p) => p.emitted(name),
+            Tower::Onnx(_) => None,
+        }
+    }
 }
 
 /// A frozen teacher vision tower (`[teacher]`) with a runtime of its own, so its parameters
@@ -162,7 +171,21 @@ impl Teacher {
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
         Ok(self.vision.forward(&self.runtime, &[("pixel_values", pixels)])?.detach())
     }
+
+    /// The teacher's per-token features of the latest [`Teacher::encode_images`] [B, N, W], if
+    /// its tower publishes them; a constant.
+    pub fn image_tokens(&self) -> Result<Option<Tensor>, PluginFailure> {
+        self.vision
+            .emitted(TOKENS)
+            .map(|t| t.detach().to_dtype(candle_core::DType::F32))
+            .transpose()
+            .map_err(|e| host_failure("teacher.vision", "forward", e.to_string()))
+    }
 }
+
+/// The side output under which image towers publish per-token features [B, N, W] (after the
+/// final layer norm, before pooling and projection; patch tokens only).
+pub const TOKENS: &str = "tokens";
 
 /// Turn a plugin's create failure into an error located at its config key, when it has one.
 pub fn locate_failure(cfg: &dyn Locate, section: &str, e: PluginFailure) -> BuildError {
@@ -398,6 +421,12 @@ impl Model {
             None => self.vision.forward(&self.runtime, &[("pixel_values", pixels)])?,
         };
         self.full_precision(features, "vision")
+    }
+
+    /// The vision tower's per-token features of the latest [`Model::encode_images`] [B, N, W],
+    /// if it publishes them (`toklip-encoder`, `clip-vision`).
+    pub fn image_tokens(&self) -> Result<Option<Tensor>, PluginFailure> {
+        self.vision.emitted(TOKENS).map(|t| self.full_precision(t, "vision")).transpose()
     }
 
     /// Features leave the towers in the parameters' dtype: losses and strategies compute in

@@ -165,6 +165,7 @@ impl EncoderInstance {
 
     pub fn forward(&self, inputs: &[(&str, &Tensor)]) -> Result<Tensor, PluginFailure> {
         let runtime = &self.ctx.runtime;
+        self.ctx.emitted.borrow_mut().clear();
         let args = Inputs::new(runtime, inputs);
         let id = lift(
             &self.plugin,
@@ -172,6 +173,13 @@ impl EncoderInstance {
             (self.fns.forward())(self.state, self.ctx.handle(), RSlice::from_slice(&args.named)),
         )?;
         runtime.take(id).map_err(|e| host_failure(&self.plugin, "forward", format!("returned a bad handle: {e}")))
+    }
+}
+
+impl EncoderInstance {
+    /// Side output `name` of the latest `forward` (e.g. `tokens`), if the plugin published one.
+    pub fn emitted(&self, name: &str) -> Option<Tensor> {
+        self.ctx.emitted.borrow().iter().find(|(n, _)| n == name).map(|(_, t)| t.clone())
     }
 }
 

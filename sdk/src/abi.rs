@@ -386,6 +386,9 @@ pub struct HostApi {
     /// Nearest-neighbour upsampling of [B, C, H, W] by an integer factor -> [B, C, sH, sW]
     /// (torch's `F.interpolate(mode="nearest", scale_factor=s)`).
     pub upsample_nearest2d: extern "C" fn(HostCtx, TensorId, u64) -> HostResult<TensorId>,
+    /// Publish a side output of the current call under a name (an encoder's per-token features
+    /// as `tokens`), which the host may hand to strategies. Kept until the plugin's next call.
+    pub emit: extern "C" fn(HostCtx, RStr<'_>, TensorId) -> HostResult<()>,
     #[cfg(feature = "abi-next")]
     /// Appended after 1.0 (present only in SDK builds with the `abi-next` feature, which exists
     /// to test ABI evolution): returns the number of live tensor handles.

@@ -192,6 +192,16 @@ impl Host {
         }
     }
 
+    /// Publish `value` as side output `name` of the current call (e.g. an encoder's per-token
+    /// features as `tokens`, which the `distill` strategy's token term reads). A host older than
+    /// recall-sdk 1.4 has no side outputs; there it does nothing.
+    pub fn emit(&self, name: &str, value: &Tensor) -> Result<()> {
+        match self.api.emit() {
+            Some(f) => lift(f(self.ctx, RStr::from_str(name), value.id)),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the host is in a training step (dropout active).
     pub fn is_training(&self) -> bool {
         (self.api.is_training())(self.ctx)

@@ -351,6 +351,21 @@ fn distill_value_and_gradients_match_pytorch() {
         assert_eq!(terms[0].0, "distill");
         loss_matches_fixture(&fx, case, &terms[0].1, &vars);
     }
+    // TokLIP's token-level term on top (weight 10): the sum of both terms and its gradients.
+    let rt = Runtime::new(Device::Cpu, DType::F64, 0);
+    let s = StrategyInstance::create(&plugin, &rt, "strategy.", "token_weight = 10.0\n").unwrap();
+    let names = ["image_features", "teacher_image_features", "image_tokens", "teacher_image_tokens"];
+    let vars = variables(&fx, &names);
+    let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
+    let terms = s.loss_terms(&inputs).unwrap();
+    assert_eq!(terms.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["distill", "distill_tokens"]);
+    loss_matches_fixture(&fx, "tokens", &(&terms[0].1 + &terms[1].1).unwrap(), &vars);
+    // Token features missing, or of another shape: the error names the fix.
+    let e = s.loss_terms(&inputs[..3]).unwrap_err().to_string();
+    assert!(e.contains("teacher_image_tokens") && e.contains("token_weight = 0"), "{e}");
+    let fewer = fx["teacher_image_tokens"].narrow(1, 0, 2).unwrap();
+    let e = s.loss_terms(&[inputs[0], inputs[1], inputs[2], ("teacher_image_tokens", &fewer)]).unwrap_err().to_string();
+    assert!(e.contains("[5, 4, 3]") && e.contains("[5, 2, 3]") && e.contains("one token per"), "{e}");
     // Without a teacher the error says what to declare.
     let rt = Runtime::new(Device::Cpu, DType::F64, 0);
     let s = StrategyInstance::create(&plugin, &rt, "strategy.", "").unwrap();

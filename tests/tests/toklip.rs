@@ -27,6 +27,9 @@ fn a_later_token_never_changes_an_earlier_tokens_output() {
     let codes = Tensor::randn(0f32, 1.0, (2, 6, 8), &Device::Cpu).unwrap();
     let base = enc.forward(&[("code_embeddings", &codes)]).unwrap();
     assert_eq!(base.dims(), &[2, 6, 12]);
+    // Every token's features before projection, published for token-level distillation.
+    let tokens = enc.emitted("tokens").expect("toklip-encoder publishes its tokens");
+    assert_eq!(tokens.dims(), &[2, 6, 16]);
     for j in 0..6 {
         // Replace token j of the first image only.
         let mut rows: Vec<Tensor> = (0..6).map(|t| codes.i((.., t..t + 1, ..)).unwrap()).collect();
@@ -147,8 +150,8 @@ fn vq_vae_then_a_distilled_token_encoder_run_end_to_end() {
          {tokenizer}checkpoint = \"vq/checkpoints/task-01.safetensors\"\n\
          [model.vision]\nplugin = \"toklip-encoder\"\ntokens = 16\ncode_dim = 8\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
          [model.text]\nplugin = \"clip-text\"\ncontext_length = 12\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
-         [teacher.vision]\nplugin = \"clip-vision\"\nimage_size = 16\npatch_size = 8\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
-         [[strategy]]\nplugin = \"distill\"\n\
+         [teacher.vision]\nplugin = \"clip-vision\"\nimage_size = 16\npatch_size = 4\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
+         [[strategy]]\nplugin = \"distill\"\ntoken_weight = 10.0\n\
          [optimizer]\nlr = 1e-3\n[train]\nepochs = 2\nbatch_size = 16\n{data}\
          [[evaluator]]\nplugin = \"retrieval\"\n"
     );
@@ -160,6 +163,10 @@ fn vq_vae_then_a_distilled_token_encoder_run_end_to_end() {
     let distill: Vec<f64> = terms.as_array().unwrap().iter().map(|t| t["distill"].as_f64().unwrap()).collect();
     assert!(distill.iter().all(|d| d.is_finite() && *d > 0.0), "{terms}");
     assert!(distill[1] < distill[0], "distillation did not pull the student toward the teacher: {distill:?}");
+    // TokLIP's token-level term: the 16 code tokens against the teacher's 16 patches.
+    let tokens: Vec<f64> = terms.as_array().unwrap().iter().map(|t| t["distill_tokens"].as_f64().unwrap()).collect();
+    assert!(tokens.iter().all(|d| d.is_finite() && *d > 0.0), "{terms}");
+    assert!(tokens[1] < tokens[0], "the token term did not fall: {tokens:?}");
     // The tokenizer and the teacher are frozen: only the token encoder, the text tower and
     // logit_scale train.
     let ckpt = candle_core::safetensors::load(tmp.path().join("student/checkpoints/task-01.safetensors"), &Device::Cpu)

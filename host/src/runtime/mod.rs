@@ -74,6 +74,8 @@ pub struct PluginCtx {
     pub runtime: Rc<Runtime>,
     pub scope: String,
     pub plugin: String,
+    /// Side outputs the plugin published (`emit`) during its latest call.
+    pub emitted: RefCell<Vec<(String, Tensor)>>,
 }
 
 impl PluginCtx {
@@ -127,7 +129,12 @@ impl Runtime {
 
     /// A context for a plugin instance whose parameters live under `scope` (e.g. `vision.`).
     pub fn context(self: &Rc<Self>, plugin: &str, scope: &str) -> std::pin::Pin<Box<PluginCtx>> {
-        Box::pin(PluginCtx { runtime: self.clone(), scope: scope.to_string(), plugin: plugin.to_string() })
+        Box::pin(PluginCtx {
+            runtime: self.clone(),
+            scope: scope.to_string(),
+            plugin: plugin.to_string(),
+            emitted: RefCell::default(),
+        })
     }
 
     pub fn device(&self) -> &Device {

@@ -71,6 +71,7 @@ pub fn host_api() -> HostApiRef {
             pad_zeros,
             group_norm,
             upsample_nearest2d,
+            emit,
             #[cfg(feature = "abi-next")]
             live_handles,
         }
@@ -415,6 +416,16 @@ extern "C" fn group_norm(
 
 extern "C" fn upsample_nearest2d(ctx: HostCtx, x: TensorId, scale: u64) -> HostResult<TensorId> {
     produce(ctx, "upsample_nearest2d", |rt| ops::upsample_nearest2d(&get(rt, x)?, scale as usize))
+}
+
+extern "C" fn emit(ctx: HostCtx, name: RStr<'_>, value: TensorId) -> HostResult<()> {
+    call(ctx, "emit", |pc| {
+        let t = pc.runtime.get(value)?;
+        let mut emitted = pc.emitted.borrow_mut();
+        emitted.retain(|(n, _)| n != name.as_str());
+        emitted.push((name.to_string(), t));
+        Ok(())
+    })
 }
 
 extern "C" fn attention(

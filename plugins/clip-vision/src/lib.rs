@@ -217,6 +217,9 @@ impl Encoder for ClipVision {
         let x = self.ln_pre.forward(&x)?;
         let x = self.transformer.forward(host, &x, false, None)?;
         let pooled = self.ln_post.forward(&x.narrow(1, 0, 1)?.reshape(&[b as i64, w as i64])?)?;
+        // Per-patch features (TokLIP's token-level distillation): after ln_post, no projection.
+        let n = (self.cfg.image_size / self.cfg.patch_size).pow(2);
+        host.emit("tokens", &self.ln_post.forward(&x.narrow(1, 1, n)?)?)?;
         host.linear(self.proj, &pooled)
     }
 }

@@ -8,7 +8,14 @@
 //! features are compared) both sides are L2-normalised first, so the loss measures direction,
 //! not scale; the student's and teacher's widths must then still agree.
 //!
-//! Inputs: `image_features`, `teacher_image_features`.
+//! TokLIP's optional token-level term, `token_weight * MSE(student tokens, teacher tokens)`
+//! (10 in TokLIP's code; off by default), compares every token's features as the towers
+//! publish them (`toklip-encoder`: every code token; `clip-vision`: every patch token; both
+//! after the final layer norm, before projection), unnormalised, as TokLIP does. It needs as
+//! many student tokens as teacher patches, of the same width.
+//!
+//! Inputs: `image_features`, `teacher_image_features`; with `token_weight > 0` also
+//! `image_tokens`, `teacher_image_tokens`.
 
 use recall_sdk::prelude::*;
 use serde::Deserialize;
@@ -20,6 +27,9 @@ pub struct Config {
     pub weight: f64,
     #[serde(default = "d::yes")]
     pub normalize: bool,
+    /// Weight of the token-level term (0: off).
+    #[serde(default)]
+    pub token_weight: f64,
 }
 
 mod d {
@@ -44,8 +54,10 @@ impl Strategy for Distill {
     type Config = Config;
 
     fn create(_host: &Host, cfg: Config) -> Result<Self> {
-        if cfg.weight < 0.0 || !cfg.weight.is_finite() {
-            return Err(Error::config("weight", "weight must be a non-negative number"));
+        for (key, w) in [("weight", cfg.weight), ("token_weight", cfg.token_weight)] {
+            if w < 0.0 || !w.is_finite() {
+                return Err(Error::config(key, format!("{key} must be a non-negative number")));
+            }
         }
         Ok(Distill { cfg })
     }
@@ -70,7 +82,35 @@ impl Strategy for Distill {
             student = student.l2_normalize(1e-12)?;
             teacher = teacher.l2_normalize(1e-12)?;
         }
-        Ok(vec![("distill".to_string(), mse(&student, &teacher)?.scale(self.cfg.weight)?)])
+        let mut terms = vec![("distill".to_string(), mse(&student, &teacher)?.scale(self.cfg.weight)?)];
+        if self.cfg.token_weight > 0.0 {
+            terms.push(("distill_tokens".to_string(), self.token_term(host, inputs)?));
+        }
+        Ok(terms)
+    }
+}
+
+impl Distill {
+    /// `token_weight * MSE(image_tokens, teacher_image_tokens)`.
+    fn token_term(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {
+        let tokens = |name: &str, tower: &str| -> Result<Tensor> {
+            host.find_input(inputs, name)?.ok_or_else(|| {
+                Error::new(format!(
+                    "token_weight > 0 needs `{name}`, but the {tower} publishes no per-token features; use a tower \
+                     that does (toklip-encoder, clip-vision) or set token_weight = 0"
+                ))
+            })
+        };
+        let student = tokens("image_tokens", "student's vision tower")?;
+        let teacher = tokens("teacher_image_tokens", "teacher's vision tower")?;
+        let (s, t) = (student.shape()?, teacher.shape()?);
+        if s != t {
+            return Err(Error::new(format!(
+                "student tokens {s:?} and teacher tokens {t:?} differ in shape; the student needs one token per \
+                 teacher patch (tokens = (image_size / patch_size)^2) and the teacher's width"
+            )));
+        }
+        mse(&student, &teacher)?.scale(self.cfg.token_weight)
     }
 }
 

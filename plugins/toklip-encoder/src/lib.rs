@@ -195,12 +195,13 @@ impl Encoder for TokenEncoder {
         let x = host.linear(self.mlp_out, &host.linear(self.mlp_in, &codes)?.gelu()?)?;
         let x = self.ln_pre.forward(&x.add(&self.positional_embedding)?)?;
         let x = self.transformer.forward(host, &x, true, None)?;
+        // Layer norm is per token: normalising every token serves both pooling and the side
+        // output of every token's features (TokLIP's token-level distillation, no projection).
+        let tokens = self.ln_post.forward(&x)?;
+        host.emit("tokens", &tokens)?;
         match self.cfg.pooling {
-            Pooling::Last => {
-                let last = x.narrow(1, n - 1, 1)?.reshape(&[b as i64, w as i64])?;
-                host.linear(self.proj, &self.ln_post.forward(&last)?)
-            }
-            Pooling::All => host.linear(self.proj, &self.ln_post.forward(&x)?),
+            Pooling::Last => host.linear(self.proj, &tokens.narrow(1, n - 1, 1)?.reshape(&[b as i64, w as i64])?),
+            Pooling::All => host.linear(self.proj, &tokens),
         }
     }
 }
