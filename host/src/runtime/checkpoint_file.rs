@@ -62,10 +62,12 @@ impl CheckpointFile {
             // SAFETY: the file is mapped read-only; Recall does not support modifying a
             // checkpoint while a run reads it (the mapping would then change underneath).
             let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
-                format!(
-                    "checkpoint {} is neither a readable safetensors file nor a PyTorch zip checkpoint (truncated or corrupt?): {e}",
-                    path.display()
-                )
+                let what = if path.extension().is_some_and(|x| x == "safetensors") {
+                    "a readable safetensors file"
+                } else {
+                    "a readable safetensors file, nor a PyTorch zip checkpoint"
+                };
+                format!("checkpoint {} is not {what} (truncated or corrupt?): {e}", path.display())
             })?;
             return Ok(CheckpointFile::Safetensors(st));
         }
@@ -163,7 +165,7 @@ mod tests {
         let bad = dir.path().join("bad.pt");
         std::fs::write(&bad, b"not a checkpoint at all").unwrap();
         let e = CheckpointFile::open(bad.to_str().unwrap()).err().unwrap();
-        assert!(e.contains("bad.pt") && e.contains("neither"), "{e}");
+        assert!(e.contains("bad.pt") && e.contains("nor a PyTorch zip checkpoint"), "{e}");
         let e = CheckpointFile::open(&format!("{}#model", bad.display())).err().unwrap();
         assert!(e.contains("not one"), "{e}");
         let e = CheckpointFile::open(dir.path().join("missing.pt").to_str().unwrap()).err().unwrap();
