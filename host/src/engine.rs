@@ -812,7 +812,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                     Some(t) => {
                         let tp = data::pixel_batch(&examples, &t.preprocess, rt.device(), rt.float_dtype())?;
                         let features = t.encode_images(&tp)?;
-                        Some((features, t.image_tokens()?))
+                        Some((features, t.image_tokens()))
                     }
                     None => None,
                 };

@@ -174,12 +174,8 @@ impl Teacher {
 
     /// The teacher's per-token features of the latest [`Teacher::encode_images`] [B, N, W], if
     /// its tower publishes them; a constant.
-    pub fn image_tokens(&self) -> Result<Option<Tensor>, PluginFailure> {
-        self.vision
-            .emitted(TOKENS)
-            .map(|t| t.detach().to_dtype(candle_core::DType::F32))
-            .transpose()
-            .map_err(|e| host_failure("teacher.vision", "forward", e.to_string()))
+    pub fn image_tokens(&self) -> Option<Tensor> {
+        self.vision.emitted(TOKENS).map(|t| t.detach())
     }
 }
 
