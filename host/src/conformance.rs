@@ -170,9 +170,12 @@ fn encoder(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     rt.set_training(true);
     let out = enc.forward(&refs);
     add(
-        "forward: [B, embed_dim], finite",
+        "forward: [B, embed_dim] (or per token, [B, N, embed_dim]), finite",
         out.as_ref().map_err(err).and_then(|y| {
-            ensure(y.dims() == [2, spec.embed_dim as usize], || format!("shape {:?}", y.dims()))?;
+            let d = y.dims();
+            let fits =
+                (d.len() == 2 || (d.len() == 3 && d[1] > 0)) && d[0] == 2 && d[d.len() - 1] == spec.embed_dim as usize;
+            ensure(fits, || format!("shape {d:?}"))?;
             let v: Vec<f32> =
                 y.flatten_all().and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1()).map_err(err)?;
             ensure(v.iter().all(|x| x.is_finite()), || "non-finite output".into())
@@ -186,7 +189,25 @@ fn encoder(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
         add(
             "backward: gradients reach the encoder's parameters",
             (|| -> Check {
-                let grads = y.sqr().and_then(|s| s.sum_all()).and_then(|s| s.backward()).map_err(err)?;
+                let mut grads = y.sqr().and_then(|s| s.sum_all()).and_then(|s| s.backward()).map_err(err)?;
+                if spec.modality == modality::IMAGE
+                    && rt.params().iter().all(|p| grads.get(p.var.as_tensor()).is_none())
+                {
+                    // An image tokenizer's codes are constants; it trains through the loss it
+                    // returns given `target_pixels` (reconstruction runs).
+                    let mut with_target = refs.clone();
+                    with_target.push(("target_pixels", refs[0].1));
+                    let loss = enc.forward(&with_target).map_err(|e| {
+                        format!("its output carries no gradient, and given target_pixels it fails: {e}")
+                    })?;
+                    ensure(loss.elem_count() == 1, || {
+                        format!(
+                            "its output carries no gradient, and its target_pixels loss is {:?}, not a scalar",
+                            loss.dims()
+                        )
+                    })?;
+                    grads = loss.backward().map_err(err)?;
+                }
                 let params = rt.params();
                 let reached = params.iter().filter(|p| grads.get(p.var.as_tensor()).is_some()).count();
                 ensure(reached > 0, || "no parameter received a gradient".into())?;
@@ -283,7 +304,9 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     };
     let task = TaskInfo { index: 0, name: "conformance".into(), n_steps: 1 };
     let feats = || Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
-    let (img, txt, old_img, old_txt) = (feats(), feats(), feats(), feats());
+    let (img, txt, old_img, old_txt, teacher_img) = (feats(), feats(), feats(), feats(), feats());
+    let tokens = || Tensor::randn(0f32, 1.0, (4, 3, 8), &Device::Cpu).unwrap();
+    let (img_tokens, teacher_tokens) = (tokens(), tokens());
     let scale = rt.param("logit_scale", &[1], ParamInit::constant(2.0), true).unwrap();
     // A model parameter the features depend on, so strategies that read parameters and
     // gradients (EWC, WiSE-FT, ZSCL) have something to work on.
@@ -306,6 +329,9 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
                 ("initial_image_features", &old_img),
                 ("initial_text_features", &old_txt),
                 ("initial_logit_scale", &old_scale),
+                ("teacher_image_features", &teacher_img),
+                ("image_tokens", &img_tokens),
+                ("teacher_image_tokens", &teacher_tokens),
             ])
             .map_err(err)?;
         let mut total = img.sqr().and_then(|x| x.mean_all()).map_err(err)?;

@@ -1,6 +1,7 @@
 //! Building blocks for encoder plugins, composed from host ops: layer norm, multi-head
 //! attention and the pre-LN transformer block used by CLIP's towers (and TokLIP's token
-//! encoder). Every projection is a declared linear site, so adapters apply inside them.
+//! encoder), and the vector quantiser of VQ image tokenizers. Every projection is a declared
+//! linear site, so adapters apply inside them.
 
 use crate::abi::ParamInit;
 use crate::error::{Error, Result};
@@ -204,5 +205,44 @@ impl Transformer {
             x = b.forward(host, &x, causal, key_padding_mask)?;
         }
         Ok(x)
+    }
+}
+
+/// Latents matched to their nearest codes ([`quantize`]).
+pub struct Quantized {
+    /// The latents as compared (L2-normalised with `l2_norm`) [rows, e].
+    pub z: Tensor,
+    /// Nearest code ids [rows] (u32).
+    pub ids: Tensor,
+    /// The codes' embeddings [rows, e] (normalised with `l2_norm`); gradients reach the codebook.
+    pub z_q: Tensor,
+}
+
+/// Vector quantisation (van den Oord et al.; LlamaGen's `VectorQuantizer`): each row of `z`
+/// [rows, e] to the nearest row of `codebook` [n, e] by Euclidean distance, after
+/// L2-normalising both when `l2_norm` (which keeps more of the codebook in use).
+pub fn quantize(z: &Tensor, codebook: &Tensor, l2_norm: bool) -> Result<Quantized> {
+    let (z, codes) =
+        if l2_norm { (z.l2_normalize(1e-12)?, codebook.l2_normalize(1e-12)?) } else { (z.clone(), codebook.clone()) };
+    // argmin ||z - e||^2 = argmax (2 z.e - ||e||^2); no gradient through the choice.
+    let e2 = codes.detach()?.sqr()?.sum(&[1], false)?.reshape(&[1, -1])?;
+    let score = z.detach()?.matmul(&codes.detach()?.t()?)?.scale(2.0)?.sub(&e2)?;
+    let ids = score.argmax(1)?;
+    let z_q = codes.embedding(&ids)?;
+    Ok(Quantized { z, ids, z_q })
+}
+
+impl Quantized {
+    /// The codebook loss plus `beta` times the commitment loss:
+    /// `MSE(z_q, sg[z]) + beta * MSE(z, sg[z_q])`.
+    pub fn loss(&self, beta: f64) -> Result<Tensor> {
+        let mse = |a: &Tensor, b: &Tensor| a.sub(b)?.sqr()?.mean_all();
+        mse(&self.z_q, &self.z.detach()?)?.add(&mse(&self.z, &self.z_q.detach()?)?.scale(beta)?)
+    }
+
+    /// The straight-through estimator `z + sg[z_q - z]`: the codes' values forward, the
+    /// latents' gradients backward (into the decoder's input).
+    pub fn straight_through(&self) -> Result<Tensor> {
+        self.z.add(&self.z_q.sub(&self.z)?.detach()?)
     }
 }

@@ -1,5 +1,7 @@
 //! The `recall` binary end to end: config errors, device errors, plugin listing and the
-//! conformance suite on every in-tree plugin.
+//! conformance suite on every in-tree plugin that runs without external files (the
+//! wordpiece / bert pair needs the MiniLM asset and has its own tests; toklip-encoder reads
+//! code embeddings, tested in toklip.rs).
 
 use std::process::Command;
 
@@ -95,6 +97,17 @@ fn check_plugin_passes_on_every_in_tree_plugin() {
     .unwrap();
     let small_ckc = dir.path().join("ckc.toml");
     std::fs::write(&small_ckc, "dim = 8\n").unwrap();
+    let small_vq = dir.path().join("vq.toml");
+    std::fs::write(&small_vq, "image_size = 16\npatch = 4\nhidden = 16\ncodebook_size = 16\n").unwrap();
+    let small_llamagen = dir.path().join("llamagen.toml");
+    std::fs::write(
+        &small_llamagen,
+        "image_size = 16\nch = 8\nencoder_ch_mult = [1, 2]\ndecoder_ch_mult = [1, 2]\nnum_res_blocks = 1\n\
+         z_channels = 8\ncodebook_size = 16\nnorm_groups = 4\n",
+    )
+    .unwrap();
+    let distill_tokens = dir.path().join("distill.toml");
+    std::fs::write(&distill_tokens, "token_weight = 10.0\n").unwrap();
     let cases = [
         ("recall-plugin-clip-bpe", None),
         ("recall-plugin-clip-vision", Some(&small_vision)),
@@ -108,6 +121,9 @@ fn check_plugin_passes_on_every_in_tree_plugin() {
         ("recall-plugin-zscl", None),
         ("recall-plugin-retrieval", None),
         ("recall-plugin-zeroshot", None),
+        ("recall-plugin-distill", Some(&distill_tokens)),
+        ("recall-plugin-vq-tokenizer", Some(&small_vq)),
+        ("recall-plugin-llamagen-vq", Some(&small_llamagen)),
     ];
     for (krate, config) in cases {
         let lib = cdylib(krate).display().to_string();

@@ -34,6 +34,7 @@
 //! shape; all problems are reported at once.
 
 use recall_sdk::checkpoint::CheckpointReader;
+use recall_sdk::nn::{quantize, Quantized};
 use recall_sdk::prelude::*;
 use serde::Deserialize;
 
@@ -444,43 +445,22 @@ impl LlamaGenVq {
         self.cfg.image_size >> (self.cfg.encoder_ch_mult.len() - 1)
     }
 
-    /// The codebook as used for lookup (normalised with `codebook_l2_norm`).
-    fn codes(&self) -> Result<Tensor> {
-        if self.cfg.codebook_l2_norm {
-            self.codebook.l2_normalize(1e-12)
-        } else {
-            Ok(self.codebook.clone())
-        }
-    }
-
-    /// Latents `z` [B*N, e] (normalised with `codebook_l2_norm`), code ids [B*N] and code
-    /// embeddings `z_q` [B*N, e].
-    fn quantize(&self, host: &Host, pixels: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// The encoder's latents [B*N, e] matched to their codes.
+    fn quantize(&self, host: &Host, pixels: &Tensor) -> Result<Quantized> {
         let e = self.cfg.codebook_embed_dim as i64;
         let h = self.quant_conv.forward(&self.encoder.encode(host, pixels)?, 1, 0)?;
         let z = h.permute(&[0, 2, 3, 1])?.reshape(&[-1, e])?;
-        let z = if self.cfg.codebook_l2_norm { z.l2_normalize(1e-12)? } else { z };
-        let codes = self.codes()?;
-        // argmin ||z - e||^2 = argmax (2 z.e - ||e||^2).
-        let e2 = codes.detach()?.sqr()?.sum(&[1], false)?.reshape(&[1, -1])?;
-        let score = z.detach()?.matmul(&codes.detach()?.t()?)?.scale(2.0)?.sub(&e2)?;
-        let ids = score.argmax(1)?;
-        let z_q = codes.embedding(&ids)?;
-        Ok((z, ids, z_q))
+        quantize(&z, &self.codebook, self.cfg.codebook_l2_norm)
     }
 
-    fn loss(&self, host: &Host, z: &Tensor, z_q: &Tensor, target: &Tensor, b: usize) -> Result<Tensor> {
+    fn loss(&self, host: &Host, q: &Quantized, target: &Tensor, b: usize) -> Result<Tensor> {
         let Some((post_quant_conv, decoder)) = &self.decoder else {
             bail!("llamagen-vq was built without its decoder (decoder = false), so it cannot score target_pixels; set decoder = true");
         };
         let (g, e) = (self.grid() as i64, self.cfg.codebook_embed_dim as i64);
-        let mse = |a: &Tensor, b: &Tensor| a.sub(b)?.sqr()?.mean_all();
-        let codebook = mse(z_q, &z.detach()?)?;
-        let commit = mse(z, &z_q.detach()?)?.scale(self.cfg.commit_loss_beta)?;
-        let straight_through = z.add(&z_q.sub(z)?.detach()?)?;
-        let quant = straight_through.reshape(&[b as i64, g, g, e])?.permute(&[0, 3, 1, 2])?;
+        let quant = q.straight_through()?.reshape(&[b as i64, g, g, e])?.permute(&[0, 3, 1, 2])?;
         let image = decoder.decode(host, &post_quant_conv.forward(&quant, 1, 0)?)?;
-        mse(&image, &target.detach()?)?.add(&codebook)?.add(&commit)
+        image.sub(&target.detach()?)?.sqr()?.mean_all()?.add(&q.loss(self.cfg.commit_loss_beta)?)
     }
 
     fn load(&self, host: &Host, declared: &[(String, Vec<usize>, Tensor)], path: &str) -> Result<()> {
@@ -552,12 +532,12 @@ impl Encoder for LlamaGenVq {
         }
         let b = shape[0];
         let n = (self.grid() * self.grid()) as i64;
-        let (z, ids, z_q) = self.quantize(host, &pixels)?;
+        let q = self.quantize(host, &pixels)?;
         match host.find_input(inputs, "target_pixels")? {
-            Some(target) => self.loss(host, &z, &z_q, &target, b),
+            Some(target) => self.loss(host, &q, &target, b),
             None => match self.cfg.output {
-                Output::Embeddings => z_q.detach()?.reshape(&[b as i64, n, self.cfg.codebook_embed_dim as i64]),
-                Output::Ids => ids.to_dtype(DType::F32)?.reshape(&[b as i64, n]),
+                Output::Embeddings => q.z_q.detach()?.reshape(&[b as i64, n, self.cfg.codebook_embed_dim as i64]),
+                Output::Ids => q.ids.to_dtype(DType::F32)?.reshape(&[b as i64, n]),
             },
         }
     }

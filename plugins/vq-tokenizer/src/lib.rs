@@ -17,6 +17,7 @@
 //! `checkpoint` loads trained weights (a Recall checkpoint, tensors under `prefix`, default
 //! `image_tokenizer.`).
 
+use recall_sdk::nn::{quantize, Quantized};
 use recall_sdk::prelude::*;
 use serde::Deserialize;
 
@@ -155,72 +156,35 @@ impl Encoder for VqTokenizer {
         }
         let b = shape[0];
         let n = (s / self.cfg.patch).pow(2);
-        let z_e = self.encode(host, &pixels)?;
-        let (ids, z_q) = self.quantize(&z_e, b * n)?;
+        let q = self.quantize(host, &pixels)?;
         match host.find_input(inputs, "target_pixels")? {
-            Some(target) => self.loss(host, &z_e, &z_q, &target, b),
+            Some(target) => self.loss(host, &q, &target, b),
             None => match self.cfg.output {
-                Output::Embeddings => z_q.detach(),
-                Output::Ids => ids.to_dtype(DType::F32)?.reshape(&[b as i64, n as i64]),
+                Output::Embeddings => q.z_q.detach()?.reshape(&[b as i64, n as i64, self.cfg.code_dim as i64]),
+                Output::Ids => q.ids.to_dtype(DType::F32)?.reshape(&[b as i64, n as i64]),
             },
         }
     }
 }
 
 impl VqTokenizer {
-    /// Latents `[B, N, code_dim]` (normalised with `l2_norm`).
-    fn encode(&self, host: &Host, pixels: &Tensor) -> Result<Tensor> {
+    /// One latent per patch, [B*N, code_dim], matched to its code.
+    fn quantize(&self, host: &Host, pixels: &Tensor) -> Result<Quantized> {
         let h = pixels.patch_embed(&self.patch_weight, Some(&self.patch_bias), self.cfg.patch)?.gelu()?;
-        let z = host.linear(self.enc_out, &h)?;
-        if self.cfg.l2_norm {
-            z.l2_normalize(1e-12)
-        } else {
-            Ok(z)
-        }
+        let z = host.linear(self.enc_out, &h)?.reshape(&[-1, self.cfg.code_dim as i64])?;
+        quantize(&z, &self.codebook, self.cfg.l2_norm)
     }
 
-    /// The codebook as used for lookup (normalised with `l2_norm`).
-    fn codes(&self) -> Result<Tensor> {
-        if self.cfg.l2_norm {
-            self.codebook.l2_normalize(1e-12)
-        } else {
-            Ok(self.codebook.clone())
-        }
-    }
-
-    /// Nearest code ids `[B*N]` and code embeddings `[B, N, code_dim]` for latents `z_e`.
-    fn quantize(&self, z_e: &Tensor, rows: usize) -> Result<(Tensor, Tensor)> {
-        let k = self.cfg.code_dim;
-        let flat = z_e.reshape(&[rows as i64, k as i64])?;
-        let codes = self.codes()?;
-        // argmin ||z - e||^2 = argmax (2 z.e - ||e||^2); with unit vectors, argmax z.e.
-        let dots = flat.detach()?.matmul(&codes.detach()?.t()?)?;
-        let score = if self.cfg.l2_norm {
-            dots
-        } else {
-            let e2 = codes.detach()?.sqr()?.sum(&[1], false)?.reshape(&[1, -1])?;
-            dots.scale(2.0)?.sub(&e2)?
-        };
-        let ids = score.argmax(1)?;
-        let z_q = codes.embedding(&ids)?.reshape(&z_e.shape()?.iter().map(|&d| d as i64).collect::<Vec<_>>())?;
-        Ok((ids, z_q))
-    }
-
-    fn loss(&self, host: &Host, z_e: &Tensor, z_q: &Tensor, target: &Tensor, b: usize) -> Result<Tensor> {
+    fn loss(&self, host: &Host, q: &Quantized, target: &Tensor, b: usize) -> Result<Tensor> {
         let (s, p) = (self.cfg.image_size, self.cfg.patch);
         let g = s / p;
-        let straight_through = z_e.add(&z_q.sub(z_e)?.detach()?)?;
-        let h = host.linear(self.dec_in, &straight_through)?.gelu()?;
+        let h = host.linear(self.dec_in, &q.straight_through()?)?.gelu()?;
         let patches = host.linear(self.dec_out, &h)?;
         let image = patches
             .reshape(&[b as i64, g as i64, g as i64, 3, p as i64, p as i64])?
             .permute(&[0, 3, 1, 4, 2, 5])?
             .reshape(&[b as i64, 3, s as i64, s as i64])?;
-        let mse = |a: &Tensor, b: &Tensor| a.sub(b)?.sqr()?.mean_all();
-        let recon = mse(&image, &target.detach()?)?;
-        let codebook = mse(z_q, &z_e.detach()?)?;
-        let commit = mse(z_e, &z_q.detach()?)?;
-        recon.add(&codebook)?.add(&commit.scale(self.cfg.beta)?)
+        image.sub(&target.detach()?)?.sqr()?.mean_all()?.add(&q.loss(self.cfg.beta)?)
     }
 
     /// Load every parameter from a Recall checkpoint (all must be there, with these shapes).
