@@ -295,6 +295,11 @@ pub struct TrainSection {
     /// Evaluation precision: `f32` (full, the default) or `train` (as training computes).
     #[serde(default = "d::precision")]
     pub eval_precision: String,
+    /// Keep the frozen image tokenizer's codes of every training image after its first epoch
+    /// (by image content), so later epochs skip the tokenizer. Costs memory: tokens x code
+    /// width floats per image.
+    #[serde(default)]
+    pub cache_image_codes: bool,
 }
 
 /// One task of the sequence, or one held-out zero-shot set: a name and where its data comes

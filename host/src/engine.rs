@@ -487,7 +487,16 @@ fn task_seed(seed: u64, task: usize) -> u64 {
 /// Run an experiment end to end (or continue it: `opts.resume`).
 pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let c = &cfg.config;
-    let model = Model::build(cfg, registry)?;
+    let mut model = Model::build(cfg, registry)?;
+    if c.train.cache_image_codes {
+        if model.image_tokenizer.is_none() {
+            return Err(cfg
+                .error_at("train.cache_image_codes", "[train] cache_image_codes = true, but there is no [model.image_tokenizer] whose codes could be cached; drop the setting")
+                .into());
+        }
+        model.code_cache = Some(Default::default());
+    }
+    let model = model;
     let rt = model.runtime.clone();
     let strategies = c
         .strategies
@@ -782,7 +791,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 }
                 let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.compute_dtype())?;
                 let (ids, mask) = model.tokenize(&captions)?;
-                let img = model.encode_images(&pixels)?;
+                let img = model.encode_examples(&examples, &pixels)?;
                 // Read now: later forwards of the model (reference batches) replace them.
                 let image_tokens = model.image_tokens()?;
                 let txt = model.encode_texts(&ids, &mask)?;

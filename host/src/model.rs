@@ -1,6 +1,8 @@
 //! A CLIP-style model assembled from plugins: tokenizer, vision and text encoders, an optional
 //! adapter, and the host-owned `logit_scale`.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use candle_core::{DType, Tensor};
@@ -40,6 +42,10 @@ pub struct Model {
     /// How images become `pixel_values` for this model.
     pub preprocess: Preprocess,
     pub runtime: Rc<Runtime>,
+    /// The image tokenizer's codes by image content (`[train] cache_image_codes`): the
+    /// tokenizer is frozen and preprocessing deterministic, so an image always gets the same
+    /// codes.
+    pub code_cache: Option<RefCell<HashMap<u64, Tensor>>>,
 }
 
 /// A tower: a plugin composing host ops (trainable), or a frozen ONNX model.
@@ -177,6 +183,17 @@ impl Teacher {
     pub fn image_tokens(&self) -> Option<Tensor> {
         self.vision.emitted(TOKENS).map(|t| t.detach())
     }
+}
+
+/// A key for an image's content (its stored pixels).
+fn content_key(pixels: &[f32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    pixels.len().hash(&mut h);
+    for p in pixels {
+        p.to_bits().hash(&mut h);
+    }
+    h.finish()
 }
 
 /// The side output under which image towers publish per-token features [B, N, W] (after the
@@ -340,6 +357,7 @@ impl Model {
             context_length: tspec.input_size as usize,
             preprocess: Preprocess { size: image_size, mean: m.preprocess.mean, std: m.preprocess.std },
             runtime,
+            code_cache: None,
         };
         model.apply_freezing(m, adapter_section, cfg)?;
         if let Some(init) = &m.init {
@@ -409,10 +427,52 @@ impl Model {
 
     /// Image features [B, D] for normalised pixels [B, 3, S, S].
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
-        let features = match &self.image_tokenizer {
-            Some(t) => {
-                let codes = t.forward(&self.runtime, &[("pixel_values", pixels)])?.detach();
-                self.vision.forward(&self.runtime, &[("code_embeddings", &codes), ("pixel_values", pixels)])?
+        let codes = match &self.image_tokenizer {
+            Some(t) => Some(t.forward(&self.runtime, &[("pixel_values", pixels)])?.detach()),
+            None => None,
+        };
+        self.encode_codes(codes.as_ref(), pixels)
+    }
+
+    /// [`Model::encode_images`] of `examples` (whose prepared pixels `pixels` are), with the
+    /// image tokenizer's codes taken from the cache where it holds them.
+    pub fn encode_examples(
+        &self,
+        examples: &[&crate::data::Example],
+        pixels: &Tensor,
+    ) -> Result<Tensor, PluginFailure> {
+        let (Some(tokenizer), Some(cache)) = (&self.image_tokenizer, &self.code_cache) else {
+            return self.encode_images(pixels);
+        };
+        let fail = |e: candle_core::Error| host_failure("image_tokenizer", "forward", e.to_string());
+        let keys: Vec<u64> = examples.iter().map(|e| content_key(&e.pixels)).collect();
+        let mut missing: Vec<u32> = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            if !cache.borrow().contains_key(k) && !missing.iter().any(|&j| keys[j as usize] == *k) {
+                missing.push(i as u32);
+            }
+        }
+        if !missing.is_empty() {
+            let rows = Tensor::new(missing.as_slice(), pixels.device()).map_err(fail)?;
+            let subset = pixels.index_select(&rows, 0).map_err(fail)?;
+            let codes = tokenizer.forward(&self.runtime, &[("pixel_values", &subset)])?.detach();
+            let mut cache = cache.borrow_mut();
+            for (j, &i) in missing.iter().enumerate() {
+                cache.insert(keys[i as usize], codes.get(j).map_err(fail)?);
+            }
+        }
+        let cache = cache.borrow();
+        let rows: Vec<&Tensor> = keys.iter().map(|k| &cache[k]).collect();
+        let codes = Tensor::stack(&rows, 0).map_err(fail)?;
+        drop(cache);
+        self.encode_codes(Some(&codes), pixels)
+    }
+
+    /// The vision tower on image codes (with an image tokenizer) or on pixels.
+    fn encode_codes(&self, codes: Option<&Tensor>, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
+        let features = match codes {
+            Some(codes) => {
+                self.vision.forward(&self.runtime, &[("code_embeddings", codes), ("pixel_values", pixels)])?
             }
             None => self.vision.forward(&self.runtime, &[("pixel_values", pixels)])?,
         };

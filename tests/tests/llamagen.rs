@@ -210,3 +210,53 @@ fn a_reconstruction_run_in_bf16_learns_like_f32() {
         candle_core::safetensors::load(tmp.path().join("bf16/checkpoints/task-01.safetensors"), &Device::Cpu).unwrap();
     assert!(ckpt.values().all(|t| t.dtype() == DType::F32));
 }
+
+/// `[train] cache_image_codes`: later epochs take the frozen tokenizer's codes from the cache,
+/// and the run is the same as without it.
+#[test]
+fn cached_image_codes_give_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pt = fixture("vq.pt").display().to_string();
+    let experiment = format!(
+        "[experiment]\nname = \"student\"\n\
+         [model.tokenizer]\nplugin = \"clip-bpe\"\ncontext_length = 12\n\
+         [model.image_tokenizer]\nplugin = \"llamagen-vq\"\n{ARCH}decoder = false\ncheckpoint = {pt:?}\n\
+         [model.vision]\nplugin = \"toklip-encoder\"\ntokens = 16\ncode_dim = 8\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
+         [model.text]\nplugin = \"clip-text\"\ncontext_length = 12\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
+         [optimizer]\nlr = 1e-3\n[train]\nepochs = 3\nbatch_size = 8\n\
+         [[task]]\nname = \"shapes\"\nshapes = [\"circle\", \"square\", \"triangle\"]\ncolors = [\"red\", \"blue\"]\ntrain_per_combo = 3\n\
+         [[evaluator]]\nplugin = \"retrieval\"\n"
+    );
+    std::fs::write(tmp.path().join("student.toml"), experiment).unwrap();
+    let run = |dir: &str, cache: bool| -> serde_json::Value {
+        let out = Command::new(recall_tests::recall_bin())
+            .args(["run", "-q", "student.toml", "--run-dir", dir, "--set", &format!("train.cache_image_codes={cache}")])
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{dir}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join(dir).join("summary.json")).unwrap()).unwrap()
+    };
+    let (plain, cached) = (run("plain", false), run("cached", true));
+    let losses = |s: &serde_json::Value| -> Vec<f64> {
+        s["epoch_losses"][0].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+    };
+    let (a, b) = (losses(&plain), losses(&cached));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "cached codes changed the run: {a:?} vs {b:?}");
+    }
+    assert_eq!(plain["results"], cached["results"]);
+    // Without an image tokenizer there is nothing to cache: a located error.
+    std::fs::write(tmp.path().join("small.toml"), recall_tests::SMALL_EXPERIMENT).unwrap();
+    let out = Command::new(recall_tests::recall_bin())
+        .args(["run", "-q", "small.toml", "--set", "train.cache_image_codes=true"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("[train] cache_image_codes") && err.contains("image_tokenizer"),
+        "{err}"
+    );
+}
