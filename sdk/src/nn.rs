@@ -208,6 +208,32 @@ impl Transformer {
     }
 }
 
+/// What an image tokenizer's `forward` returns: the code embeddings [B, N, e] (what a token
+/// encoder reads as `code_embeddings`) or the code ids as floats [B, N].
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CodeOutput {
+    #[default]
+    Embeddings,
+    Ids,
+}
+
+/// An image tokenizer's `pixel_values` input, checked to be [B, 3, size, size]; returns it
+/// with B.
+pub fn pixel_input(
+    host: &Host,
+    inputs: &[crate::abi::NamedTensor],
+    size: usize,
+    plugin: &str,
+) -> Result<(Tensor, usize)> {
+    let pixels = host.input(inputs, "pixel_values")?;
+    let shape = pixels.shape()?;
+    if shape.len() != 4 || shape[1..] != [3, size, size] {
+        return Err(Error::new(format!("{plugin} expects pixel_values [B, 3, {size}, {size}], got {shape:?}")));
+    }
+    Ok((pixels, shape[0]))
+}
+
 /// Latents matched to their nearest codes ([`quantize`]).
 pub struct Quantized {
     /// The latents as compared (L2-normalised with `l2_norm`) [rows, e].
@@ -238,6 +264,17 @@ impl Quantized {
     pub fn loss(&self, beta: f64) -> Result<Tensor> {
         let mse = |a: &Tensor, b: &Tensor| a.sub(b)?.sqr()?.mean_all();
         mse(&self.z_q, &self.z.detach()?)?.add(&mse(&self.z, &self.z_q.detach()?)?.scale(beta)?)
+    }
+
+    /// The codes of `batch` images as a tokenizer returns them: embeddings [B, N, e] (constants:
+    /// the tokenizer is frozen in front of a token encoder) or ids [B, N] as floats.
+    pub fn output(&self, what: CodeOutput, batch: usize) -> Result<Tensor> {
+        let d = self.z_q.shape()?;
+        let (n, e) = ((d[0] / batch.max(1)) as i64, d[1] as i64);
+        match what {
+            CodeOutput::Embeddings => self.z_q.detach()?.reshape(&[batch as i64, n, e]),
+            CodeOutput::Ids => self.ids.to_dtype(crate::abi::DType::F32)?.reshape(&[batch as i64, n]),
+        }
     }
 
     /// The straight-through estimator `z + sg[z_q - z]`: the codes' values forward, the

@@ -34,7 +34,7 @@
 //! shape; all problems are reported at once.
 
 use recall_sdk::checkpoint::CheckpointReader;
-use recall_sdk::nn::{quantize, Quantized};
+use recall_sdk::nn::{pixel_input, quantize, CodeOutput, Quantized};
 use recall_sdk::prelude::*;
 use serde::Deserialize;
 
@@ -68,20 +68,12 @@ pub struct Config {
     #[serde(default = "d::yes")]
     pub decoder: bool,
     #[serde(default)]
-    pub output: Output,
+    pub output: CodeOutput,
     /// LlamaGen-format weights: safetensors or a PyTorch checkpoint (`file.pt#key`).
     pub checkpoint: Option<String>,
     /// Prefix of the tokenizer's names in the checkpoint.
     #[serde(default)]
     pub prefix: String,
-}
-
-#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Output {
-    #[default]
-    Embeddings,
-    Ids,
 }
 
 mod d {
@@ -175,6 +167,29 @@ impl Params<'_> {
             v: self.conv(&format!("{name}.v"), c, c, 1)?,
             proj_out: self.conv(&format!("{name}.proj_out"), c, c, 1)?,
         })
+    }
+
+    /// One level `{name}`: `blocks` residual blocks `cin -> cout` (`res.{j}`), an attention
+    /// block after each with `attn` (`attn.{j}`), then the resampling convolution
+    /// `{name}.{resample}.conv` when given (`downsample` / `upsample`).
+    fn level(
+        &mut self,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        blocks: usize,
+        attn: bool,
+        resample: Option<&str>,
+    ) -> Result<Level> {
+        let (mut res, mut attns) = (Vec::new(), Vec::new());
+        for j in 0..blocks {
+            res.push(self.res(&format!("{name}.res.{j}"), if j == 0 { cin } else { cout }, cout)?);
+            if attn {
+                attns.push(self.attn(&format!("{name}.attn.{j}"), cout)?);
+            }
+        }
+        let resample = resample.map(|r| self.conv(&format!("{name}.{r}.conv"), cout, cout, 3)).transpose()?;
+        Ok(Level { res, attn: attns, resample })
     }
 
     fn mid(&mut self, name: &str, c: usize) -> Result<[Block; 3]> {
@@ -301,21 +316,12 @@ impl Tower {
         let mut levels = Vec::new();
         let mut block_in = ch;
         for (i, &m) in mult.iter().enumerate() {
+            // Attention on the coarsest level; every level but it downsamples.
             let last = i + 1 == mult.len();
-            let (mut res, mut attn) = (Vec::new(), Vec::new());
-            for j in 0..cfg.num_res_blocks {
-                res.push(p.res(&format!("encoder.conv_blocks.{i}.res.{j}"), block_in, ch * m)?);
-                block_in = ch * m;
-                if last {
-                    attn.push(p.attn(&format!("encoder.conv_blocks.{i}.attn.{j}"), block_in)?);
-                }
-            }
-            let resample = if last {
-                None
-            } else {
-                Some(p.conv(&format!("encoder.conv_blocks.{i}.downsample.conv"), block_in, block_in, 3)?)
-            };
-            levels.push(Level { res, attn, resample });
+            let name = format!("encoder.conv_blocks.{i}");
+            let resample = (!last).then_some("downsample");
+            levels.push(p.level(&name, block_in, ch * m, cfg.num_res_blocks, last, resample)?);
+            block_in = ch * m;
         }
         Ok(Tower {
             conv_in,
@@ -334,20 +340,12 @@ impl Tower {
         let mut levels = Vec::new();
         // Stored from the coarsest level (index 0) to the finest.
         for (i, &m) in mult.iter().rev().enumerate() {
-            let (mut res, mut attn) = (Vec::new(), Vec::new());
-            for j in 0..=cfg.num_res_blocks {
-                res.push(p.res(&format!("decoder.conv_blocks.{i}.res.{j}"), block_in, ch * m)?);
-                block_in = ch * m;
-                if i == 0 {
-                    attn.push(p.attn(&format!("decoder.conv_blocks.{i}.attn.{j}"), block_in)?);
-                }
-            }
-            let resample = if i + 1 == mult.len() {
-                None
-            } else {
-                Some(p.conv(&format!("decoder.conv_blocks.{i}.upsample.conv"), block_in, block_in, 3)?)
-            };
-            levels.push(Level { res, attn, resample });
+            // One more residual block per level than the encoder; attention on the coarsest
+            // level (the first here); every level but the finest upsamples.
+            let name = format!("decoder.conv_blocks.{i}");
+            let resample = (i + 1 < mult.len()).then_some("upsample");
+            levels.push(p.level(&name, block_in, ch * m, cfg.num_res_blocks + 1, i == 0, resample)?);
+            block_in = ch * m;
         }
         Ok(Tower {
             conv_in,
@@ -524,21 +522,11 @@ impl Encoder for LlamaGenVq {
     }
 
     fn forward(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {
-        let pixels = host.input(inputs, "pixel_values")?;
-        let shape = pixels.shape()?;
-        let s = self.cfg.image_size;
-        if shape.len() != 4 || shape[1..] != [3, s, s] {
-            bail!("llamagen-vq expects pixel_values [B, 3, {s}, {s}], got {shape:?}");
-        }
-        let b = shape[0];
-        let n = (self.grid() * self.grid()) as i64;
+        let (pixels, b) = pixel_input(host, inputs, self.cfg.image_size, "llamagen-vq")?;
         let q = self.quantize(host, &pixels)?;
         match host.find_input(inputs, "target_pixels")? {
             Some(target) => self.loss(host, &q, &target, b),
-            None => match self.cfg.output {
-                Output::Embeddings => q.z_q.detach()?.reshape(&[b as i64, n, self.cfg.codebook_embed_dim as i64]),
-                Output::Ids => q.ids.to_dtype(DType::F32)?.reshape(&[b as i64, n]),
-            },
+            None => q.output(self.cfg.output, b),
         }
     }
 }

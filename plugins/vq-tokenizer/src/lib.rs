@@ -17,7 +17,7 @@
 //! `checkpoint` loads trained weights (a Recall checkpoint, tensors under `prefix`, default
 //! `image_tokenizer.`).
 
-use recall_sdk::nn::{quantize, Quantized};
+use recall_sdk::nn::{pixel_input, quantize, CodeOutput, Quantized};
 use recall_sdk::prelude::*;
 use serde::Deserialize;
 
@@ -37,19 +37,11 @@ pub struct Config {
     #[serde(default = "d::beta")]
     pub beta: f64,
     #[serde(default)]
-    pub output: Output,
+    pub output: CodeOutput,
     /// Trained weights: a Recall checkpoint file (`task-NN.safetensors`).
     pub checkpoint: Option<String>,
     #[serde(default = "d::prefix")]
     pub prefix: String,
-}
-
-#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Output {
-    #[default]
-    Embeddings,
-    Ids,
 }
 
 mod d {
@@ -148,21 +140,11 @@ impl Encoder for VqTokenizer {
     }
 
     fn forward(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {
-        let pixels = host.input(inputs, "pixel_values")?;
-        let shape = pixels.shape()?;
-        let s = self.cfg.image_size;
-        if shape.len() != 4 || shape[1..] != [3, s, s] {
-            bail!("vq-tokenizer expects pixel_values [B, 3, {s}, {s}], got {shape:?}");
-        }
-        let b = shape[0];
-        let n = (s / self.cfg.patch).pow(2);
+        let (pixels, b) = pixel_input(host, inputs, self.cfg.image_size, "vq-tokenizer")?;
         let q = self.quantize(host, &pixels)?;
         match host.find_input(inputs, "target_pixels")? {
             Some(target) => self.loss(host, &q, &target, b),
-            None => match self.cfg.output {
-                Output::Embeddings => q.z_q.detach()?.reshape(&[b as i64, n as i64, self.cfg.code_dim as i64]),
-                Output::Ids => q.ids.to_dtype(DType::F32)?.reshape(&[b as i64, n as i64]),
-            },
+            None => q.output(self.cfg.output, b),
         }
     }
 }
