@@ -91,7 +91,7 @@ pub fn run(registry: &Registry, steps: usize, batch: usize) -> anyhow::Result<Be
     let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
     let captions: Vec<String> = examples.iter().map(|e| e.captions[0].clone()).collect();
     let (ids, mask) = model.tokenize(&captions)?;
-    let mut opt = AdamW::new(&rt.params(), &cfg.config.optimizer).map_err(anyhow::Error::msg)?;
+    let mut opt = AdamW::new(&rt.params(), &cfg.config.optimizer)?;
     let params = Params::from_runtime(&rt);
     let shape = TowerShape { heads: 4, quick_gelu: true, eps: 1e-5 };
     rt.set_training(true);

@@ -912,6 +912,8 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     if cfg.optimizer.lr <= 0.0 || !cfg.optimizer.lr.is_finite() {
         return Err(c.error_at("optimizer.lr", "lr must be a positive number"));
     }
+    validate_ranges(c)?;
+    validate_names(c)?;
     for (key, sets) in
         [("task", &cfg.tasks[..]), ("zeroshot", &cfg.zeroshot[..]), ("reference", cfg.reference.as_slice())]
     {
@@ -966,6 +968,97 @@ fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
             "evaluator",
             "the experiment has no [[evaluator]]; add e.g. `[[evaluator]] plugin = \"retrieval\"`",
         ));
+    }
+    Ok(())
+}
+
+/// Numeric keys outside their meaningful range: each would train something other than what
+/// the file says (a negative clip trains backwards, a clip of 0 trains nothing).
+fn validate_ranges(c: &LoadedConfig) -> Result<(), ConfigError> {
+    let o = &c.config.optimizer;
+    let positive = |v: f64| v > 0.0 && v.is_finite();
+    let non_negative = |v: f64| v >= 0.0 && v.is_finite();
+    let mut checks: Vec<(String, bool, String)> = vec![
+        (
+            "optimizer.grad_clip".into(),
+            o.grad_clip.is_none_or(positive),
+            "grad_clip must be a positive number (the largest global gradient norm kept); remove the key to train \
+             without clipping"
+                .into(),
+        ),
+        ("optimizer.weight_decay".into(), non_negative(o.weight_decay), "weight_decay must be a number >= 0".into()),
+        ("optimizer.beta1".into(), (0.0..1.0).contains(&o.beta1), "beta1 must be in [0, 1)".into()),
+        ("optimizer.beta2".into(), (0.0..1.0).contains(&o.beta2), "beta2 must be in [0, 1)".into()),
+        ("optimizer.eps".into(), positive(o.eps), "eps must be a positive number".into()),
+        (
+            "optimizer.min_lr_ratio".into(),
+            (0.0..=1.0).contains(&o.min_lr_ratio),
+            "min_lr_ratio must be in [0, 1]".into(),
+        ),
+        (
+            "model.logit_scale_init".into(),
+            c.config.model.logit_scale_init.is_finite(),
+            "logit_scale_init must be a finite number (CLIP: ln(1/0.07) = 2.659)".into(),
+        ),
+        (
+            "train.eval_batch_size".into(),
+            c.config.train.eval_batch_size > 0,
+            "eval_batch_size must be at least 1".into(),
+        ),
+    ];
+    for (i, g) in o.groups.iter().enumerate() {
+        checks.push((
+            format!("optimizer.groups[{i}].lr"),
+            g.lr.is_none_or(positive),
+            "a group's lr must be a positive number (freeze parameters with [model] frozen instead)".into(),
+        ));
+        checks.push((
+            format!("optimizer.groups[{i}].weight_decay"),
+            g.weight_decay.is_none_or(non_negative),
+            "a group's weight_decay must be a number >= 0".into(),
+        ));
+        checks.push((
+            format!("optimizer.groups[{i}].params"),
+            !g.params.is_empty(),
+            "a group needs at least one parameter pattern in `params`".into(),
+        ));
+    }
+    if let Some(a) = &c.config.adapter {
+        checks.push((
+            "adapter.merge_coefficient".into(),
+            a.merge_coefficient > 0.0 && a.merge_coefficient <= 1.0,
+            format!(
+                "merge_coefficient must be in (0, 1] (the fraction of the adapter's delta folded into the weights; \
+                 C-CLIP: 0.5), got {}",
+                a.merge_coefficient
+            ),
+        ));
+    }
+    match checks.into_iter().find(|(_, ok, _)| !ok) {
+        Some((key, _, message)) => Err(c.error_at(&key, message)),
+        None => Ok(()),
+    }
+}
+
+/// Task and zero-shot set names are the columns of every result: each must be unique and
+/// non-empty within its list.
+fn validate_names(c: &LoadedConfig) -> Result<(), ConfigError> {
+    for (key, sets) in [("task", &c.config.tasks[..]), ("zeroshot", &c.config.zeroshot[..])] {
+        for (i, t) in sets.iter().enumerate() {
+            if t.name.trim().is_empty() {
+                return Err(c.error_at(&format!("{key}[{i}].name"), "the name must not be empty"));
+            }
+            if let Some(j) = sets[..i].iter().position(|u| u.name == t.name) {
+                return Err(c.error_at(
+                    &format!("{key}[{i}].name"),
+                    format!(
+                        "{key}[{i}] and {key}[{j}] are both named `{}`; names label the results' rows and columns, so \
+                         each must be unique",
+                        t.name
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -1052,6 +1145,46 @@ plugin = "retrieval"
         assert!(e.message.contains("index 2 is past the end"), "{e}");
         let e = apply_overrides(&two, "x.toml", &["train[0].epochs=1".into()]).unwrap_err();
         assert!(e.message.contains("not an array of tables"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_located_errors() {
+        let cases = [
+            ("optimizer.grad_clip=-1", "grad_clip", "grad_clip must be a positive"),
+            ("optimizer.grad_clip=0", "grad_clip", "grad_clip must be a positive"),
+            ("optimizer.weight_decay=-5", "weight_decay", "weight_decay must be a number >= 0"),
+            ("optimizer.beta2=1.0", "beta2", "beta2 must be in [0, 1)"),
+            ("optimizer.min_lr_ratio=2", "min_lr_ratio", "min_lr_ratio must be in [0, 1]"),
+            ("train.eval_batch_size=0", "eval_batch_size", "eval_batch_size must be at least 1"),
+        ];
+        for (set, key, message) in cases {
+            let src = apply_overrides(MINIMAL, "x.toml", &[set.to_string()]).unwrap();
+            let e = parse(&src, "x.toml").unwrap_err();
+            assert!(e.message.contains(message), "{set}: {e}");
+            assert_eq!(e.line, src.lines().position(|l| l.starts_with(key)).unwrap() + 1, "{set}: {e}");
+        }
+        let src = MINIMAL.replace(
+            "[optimizer]\nlr = 0.001",
+            "[optimizer]\nlr = 0.001\n\n[[optimizer.groups]]\nparams = [\"text.*\"]\nlr = -0.001",
+        );
+        let e = parse(&src, "x.toml").unwrap_err();
+        assert!(e.message.contains("a group's lr must be a positive number"), "{e}");
+        assert_eq!(e.line, src.lines().position(|l| l == "lr = -0.001").unwrap() + 1, "{e}");
+        let src = format!("{MINIMAL}\n[adapter]\nplugin = \"lora\"\nmerge_coefficient = 2.5\n");
+        let e = parse(&src, "x.toml").unwrap_err();
+        assert!(e.message.contains("merge_coefficient must be in (0, 1]"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_task_names_are_refused_at_the_second() {
+        let src = format!("{MINIMAL}\n[[task]]\nname = \"a\"\nshapes = [\"cross\"]\n");
+        let e = parse(&src, "x.toml").unwrap_err();
+        assert!(e.message.contains("task[1] and task[0] are both named `a`"), "{e}");
+        assert_eq!(
+            e.line,
+            src.lines().collect::<Vec<_>>().iter().rposition(|l| *l == "name = \"a\"").unwrap() + 1,
+            "{e}"
+        );
     }
 
     #[test]

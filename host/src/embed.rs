@@ -24,7 +24,9 @@ pub fn model_from_spec(spec: &Path, registry: &Registry) -> anyhow::Result<Model
     if spec.join("config.resolved.toml").is_file() {
         let cfg = config::load(&spec.join("config.resolved.toml"), &[])?;
         let model = Model::build(&cfg, registry)?;
-        model.runtime.params().load(&crate::model::last_checkpoint(spec)?)?;
+        // A run's checkpoint also holds its strategies' parameters (`strategy.N.*`, e.g. CKC's
+        // projector); they are not part of the model.
+        model.runtime.params().load_ignoring(&crate::model::last_checkpoint(spec)?, |n| n.starts_with("strategy."))?;
         return Ok(model);
     }
     if !spec.exists() {
@@ -57,6 +59,13 @@ pub fn image_files(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
                 })
                 .collect();
             found.sort();
+            if found.is_empty() {
+                bail!(
+                    "{} holds no image files (looked for {} directly inside it)",
+                    p.display(),
+                    IMAGE_EXTENSIONS.join(", ")
+                );
+            }
             files.extend(found);
         } else if p.is_file() {
             files.push(p.clone());
@@ -127,6 +136,9 @@ pub fn embed(
     if tensors.is_empty() {
         bail!("nothing to embed: give --images and/or --texts");
     }
+    let mut named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    named.sort_by_key(|(k, _)| *k);
+    crate::finite::check_inputs(&named).context("nothing was written: the model's embeddings are not finite")?;
     write_atomic_with(out, |tmp| candle_core::safetensors::save(&tensors, tmp).map_err(Into::into))?;
     Ok(EmbedSummary { n_images: images.len(), n_texts: texts.len(), out: out.to_path_buf() })
 }

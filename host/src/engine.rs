@@ -38,6 +38,10 @@ pub struct RunOptions {
     pub run_dir: Option<PathBuf>,
     /// Continue the run in `run_dir` from its last finished task.
     pub resume: bool,
+    /// Replace a run already in `run_dir` (otherwise refused).
+    pub overwrite: bool,
+    /// Config keys (or sections) a resume may find changed; each change is recorded.
+    pub allow_config_change: Vec<String>,
 }
 
 /// Scores after each stage: `rows[t][i]` = metrics on task i after training t tasks (t = 0:
@@ -261,6 +265,7 @@ fn run_evaluators(
     evaluators: &[EvaluatorInstance],
     inputs: &[(&str, &Tensor)],
 ) -> anyhow::Result<BTreeMap<String, f64>> {
+    crate::finite::check_inputs(inputs)?;
     let mut out = BTreeMap::new();
     for e in evaluators {
         for (name, value) in e.evaluate(inputs)? {
@@ -333,17 +338,25 @@ pub fn evaluate_zeroshot(
     run_evaluators(evaluators, &[("image_embeds", &img), ("class_embeds", &classes), ("labels", &labels)])
 }
 
-/// A fresh run directory `output_dir/NAME-seedS-N` (N counts up).
-/// The run directory: the one `--run-dir` names (created if needed), else a fresh one.
-pub(crate) fn open_run_dir(opts: &RunOptions, e: &crate::config::ExperimentSection) -> anyhow::Result<PathBuf> {
+/// The run directory, owned (locked) by this process: the one `--run-dir` names (created if
+/// needed; an existing run in it only with `--resume` or `--overwrite`), else a fresh one.
+pub(crate) fn open_run_dir(
+    opts: &RunOptions,
+    e: &crate::config::ExperimentSection,
+) -> anyhow::Result<crate::rundir::RunDir> {
+    use crate::rundir::{claim, Claim};
+    let how = match (opts.resume, opts.overwrite) {
+        (true, _) => Claim::Resume,
+        (false, true) => Claim::Overwrite,
+        (false, false) => Claim::Fresh,
+    };
     match &opts.run_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create run directory {}", d.display()))?;
-            Ok(d.clone())
-        }
-        None => new_run_dir(&e.output_dir, &e.name, e.seed),
+        Some(d) => claim(d, how),
+        None => claim(&new_run_dir(&e.output_dir, &e.name, e.seed)?, Claim::Fresh),
     }
 }
+
+/// A fresh run directory `output_dir/NAME-seedS-N` (N counts up).
 
 fn new_run_dir(output_dir: &Path, name: &str, seed: u64) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(output_dir)
@@ -373,6 +386,14 @@ pub(crate) fn progress(quiet: bool, len: u64, label: String, unit: &str) -> Prog
     );
     pb.set_message(label);
     pb
+}
+
+/// "the initial model" or "task N (`name`)": the stage an evaluation belongs to.
+fn stage_label(tasks: &[TaskData], stage: usize) -> String {
+    match stage.checked_sub(1).and_then(|i| tasks.get(i)) {
+        None => "the initial model".into(),
+        Some(t) => format!("task {stage} (`{}`)", t.name),
+    }
 }
 
 /// Format the retrieval table printed after each task.
@@ -447,15 +468,23 @@ fn metrics_lines(results: &ResultMatrix, heldout: &ResultMatrix) -> anyhow::Resu
 
 /// run.json: which build ran (version, git commit), with which seed and command line, when;
 /// each resume is appended.
-pub(crate) fn record_provenance(run_dir: &Path, seed: u64, resume: bool) -> anyhow::Result<()> {
+pub(crate) fn record_provenance(
+    run_dir: &Path,
+    seed: u64,
+    resume: bool,
+    config_changes: &[crate::identity::Change],
+) -> anyhow::Result<()> {
     let f = run_dir.join("run.json");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let event = serde_json::json!({
+    let mut event = serde_json::json!({
         "unix_time": now,
         "command": std::env::args().collect::<Vec<_>>(),
         "recall_version": env!("CARGO_PKG_VERSION"),
         "git_commit": env!("RECALL_GIT_COMMIT"),
     });
+    if !config_changes.is_empty() {
+        event["config_changes"] = serde_json::to_value(config_changes)?;
+    }
     let mut record = match std::fs::read_to_string(&f).ok().and_then(|t| serde_json::from_str(&t).ok()) {
         Some(serde_json::Value::Object(m)) if resume => m,
         _ => serde_json::Map::new(),
@@ -521,6 +550,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             task_evaluators.push(e)
         }
     }
+    // Every optimizer group must match a trainable parameter (strategies' included): checked
+    // now, before a run directory exists, not when the first task starts.
+    crate::optim::group_settings(&rt.params(), &c.optimizer).map_err(|e| cfg.error_at(&e.key(), e.message))?;
     if !c.zeroshot.is_empty() && zeroshot_evaluators.is_empty() {
         bail!(
             "{}: the experiment declares [[zeroshot]] sets but no evaluator judges them; add \
@@ -566,7 +598,14 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     };
     let tasks = load_tasks(cfg, &model.preprocess)?;
     let heldout_sets = load_sets(cfg, &c.zeroshot, "zeroshot", &model.preprocess)?;
-    let run_dir = open_run_dir(opts, &c.experiment)?;
+    let owned_dir = open_run_dir(opts, &c.experiment)?;
+    let run_dir = owned_dir.path.clone();
+    let identity = crate::identity::of(c, registry)?;
+    let config_changes = if opts.resume {
+        crate::identity::check_resume(&run_dir, &identity, &opts.allow_config_change)?
+    } else {
+        Vec::new()
+    };
     let progress_file = run_dir.join("progress.json");
     let previous: Option<Progress> = if opts.resume && progress_file.is_file() {
         let text = std::fs::read_to_string(&progress_file)
@@ -578,7 +617,13 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     } else {
         None
     };
-    record_provenance(&run_dir, c.experiment.seed, opts.resume)?;
+    record_provenance(&run_dir, c.experiment.seed, opts.resume, &config_changes)?;
+    if !opts.resume || !config_changes.is_empty() {
+        write_atomic(&run_dir.join(crate::identity::FILE), serde_json::to_string_pretty(&identity)?.as_bytes())?;
+    }
+    for change in &config_changes {
+        tracing::warn!("resumed with a changed configuration (--allow-config-change): {change}");
+    }
     if let Err(e) = crate::runlog::open(&run_dir.join("log.txt")) {
         tracing::warn!("cannot write {}: {e}", run_dir.join("log.txt").display());
     }
@@ -690,14 +735,21 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let evaluate_stage = |p: &mut Progress| -> anyhow::Result<()> {
         let pb = progress(opts.quiet, (tasks.len() + heldout_sets.len()) as u64, "evaluating".into(), "sets");
         let mut row = Vec::new();
+        let stage = p.results.rows.len();
         for t in &tasks {
-            row.push(evaluate(&model, &task_evaluators, t, c.train.eval_batch_size)?);
+            let scores = evaluate(&model, &task_evaluators, t, c.train.eval_batch_size)
+                .with_context(|| format!("evaluating task `{}` after {}", t.name, stage_label(&tasks, stage)))?;
+            row.push(scores);
             pb.inc(1);
         }
         p.results.rows.push(row);
         let mut row = Vec::new();
         for set in &heldout_sets {
-            row.push(evaluate_zeroshot(&model, &zeroshot_evaluators, set, c.train.eval_batch_size)?);
+            let scores =
+                evaluate_zeroshot(&model, &zeroshot_evaluators, set, c.train.eval_batch_size).with_context(|| {
+                    format!("evaluating zero-shot set `{}` after {}", set.name, stage_label(&tasks, stage))
+                })?;
+            row.push(scores);
             pb.inc(1);
         }
         p.heldout.rows.push(row);
@@ -765,7 +817,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         for s in &strategies {
             s.before_task(&info)?;
         }
-        let mut opt = AdamW::new(&rt.params(), &c.optimizer).map_err(|m| cfg.error_at("optimizer", m))?;
+        let mut opt = AdamW::new(&rt.params(), &c.optimizer).map_err(|e| cfg.error_at(&e.key(), e.message))?;
         if t_idx == 0 {
             for g in opt.summary() {
                 tracing::info!(group = %g.group, tensors = g.n_tensors, values = g.n_values, lr = g.lr, "optimizer group");
@@ -885,7 +937,23 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                 let hooks = strategies.iter().try_for_each(|s| s.after_backward(p.global_step as u64));
                 let grads = rt.set_grads(None).expect("gradients were set above");
                 hooks?;
-                let scale = clip_factor(opt.grad_norm(&grads)?, c.optimizer.grad_clip);
+                // The norm costs a read per tensor: computed only when clipping needs it.
+                let scale = match c.optimizer.grad_clip {
+                    Some(max) => {
+                        let norm = opt.grad_norm(&grads)?;
+                        if !norm.is_finite() {
+                            let first = opt.first_non_finite_grad(&grads)?.unwrap_or_default();
+                            bail!(
+                                "the gradient norm became {norm} at step {} of task `{}` (first non-finite \
+                                 gradient: `{first}`); lower the learning rate",
+                                p.global_step,
+                                task.name
+                            );
+                        }
+                        clip_factor(norm, Some(max))
+                    }
+                    None => 1.0,
+                };
                 let factor = lr_factor(step_in_task, c.optimizer.warmup_steps, n_steps, c.optimizer.min_lr_ratio);
                 opt.step(&grads, factor, scale)?;
                 clamp_logit_scale(&model)?;
@@ -933,6 +1001,20 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         }
         for s in &strategies {
             s.after_task(&info)?;
+        }
+        // Never checkpoint (or mark finished) a task whose weights diverged: the previous
+        // checkpoint stays the one `--resume` continues from.
+        if let Some((first, count)) = crate::finite::non_finite_params(&rt.params())? {
+            bail!(
+                "task `{}` (task {} of {}) ended with non-finite weights at step {}: {count} of {} parameter \
+                 tensors hold NaN or infinity, the first `{first}`; nothing of this task was saved. Lower \
+                 the learning rate or set optimizer.grad_clip",
+                task.name,
+                t_idx + 1,
+                tasks.len(),
+                p.global_step.saturating_sub(1),
+                rt.params().len()
+            );
         }
         p.epoch_losses.push(losses);
         p.epoch_terms.push(terms);
@@ -1079,6 +1161,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     }
     tracing::info!(steps = summary.steps, train_seconds = summary.train_seconds, "run finished");
     crate::runlog::close();
+    drop(owned_dir);
     Ok(summary)
 }
 

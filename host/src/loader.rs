@@ -71,6 +71,10 @@ impl LoadError {
 /// Load one plugin library.
 pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
     let path_buf = path.to_path_buf();
+    // dlopen maps the file's segments; touching one past the end of a truncated file is a
+    // SIGBUS that kills the host with no message. So the headers are read first.
+    check_library_file(path)
+        .map_err(|reason| LoadError::new(LoadErrorKind::NotAPlugin { path: path_buf.clone(), reason }, None))?;
     let header = lib_header_from_path(path).map_err(|e| match e {
         LibraryError::OpenError { err, .. } => {
             LoadError::new(LoadErrorKind::Open { path: path_buf.clone(), reason: err.to_string() }, None)
@@ -160,6 +164,39 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
     })
 }
 
+/// Check that an ELF shared library's headers parse and that the file holds every byte its
+/// loadable segments map. Other formats (Mach-O, PE) are left to the platform's loader.
+pub fn check_library_file(path: &Path) -> Result<(), String> {
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let len = file.metadata().map_err(|e| format!("cannot read its size: {e}"))?.len();
+    let data = object::ReadCache::new(file);
+    fn segments_within<H: FileHeader>(data: &object::ReadCache<std::fs::File>, len: u64) -> Result<(), String> {
+        let truncated = |what: &str| format!("the file is truncated or damaged ({what}); rebuild or reinstall it");
+        let header = H::parse(data).map_err(|_| truncated("its ELF header is incomplete"))?;
+        let endian = header.endian().map_err(|_| truncated("its ELF header is invalid"))?;
+        let segments =
+            header.program_headers(endian, data).map_err(|_| truncated("its program headers are cut off"))?;
+        for ph in segments.iter().filter(|ph| ph.p_type(endian) == object::elf::PT_LOAD) {
+            let (offset, size) = ph.file_range(endian);
+            if offset.checked_add(size).is_none_or(|end| end > len) {
+                return Err(truncated(&format!(
+                    "a loadable segment spans bytes {offset}..{} of a {len}-byte file",
+                    offset.saturating_add(size)
+                )));
+            }
+        }
+        header.section_headers(endian, data).map_err(|_| truncated("its section headers are cut off"))?;
+        Ok(())
+    }
+    match object::FileKind::parse(&data) {
+        Ok(object::FileKind::Elf64) => segments_within::<object::elf::FileHeader64<object::Endianness>>(&data, len),
+        Ok(object::FileKind::Elf32) => segments_within::<object::elf::FileHeader32<object::Endianness>>(&data, len),
+        Ok(_) if !cfg!(target_os = "linux") => Ok(()),
+        _ => Err("it is not an ELF shared library".into()),
+    }
+}
+
 impl std::fmt::Debug for LoadedPlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadedPlugin")
@@ -219,6 +256,48 @@ pub fn candidates(dir: &Path) -> Vec<PathBuf> {
 
 /// The plugins found on a search path. The first plugin of a given name wins; libraries that
 /// fail to load are reported, not fatal.
+/// What `recall plugins` lists of a library, as a child process reports it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ProbedPlugin {
+    pub name: String,
+    pub kind: String,
+    pub version: String,
+    pub sdk_version: String,
+}
+
+impl From<&LoadedPlugin> for ProbedPlugin {
+    fn from(p: &LoadedPlugin) -> Self {
+        ProbedPlugin {
+            name: p.name.clone(),
+            kind: p.kind.into(),
+            version: p.version.clone(),
+            sdk_version: p.sdk_version.clone(),
+        }
+    }
+}
+
+/// Load `lib` in a child process (`recall_exe probe-plugin LIB`), so a library that crashes
+/// its loader is reported as broken instead of taking the caller down with it.
+pub fn probe_in_child(recall_exe: &Path, lib: &Path) -> Result<ProbedPlugin, String> {
+    let out = std::process::Command::new(recall_exe)
+        .arg("probe-plugin")
+        .arg(lib)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot start {} to probe it: {e}", recall_exe.display()))?;
+    if out.status.success() {
+        return serde_json::from_slice(&out.stdout).map_err(|e| format!("the probe's report is unreadable: {e}"));
+    }
+    #[cfg(unix)]
+    if let Some(sig) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
+        return Err(format!(
+            "loading it crashed the process (signal {sig}); the file is damaged: rebuild or remove it"
+        ));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    Err(err.trim().trim_start_matches("error: ").to_string())
+}
+
 #[derive(Default)]
 pub struct Registry {
     pub plugins: Vec<LoadedPlugin>,
@@ -228,19 +307,41 @@ pub struct Registry {
 impl Registry {
     pub fn discover(dirs: &[PathBuf]) -> Registry {
         let mut reg = Registry::default();
-        for dir in dirs {
-            for path in candidates(dir) {
-                match load_plugin(&path) {
-                    Ok(p) => {
-                        if !reg.plugins.iter().any(|q| q.name == p.name) {
-                            reg.plugins.push(p);
-                        }
-                    }
-                    Err(e) => reg.failures.push((path, e)),
-                }
-            }
+        reg.load_all(dirs.iter().flat_map(|d| candidates(d)));
+        reg
+    }
+
+    /// Load what an experiment names: the libraries called after those plugins
+    /// (`librecall_plugin_NAME`) first, and the rest of the search path only when a name is
+    /// not found that way, so an unrelated broken file on the path is never opened.
+    pub fn discover_named(dirs: &[PathBuf], names: &[&str]) -> Registry {
+        let files =
+            |n: &str| format!("{}recall_plugin_{}{DYLIB_SUFFIX}", std::env::consts::DLL_PREFIX, n.replace('-', "_"));
+        let wanted: Vec<String> = names.iter().map(|n| files(n)).collect();
+        let (named, rest): (Vec<PathBuf>, Vec<PathBuf>) = dirs
+            .iter()
+            .flat_map(|d| candidates(d))
+            .partition(|p| p.file_name().and_then(|f| f.to_str()).is_some_and(|f| wanted.iter().any(|w| w == f)));
+        let mut reg = Registry::default();
+        reg.load_all(named);
+        if names.iter().any(|n| !reg.plugins.iter().any(|p| p.name == *n)) {
+            reg.load_all(rest);
         }
         reg
+    }
+
+    /// Load each library; the first plugin of a name wins, failures are kept.
+    fn load_all(&mut self, paths: impl IntoIterator<Item = PathBuf>) {
+        for path in paths {
+            match load_plugin(&path) {
+                Ok(p) => {
+                    if !self.plugins.iter().any(|q| q.name == p.name) {
+                        self.plugins.push(p);
+                    }
+                }
+                Err(e) => self.failures.push((path, e)),
+            }
+        }
     }
 
     /// The plugin called `name` of kind `kind`, or an error listing the available ones.

@@ -39,6 +39,14 @@ enum Command {
         /// Continue a killed run from its last finished task (with the config it saved).
         #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["file", "set"])]
         resume: Option<PathBuf>,
+        /// Replace the run already in --run-dir (without it, a directory holding a run is
+        /// refused).
+        #[arg(long, requires = "run_dir")]
+        overwrite: bool,
+        /// With --resume: accept a changed config key (or section, e.g. `optimizer`, or
+        /// `plugin.NAME` for a rebuilt plugin); each change is recorded in run.json.
+        #[arg(long, value_name = "KEY", num_args = 1.., requires = "resume")]
+        allow_config_change: Vec<String>,
     },
     /// Run every point of an experiment's [sweep] (finished points are skipped, partial ones
     /// resumed).
@@ -97,8 +105,12 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// List the plugins found on the plugin path.
+    /// List the plugins found on the plugin path (each library is opened in a child process,
+    /// so a damaged one is reported and the listing goes on).
     Plugins,
+    /// Load one library and print what it is as JSON (what `recall plugins` runs per file).
+    #[command(hide = true)]
+    ProbePlugin { path: PathBuf },
     /// Run the conformance suite of a plugin's kind against a cdylib.
     CheckPlugin {
         path: PathBuf,
@@ -250,9 +262,18 @@ fn init_logging(verbose: bool) {
 }
 
 fn registry(cli: &Cli, configured: &[PathBuf]) -> loader::Registry {
+    registry_for(cli, configured, None)
+}
+
+/// The plugins on the search path: all of them, or (`names`) only what an experiment uses.
+fn registry_for(cli: &Cli, configured: &[PathBuf], names: Option<&[&str]>) -> loader::Registry {
     let mut dirs = cli.plugin_path.clone();
     dirs.extend_from_slice(configured);
-    let reg = loader::Registry::discover(&loader::search_path(&dirs));
+    let dirs = loader::search_path(&dirs);
+    let reg = match names {
+        Some(n) => loader::Registry::discover_named(&dirs, n),
+        None => loader::Registry::discover(&dirs),
+    };
     for (path, e) in &reg.failures {
         tracing::debug!(path = %path.display(), "skipped: {e}");
     }
@@ -261,23 +282,43 @@ fn registry(cli: &Cli, configured: &[PathBuf]) -> loader::Registry {
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Command::Run { file, set, run_dir, resume } => {
+        Command::Run { file, set, run_dir, resume, overwrite, allow_config_change } => {
             let (cfg, opts) = match (resume, file) {
                 (Some(dir), _) => {
                     let saved = dir.join("config.resolved.toml");
                     if !saved.is_file() {
                         anyhow::bail!("{} is not a Recall run directory (no config.resolved.toml)", dir.display());
                     }
+                    if dir.join("summary.json").is_file() {
+                        // Finished: resuming changes nothing (no files, no tracking events).
+                        println!("{} is finished; nothing to resume", dir.display());
+                        return Ok(ExitCode::SUCCESS);
+                    }
                     let cfg = config::load(&saved, &[])?;
-                    (cfg, engine::RunOptions { quiet: cli.quiet, run_dir: Some(dir.clone()), resume: true })
+                    let opts = engine::RunOptions {
+                        quiet: cli.quiet,
+                        run_dir: Some(dir.clone()),
+                        resume: true,
+                        overwrite: false,
+                        allow_config_change: allow_config_change.clone(),
+                    };
+                    (cfg, opts)
                 }
                 (None, Some(file)) => {
                     let cfg = config::load(file, set)?;
-                    (cfg, engine::RunOptions { quiet: cli.quiet, run_dir: run_dir.clone(), resume: false })
+                    let opts = engine::RunOptions {
+                        quiet: cli.quiet,
+                        run_dir: run_dir.clone(),
+                        resume: false,
+                        overwrite: *overwrite,
+                        allow_config_change: Vec::new(),
+                    };
+                    (cfg, opts)
                 }
                 (None, None) => anyhow::bail!("give an experiment file or --resume RUN_DIR"),
             };
-            let reg = registry(cli, &cfg.config.plugins.search_path);
+            let used = recall_host::identity::plugins_used(&cfg.config);
+            let reg = registry_for(cli, &cfg.config.plugins.search_path, Some(&used));
             let summary = if cfg.config.train.objective == "reconstruction" {
                 recall_host::reconstruction::run(&cfg, &reg, &opts)?
             } else {
@@ -478,19 +519,31 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins => {
-            let reg = registry(cli, &[]);
+            let exe = std::env::current_exe().context("cannot find the recall binary to probe plugins with")?;
+            let dirs = loader::search_path(&cli.plugin_path);
             println!("{:<16} {:<10} {:<9} {:<6} PATH", "NAME", "KIND", "VERSION", "ABI");
-            for p in &reg.plugins {
-                println!("{:<16} {:<10} {:<9} {:<6} {}", p.name, p.kind, p.version, p.sdk_version, p.path.display());
-            }
-            for (path, e) in &reg.failures {
-                eprintln!("not loaded: {}: {}", path.display(), e);
-                if cli.verbose {
-                    if let Some(d) = &e.detail {
-                        eprintln!("{d}");
+            let mut seen = std::collections::HashSet::new();
+            for path in dirs.iter().flat_map(|d| loader::candidates(d)) {
+                match loader::probe_in_child(&exe, &path) {
+                    Ok(p) if seen.insert(p.name.clone()) => {
+                        println!(
+                            "{:<16} {:<10} {:<9} {:<6} {}",
+                            p.name,
+                            p.kind,
+                            p.version,
+                            p.sdk_version,
+                            path.display()
+                        )
                     }
+                    Ok(_) => {}
+                    Err(e) => eprintln!("not loaded: {}: {e}", path.display()),
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ProbePlugin { path } => {
+            let plugin = loader::load_plugin(path).map_err(|e| load_error(e, cli.verbose))?;
+            println!("{}", serde_json::to_string(&loader::ProbedPlugin::from(&plugin))?);
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckPlugin { path, config } => {
@@ -518,7 +571,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Tokenize { tokenizer, context, pad } => {
-            let reg = registry(cli, &[]);
+            let reg = registry_for(cli, &[], Some(&[tokenizer.as_str()]));
             let plugin = reg.get(tokenizer, "tokenizer").map_err(anyhow::Error::msg)?;
             let rt = recall_host::runtime::Runtime::new(candle_core::Device::Cpu, candle_core::DType::F32, 0);
             let tok = recall_host::plugin::TokenizerInstance::create(plugin, &rt, "")?;

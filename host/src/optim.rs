@@ -53,40 +53,65 @@ pub struct GroupSummary {
     pub lr: f64,
 }
 
+/// An optimizer group that cannot be applied: `group` is its index in `optimizer.groups`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct GroupError {
+    pub group: Option<usize>,
+    pub message: String,
+}
+
+impl GroupError {
+    /// The dotted config key the error is about.
+    pub fn key(&self) -> String {
+        self.group.map_or("optimizer".into(), |g| format!("optimizer.groups[{g}].params"))
+    }
+}
+
+/// (lr, weight decay) of every trainable parameter of `params`, in order. A group matching
+/// no trainable parameter is an error: a typo would otherwise silently change nothing. Cheap
+/// (no tensors), so a run checks its groups before it writes anything.
+pub fn group_settings(params: &ParamStore, cfg: &OptimizerSection) -> Result<Vec<(f64, f64)>, GroupError> {
+    let sets: Vec<GlobSet> = cfg
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(g, grp)| glob_set(&grp.params).map_err(|message| GroupError { group: Some(g), message }))
+        .collect::<Result<_, _>>()?;
+    let mut used = vec![false; sets.len()];
+    let mut out = Vec::new();
+    for p in params.iter().filter(|p| p.trainable) {
+        let (lr, wd) = match sets.iter().position(|s| s.is_match(&p.name)) {
+            Some(g) => {
+                used[g] = true;
+                (cfg.groups[g].lr.unwrap_or(cfg.lr), cfg.groups[g].weight_decay.unwrap_or(cfg.weight_decay))
+            }
+            None => (cfg.lr, cfg.weight_decay),
+        };
+        out.push((lr, if no_decay(&p.name, p.var.rank()) { 0.0 } else { wd }));
+    }
+    match used.iter().position(|u| !u) {
+        Some(g) => Err(GroupError {
+            group: Some(g),
+            message: format!(
+                "optimizer group {g} ({}) matches no trainable parameter; check the patterns against the \
+                 parameter names (`recall run -v` logs them) and the [model] frozen list",
+                cfg.groups[g].params.join(", ")
+            ),
+        }),
+        None => Ok(out),
+    }
+}
+
 impl AdamW {
     /// Build over the trainable parameters of `params`, grouped by `cfg.groups` (first match
-    /// wins; unmatched parameters use the base lr and weight decay). A group matching no
-    /// trainable parameter is an error: a typo would otherwise silently change nothing.
-    pub fn new(params: &ParamStore, cfg: &OptimizerSection) -> Result<Self, String> {
-        let sets: Vec<GlobSet> = cfg.groups.iter().map(|g| glob_set(&g.params)).collect::<Result<_, _>>()?;
-        let mut used = vec![false; sets.len()];
-        let mut slots = Vec::new();
-        for p in params.iter().filter(|p| p.trainable) {
-            let group = sets.iter().position(|s| s.is_match(&p.name));
-            let (lr, wd) = match group {
-                Some(g) => {
-                    used[g] = true;
-                    (cfg.groups[g].lr.unwrap_or(cfg.lr), cfg.groups[g].weight_decay.unwrap_or(cfg.weight_decay))
-                }
-                None => (cfg.lr, cfg.weight_decay),
-            };
-            let wd = if no_decay(&p.name, p.var.rank()) { 0.0 } else { wd };
-            let zeros = p.var.zeros_like().map_err(|e| e.to_string())?;
-            slots.push(Slot {
-                name: p.name.clone(),
-                var: p.var.clone(),
-                m: zeros.clone(),
-                v: zeros,
-                lr,
-                weight_decay: wd,
-            });
-        }
-        if let Some(g) = used.iter().position(|u| !u) {
-            return Err(format!(
-                "optimizer group {} ({}) matches no trainable parameter",
-                g,
-                cfg.groups[g].params.join(", ")
-            ));
+    /// wins; unmatched parameters use the base lr and weight decay).
+    pub fn new(params: &ParamStore, cfg: &OptimizerSection) -> Result<Self, GroupError> {
+        let settings = group_settings(params, cfg)?;
+        let mut slots = Vec::with_capacity(settings.len());
+        for (p, (lr, weight_decay)) in params.iter().filter(|p| p.trainable).zip(settings) {
+            let zeros = p.var.zeros_like().map_err(|e| GroupError { group: None, message: e.to_string() })?;
+            slots.push(Slot { name: p.name.clone(), var: p.var.clone(), m: zeros.clone(), v: zeros, lr, weight_decay });
         }
         Ok(AdamW { slots, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, step: 0 })
     }
@@ -108,6 +133,18 @@ impl AdamW {
     }
 
     /// Global L2 norm of the gradients of the optimized parameters.
+    /// The first trained parameter whose gradient holds NaN or infinity, by name.
+    pub fn first_non_finite_grad(&self, grads: &GradStore) -> candle_core::Result<Option<String>> {
+        for s in &self.slots {
+            if let Some(g) = grads.get(s.var.as_tensor()) {
+                if !crate::finite::all_finite(g)? {
+                    return Ok(Some(s.name.clone()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     pub fn grad_norm(&self, grads: &GradStore) -> candle_core::Result<f64> {
         let mut total = 0f64;
         for s in &self.slots {

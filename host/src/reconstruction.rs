@@ -88,8 +88,9 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     if train.len() < 2 {
         bail!("{}: the tasks have {} training images; at least 2 are needed", cfg.file, train.len());
     }
-    let run_dir = open_run_dir(opts, &c.experiment)?;
-    record_provenance(&run_dir, c.experiment.seed, false)?;
+    let owned_dir = open_run_dir(opts, &c.experiment)?;
+    let run_dir = owned_dir.path.clone();
+    record_provenance(&run_dir, c.experiment.seed, false, &[])?;
     if let Err(e) = crate::runlog::open(&run_dir.join("log.txt")) {
         tracing::warn!("cannot write {}: {e}", run_dir.join("log.txt").display());
     }
@@ -105,7 +106,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     };
     let mut peak_memory: Option<u64> = None;
     let before = eval("before training")?;
-    let mut opt = AdamW::new(&rt.params(), &c.optimizer).map_err(|m| cfg.error_at("optimizer", m))?;
+    let mut opt = AdamW::new(&rt.params(), &c.optimizer).map_err(|e| cfg.error_at(&e.key(), e.message))?;
     let bs = c.train.batch_size;
     let n_steps = train.len().div_ceil(bs) * c.train.epochs;
     let pb = progress(opts.quiet, n_steps as u64, "image tokenizer".into(), "steps");

@@ -88,7 +88,8 @@ pub fn script(
             cmd.push_str(&format!(" --resume {}", quote(&dir.display().to_string())));
         } else {
             cmd.push_str(&format!(
-                " {} --run-dir {}",
+                // A pending point finished no task: what an earlier attempt left is replaced.
+                " {} --run-dir {} --overwrite",
                 quote(&abs(experiment).display().to_string()),
                 quote(&dir.display().to_string())
             ));

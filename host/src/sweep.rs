@@ -341,6 +341,10 @@ pub fn run_local(
                 cmd.arg("--resume").arg(&dir);
             } else {
                 cmd.arg(experiment).arg("--run-dir").arg(&dir);
+                // A pending point finished no task: what an earlier attempt left is replaced.
+                if crate::rundir::holds_run(&dir) {
+                    cmd.arg("--overwrite");
+                }
                 for s in base_sets {
                     cmd.arg("--set").arg(s);
                 }

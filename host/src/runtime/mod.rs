@@ -101,6 +101,34 @@ pub fn device_memory_in_use(device: &Device) -> Option<u64> {
     None
 }
 
+/// Memory a new allocation can still get: Linux's `MemAvailable` on the CPU, the driver's
+/// free memory on CUDA; `None` where unknown (no limit is then enforced).
+pub fn memory_available(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = device.as_cuda_device() {
+        return d.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free as u64);
+    }
+    if !matches!(device, Device::Cpu) {
+        return None;
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// `1.5 GiB`, `320.0 MiB`.
+pub fn human_bytes(b: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    let b = b as f64;
+    if b >= GIB {
+        format!("{:.1} GiB", b / GIB)
+    } else {
+        format!("{:.1} MiB", b / MIB)
+    }
+}
+
 /// The process's peak resident memory (Linux `VmHWM`), if known.
 pub fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -262,11 +290,39 @@ impl Runtime {
             }
             return Ok(p.var.as_tensor().clone());
         }
+        self.check_parameter_memory(name, shape, trainable)?;
         let value = init_tensor(init, shape, self.float, &self.device, &mut self.rng.borrow_mut())?;
         let var = Var::from_tensor(&value).map_err(|e| e.to_string())?;
         let t = var.as_tensor().clone();
         self.params.borrow_mut().insert(Param { name: name.to_string(), var, trainable, init });
         Ok(t)
+    }
+
+    /// Refuse a parameter when the model's parameters alone could not train in the memory
+    /// the device has: a trainable value costs itself, its gradient and AdamW's two moments
+    /// (4x), a frozen one itself. Far cheaper than meeting the kernel's OOM killer halfway
+    /// through building the model; activations come on top and are not estimated here.
+    fn check_parameter_memory(&self, name: &str, shape: &[usize], trainable: bool) -> Result<(), String> {
+        let Some(available) = memory_available(&self.device) else { return Ok(()) };
+        let size = self.float.size_in_bytes() as u64;
+        let bytes = |p: &Param| p.var.elem_count() as u64 * size;
+        let store = self.params.borrow();
+        let allocated: u64 = store.iter().map(bytes).sum();
+        let needed_by = |p: &Param| if p.trainable { 4 * bytes(p) } else { bytes(p) };
+        let new = shape.iter().map(|&d| d as u64).product::<u64>() * size;
+        let needed = store.iter().map(needed_by).sum::<u64>() + if trainable { 4 * new } else { new };
+        // What is allocated already counts as available to the model.
+        if needed > available + allocated {
+            return Err(format!(
+                "the model does not fit: with parameter `{name}` {shape:?} its parameters need {} to train \
+                 (values, and for trainable ones gradients and AdamW's two moments), but the {} has {} \
+                 available; shrink the model (width, layers, adapter rank) or use a larger device",
+                human_bytes(needed),
+                if matches!(self.device, Device::Cpu) { "machine" } else { "device" },
+                human_bytes(available + allocated)
+            ));
+        }
+        Ok(())
     }
 
     pub fn params(&self) -> std::cell::Ref<'_, ParamStore> {

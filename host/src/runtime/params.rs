@@ -173,9 +173,16 @@ impl ParamStore {
     /// Load values by name. Every name in the file must exist with the same shape, and every
     /// parameter must be present; all mismatches are reported together.
     pub fn load(&self, path: &Path) -> anyhow::Result<()> {
+        self.load_ignoring(path, |_| false)
+    }
+
+    /// [`ParamStore::load`], with the file's tensors that `ignore` names left out (a run's
+    /// strategy parameters, e.g. CKC's projector, when only its model is wanted).
+    pub fn load_ignoring(&self, path: &Path, ignore: impl Fn(&str) -> bool) -> anyhow::Result<()> {
         let device = self.params.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
-        let loaded = candle_core::safetensors::load(path, &device)
+        let mut loaded = candle_core::safetensors::load(path, &device)
             .map_err(|e| anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()))?;
+        loaded.retain(|name, _| !ignore(name));
         let mut problems = Vec::new();
         for p in &self.params {
             match loaded.get(&p.name) {

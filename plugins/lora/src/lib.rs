@@ -87,6 +87,26 @@ impl Adapter for Lora {
         }
         let set = glob_set(&cfg.targets)?;
         let r = cfg.rank;
+        // A delta B·A has rank at most min(in, out): a larger rank only adds parameters.
+        if let Some(s) = sites
+            .iter()
+            .filter(|s| set.is_match(s.name.as_str()))
+            .min_by_key(|s| s.in_features.min(s.out_features))
+            .filter(|s| (s.in_features.min(s.out_features) as usize) < r)
+        {
+            return Err(Error::config(
+                "rank",
+                format!(
+                    "rank {r} exceeds what site `{}` ({} -> {} features) can use: a LoRA delta's rank is at most \
+                     min(in, out) = {}; choose a rank of at most {}",
+                    s.name,
+                    s.in_features,
+                    s.out_features,
+                    s.in_features.min(s.out_features),
+                    s.in_features.min(s.out_features)
+                ),
+            ));
+        }
         let mut adapted = Vec::new();
         for s in sites.iter().filter(|s| set.is_match(s.name.as_str())) {
             let (inp, out) = (s.in_features as usize, s.out_features as usize);

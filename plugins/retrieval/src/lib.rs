@@ -5,7 +5,9 @@
 //! cosine. Image->text: an image scores a hit at K when any of its captions ranks in the top
 //! K. Text->image: a caption scores when its image ranks in the top K. Ties are broken
 //! against the correct item, so a degenerate model (all embeddings equal) scores zero rather
-//! than a perfect score. Values are percentages.
+//! than a perfect score. Non-finite similarities (a model whose weights or embeddings hold NaN
+//! or infinity) are an error, never a score: NaN compares false with everything, so it would
+//! otherwise rank every right answer first. Values are percentages.
 
 use recall_sdk::prelude::*;
 use serde::Deserialize;
@@ -54,6 +56,7 @@ pub fn recall_at_k(
     if let Some(bad) = text_image.iter().find(|&&i| i as usize >= n_images) {
         bail!("text_image_index names image {bad}, but there are only {n_images} images");
     }
+    refuse_non_finite(sims, n_texts)?;
     let identity: Vec<u32> = (0..n_images as u32).collect();
     let group = group.unwrap_or(&identity);
     if group.len() != n_images {
@@ -107,6 +110,22 @@ pub fn recall_at_k(
         out.push((format!("t2i_r{k}_chance"), 100.0 * queries.iter().sum::<f64>() / queries.len().max(1) as f64));
     }
     Ok(out)
+}
+
+/// An error naming how many similarities are not finite and the first (row, column).
+pub fn refuse_non_finite(sims: &[f32], n_cols: usize) -> Result<()> {
+    let bad = sims.iter().filter(|s| !s.is_finite()).count();
+    match sims.iter().position(|s| !s.is_finite()) {
+        None => Ok(()),
+        Some(first) => bail!(
+            "{bad} of {} similarities are not finite (the first, {}, at image {} and text {}): the \
+             embeddings hold NaN or infinity, so no retrieval score is reported",
+            sims.len(),
+            sims[first],
+            first / n_cols.max(1),
+            first % n_cols.max(1)
+        ),
+    }
 }
 
 impl Evaluator for Retrieval {
@@ -167,6 +186,15 @@ mod tests {
         let m = recall_at_k(&sims, 2, &[0, 1], None, &[1]).unwrap();
         assert_eq!(get(&m, "i2t_r1"), 0.0);
         assert_eq!(get(&m, "t2i_r1"), 0.0);
+    }
+
+    #[test]
+    fn non_finite_similarities_are_refused_not_scored() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let sims = [0.9, 0.1, bad, 0.8];
+            let e = recall_at_k(&sims, 2, &[0, 1], None, &[1]).unwrap_err().to_string();
+            assert!(e.contains("1 of 4 similarities are not finite") && e.contains("image 1 and text 0"), "{e}");
+        }
     }
 
     #[test]

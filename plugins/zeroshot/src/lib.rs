@@ -31,6 +31,18 @@ pub fn top_k(scores: &[f32], n_classes: usize, labels: &[u32], ks: &[usize]) -> 
     if let Some(bad) = labels.iter().find(|&&l| l as usize >= n_classes) {
         bail!("label {bad} is out of range for {n_classes} classes");
     }
+    // NaN compares false with everything and would rank the right class first.
+    if let Some(first) = scores.iter().position(|s| !s.is_finite()) {
+        bail!(
+            "{} of {} class scores are not finite (the first, {}, at image {} and class {}): the embeddings \
+             hold NaN or infinity, so no accuracy is reported",
+            scores.iter().filter(|s| !s.is_finite()).count(),
+            scores.len(),
+            scores[first],
+            first / n_classes,
+            first % n_classes
+        );
+    }
     // Rank of the right class: how many other classes score at least as high.
     let ranks: Vec<usize> = labels
         .iter()
@@ -105,5 +117,11 @@ mod tests {
     fn bad_inputs_are_errors() {
         assert!(top_k(&[0.0; 4], 2, &[0, 2], &[1]).is_err());
         assert!(top_k(&[0.0; 3], 2, &[0, 1], &[1]).is_err());
+    }
+
+    #[test]
+    fn nan_scores_are_refused_not_counted_as_hits() {
+        let e = top_k(&[0.2, f32::NAN, 0.1, 0.3], 2, &[0, 1], &[1]).unwrap_err().to_string();
+        assert!(e.contains("1 of 4 class scores are not finite") && e.contains("image 0 and class 1"), "{e}");
     }
 }
