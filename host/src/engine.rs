@@ -478,7 +478,7 @@ pub(crate) fn record_provenance(
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let mut event = serde_json::json!({
         "unix_time": now,
-        "command": std::env::args().collect::<Vec<_>>(),
+        "command": std::env::args().map(|a| crate::tracking::redact(&a)).collect::<Vec<_>>(),
         "recall_version": env!("CARGO_PKG_VERSION"),
         "git_commit": env!("RECALL_GIT_COMMIT"),
     });
@@ -628,7 +628,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         tracing::warn!("cannot write {}: {e}", run_dir.join("log.txt").display());
     }
     if !opts.resume {
-        write_atomic(&run_dir.join("config.resolved.toml"), toml::to_string(c)?.as_bytes())?;
+        // No credentials on disk: a tracking URI's password is redacted.
+        write_atomic(&run_dir.join("config.resolved.toml"), crate::tracking::redact(&toml::to_string(c)?).as_bytes())?;
         let plugins: Vec<serde_json::Value> = registry
             .plugins
             .iter()

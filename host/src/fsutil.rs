@@ -27,7 +27,11 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> anyhow::Resul
     builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
     let tmp =
         builder.tempfile_in(dir).with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    // Writers that replace the file at the path (safetensors writes its own temporary and
+    // renames it) would otherwise leave their own 0600 mode: the result keeps this one.
+    let mode = tmp.as_file().metadata()?.permissions();
     write(tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::set_permissions(tmp.path(), mode)?;
     std::fs::File::open(tmp.path())?.sync_all()?;
     tmp.persist(path).with_context(|| format!("cannot move the new {} into place", path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
@@ -39,6 +43,21 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(unix)]
+    fn a_writer_that_replaces_the_file_keeps_the_results_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        let t = candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let tensors = std::collections::HashMap::from([("t".to_string(), t)]);
+        write_atomic_with(&p, |tmp| candle_core::safetensors::save(&tensors, tmp).map_err(Into::into)).unwrap();
+        let plain = dir.path().join("x.json");
+        write_atomic(&plain, b"{}").unwrap();
+        let mode = |f: &Path| std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), mode(&plain), "checkpoints are ordinary results");
+    }
 
     #[test]
     fn failed_write_leaves_old_content() {

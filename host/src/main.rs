@@ -496,7 +496,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                         None => sync_uri(t, dir)?,
                     };
                     match recall_host::tracking::sync(t, &server) {
-                        Ok(n) => println!("{}: {n} events sent to {server}", t.display()),
+                        Ok(n) => {
+                            println!("{}: {n} events sent to {}", t.display(), recall_host::tracking::redact(&server))
+                        }
                         Err(e) => {
                             eprintln!("{}: {e:#}", t.display());
                             failed += 1;

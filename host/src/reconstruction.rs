@@ -94,7 +94,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     if let Err(e) = crate::runlog::open(&run_dir.join("log.txt")) {
         tracing::warn!("cannot write {}: {e}", run_dir.join("log.txt").display());
     }
-    write_atomic(&run_dir.join("config.resolved.toml"), toml::to_string(c)?.as_bytes())?;
+    // No credentials on disk: a tracking URI's password is redacted.
+    write_atomic(&run_dir.join("config.resolved.toml"), crate::tracking::redact(&toml::to_string(c)?).as_bytes())?;
 
     let precision = Precision::start(&c.train, &rt)?;
     let eval = |stage: &str| -> anyhow::Result<Vec<BTreeMap<String, f64>>> {

@@ -262,6 +262,54 @@ pub fn deliver_pending(events: &[Event], tracker: &mut dyn Tracker) -> anyhow::R
 }
 
 /// A blocking MLflow REST client.
+/// The userinfo of a URL (`scheme://user:password@host`), where one is: its byte range in
+/// `url` and the text.
+fn userinfo(url: &str) -> Option<(std::ops::Range<usize>, &str)> {
+    let start = url.find("://")? + 3;
+    let authority_end = url[start..].find(['/', '?', '#', ' ', '"', '\'']).map_or(url.len(), |e| start + e);
+    let at = url[start..authority_end].rfind('@')? + start;
+    Some((start..at + 1, &url[start..at]))
+}
+
+/// `uri` without credentials, and the credentials (`user`, `password`) it carried.
+pub fn split_credentials(uri: &str) -> (String, Option<(String, String)>) {
+    match userinfo(uri) {
+        None => (uri.to_string(), None),
+        Some((range, info)) => {
+            let (user, password) = info.split_once(':').unwrap_or((info, ""));
+            let mut bare = uri.to_string();
+            bare.replace_range(range, "");
+            // `***` is what `redact` left in a saved config: the credentials are not known.
+            let credentials = (info != "***").then(|| (user.to_string(), password.to_string()));
+            (bare, credentials)
+        }
+    }
+}
+
+/// `text` with the credentials of every URL in it replaced by `***`: what is logged, saved
+/// or shown of a tracking URI, a command line or a config.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i);
+        out.push_str(head);
+        match userinfo(tail) {
+            Some((range, _)) => {
+                out.push_str(&tail[..range.start]);
+                out.push_str("***@");
+                rest = &tail[range.end..];
+            }
+            None => {
+                out.push_str("://");
+                rest = &tail[3..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 pub struct MlflowClient {
     base: String,
     agent: ureq::Agent,
@@ -274,17 +322,21 @@ impl MlflowClient {
             .timeout_global(Some(Duration::from_secs(10)))
             .http_status_as_error(false)
             .build();
+        // Credentials in the URI authenticate like MLFLOW_TRACKING_USERNAME / _PASSWORD and
+        // never appear in a message: `base` has none.
+        let (base, in_uri) = split_credentials(uri);
+        let basic = |u: &str, p: &str| {
+            use base64::Engine;
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")))
+        };
         let auth = match std::env::var("MLFLOW_TRACKING_TOKEN") {
             Ok(t) if !t.is_empty() => Some(format!("Bearer {t}")),
             _ => match (std::env::var("MLFLOW_TRACKING_USERNAME"), std::env::var("MLFLOW_TRACKING_PASSWORD")) {
-                (Ok(u), Ok(p)) => {
-                    use base64::Engine;
-                    Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))))
-                }
-                _ => None,
+                (Ok(u), Ok(p)) => Some(basic(&u, &p)),
+                _ => in_uri.map(|(u, p)| basic(&u, &p)),
             },
         };
-        MlflowClient { base: uri.trim_end_matches('/').to_string(), agent: config.into(), auth }
+        MlflowClient { base: base.trim_end_matches('/').to_string(), agent: config.into(), auth }
     }
 
     fn check(&self, what: &str, mut r: ureq::http::Response<ureq::Body>) -> anyhow::Result<serde_json::Value> {
@@ -415,18 +467,19 @@ pub struct Mlflow {
 impl Mlflow {
     /// Resume delivery to `uri`; a run directory already tracked elsewhere is refused, so
     /// one run never ends up half on one server and half on another.
-    pub fn open(run_dir: &Path, uri: &str) -> anyhow::Result<Self> {
-        let uri = uri.trim_end_matches('/');
+    pub fn open(run_dir: &Path, uri_with_credentials: &str) -> anyhow::Result<Self> {
+        let uri = uri_with_credentials.trim_end_matches('/');
+        let bare = split_credentials(uri).0;
         let sf = mlflow_state_file(run_dir);
         let mut state: MlflowState = match std::fs::read_to_string(&sf) {
             Ok(t) => serde_json::from_str(&t)
                 .with_context(|| format!("{} is corrupt; delete it to upload the run again", sf.display()))?,
             Err(_) => MlflowState::default(),
         };
-        if state.run_id.is_some() && state.uri != uri {
-            bail!("{} was tracked on {}, not {uri}; sync it there", run_dir.display(), state.uri);
+        if state.run_id.is_some() && state.uri != bare {
+            bail!("{} was tracked on {}, not {bare}; sync it there", run_dir.display(), state.uri);
         }
-        state.uri = uri.to_string();
+        state.uri = bare;
         Ok(Mlflow { run_dir: run_dir.to_path_buf(), client: MlflowClient::new(uri), state })
     }
 
@@ -519,6 +572,19 @@ pub fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_split_off_and_redacted() {
+        let (bare, cred) = split_credentials("http://ann:s3cret@127.0.0.1:5000/prefix");
+        assert_eq!(bare, "http://127.0.0.1:5000/prefix");
+        assert_eq!(cred, Some(("ann".into(), "s3cret".into())));
+        assert_eq!(split_credentials("http://127.0.0.1:5000").1, None);
+        assert_eq!(split_credentials("http://***@127.0.0.1:5000"), ("http://127.0.0.1:5000".into(), None));
+        let line = "recall run x.toml --set tracking.uri=\"https://ann:s3cret@mlflow.example/x\" and http://h/a@b";
+        let r = redact(line);
+        assert!(!r.contains("s3cret") && !r.contains("ann"), "{r}");
+        assert!(r.contains("https://***@mlflow.example/x") && r.ends_with("http://h/a@b"), "{r}");
+    }
 
     fn metrics(v: f64) -> Event {
         Event::Metrics { metrics: vec![("m".into(), v, 0)], time_ms: 1 }
