@@ -608,6 +608,10 @@ pub fn apply_overrides(src: &str, file: &str, overrides: &[String]) -> Result<St
 fn located(file: &str, src: &str, e: &toml::de::Error) -> ConfigError {
     let (line, column) = e.span().map_or((1, 1), |s| line_col(src, s.start));
     let mut message = e.message().trim().to_string();
+    let text_at = src.lines().nth(line.saturating_sub(1)).unwrap_or("").trim();
+    if let Some(better) = explain_shape_error(&message, text_at) {
+        message = better;
+    }
     if let Some((key, expected)) = recall_sdk::config::unknown_field(&message) {
         message = format!("unknown key `{key}`; valid keys here: {}", expected.join(", "));
         if let Some(best) = recall_sdk::config::nearest(&key, &expected) {
@@ -615,6 +619,29 @@ fn located(file: &str, src: &str, e: &toml::de::Error) -> ConfigError {
         }
     }
     ConfigError { file: file.into(), line, column, message }
+}
+
+/// Name the key in toml's shape errors, from the line they point at: "duplicate key" says
+/// which, and a `[table]` where a list of tables is expected says to write `[[table]]`.
+fn explain_shape_error(message: &str, line: &str) -> Option<String> {
+    let header = line.strip_prefix('[').and_then(|l| l.split(']').next()).map(str::trim);
+    if message.starts_with("duplicate key") {
+        return Some(match header {
+            Some(h) => format!("table `[{}]` is defined twice; merge the two into one", h.trim_matches('[')),
+            None => {
+                let key = line.split('=').next().unwrap_or(line).trim();
+                format!("duplicate key `{key}`: it is already set in this table; keep one")
+            }
+        });
+    }
+    if message.contains("expected a sequence") {
+        if let Some(h) = header.filter(|_| !line.starts_with("[[")) {
+            return Some(format!(
+                "`[{h}]` declares one table, but `{h}` is a list of tables: write `[[{h}]]` (one per entry)"
+            ));
+        }
+    }
+    None
 }
 
 /// A loaded experiment: the config and the text it came from (for locating later errors).
@@ -1185,6 +1212,20 @@ plugin = "retrieval"
             src.lines().collect::<Vec<_>>().iter().rposition(|l| *l == "name = \"a\"").unwrap() + 1,
             "{e}"
         );
+    }
+
+    #[test]
+    fn shape_errors_name_the_key_and_the_fix() {
+        let single = MINIMAL.replace("[[evaluator]]", "[evaluator]");
+        let e = parse(&single, "x.toml").unwrap_err();
+        assert!(e.message.contains("write `[[evaluator]]`"), "{e}");
+        assert_eq!(e.line, single.lines().position(|l| l == "[evaluator]").unwrap() + 1);
+        let twice = MINIMAL.replace("epochs = 1", "epochs = 1\nepochs = 2");
+        let e = parse(&twice, "x.toml").unwrap_err();
+        assert!(e.message.contains("duplicate key `epochs`"), "{e}");
+        assert_eq!(e.line, twice.lines().position(|l| l == "epochs = 2").unwrap() + 1);
+        let e = parse(&MINIMAL.replace("[train]", "[train]\n[train]"), "x.toml").unwrap_err();
+        assert!(e.message.contains("table `[train]` is defined twice"), "{e}");
     }
 
     #[test]

@@ -1279,3 +1279,31 @@ fn clamp_logit_scale(model: &Model) -> anyhow::Result<()> {
     let v = model.logit_scale.clamp(0.0, 100f64.ln())?;
     model.runtime.param_assign(&model.logit_scale, &v).map_err(anyhow::Error::msg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_read_back_holds_every_bit_of_its_floats() {
+        // A resumed run continues from progress.json: what it reads must be bit for bit what
+        // an unbroken run holds in memory (serde_json's default parser loses the last digit
+        // of values such as these).
+        let values = [0.1 + 0.2, 1.0 / 3.0, 2.0f64.sqrt() * 1e-7, 9007199254740993.0, 5e-324];
+        let p = Progress {
+            finished_tasks: 1,
+            global_step: 3,
+            train_seconds: values[1],
+            step_seconds: values[2],
+            images_seen: 9,
+            epoch_losses: vec![values.to_vec()],
+            epoch_terms: vec![vec![values.iter().enumerate().map(|(i, v)| (i.to_string(), *v)).collect()]],
+            results: ResultMatrix::default(),
+            heldout: ResultMatrix::default(),
+        };
+        let back: Progress = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back.epoch_losses[0]), bits(&values));
+        assert_eq!(back.step_seconds.to_bits(), values[2].to_bits());
+    }
+}

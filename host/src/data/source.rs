@@ -34,18 +34,43 @@ pub enum DataError {
     Parse { path: String, line: usize, reason: String },
     #[error("{path}: {reason}")]
     Invalid { path: String, reason: String },
-    #[error("task `{task}`: {source}{hint}")]
-    Image {
-        task: String,
-        #[source]
-        source: super::preprocess::ImageError,
-        hint: &'static str,
-    },
+    // The cause is in the message, so it is not also a `source` (which `{:#}` would print
+    // a second time).
+    #[error("task `{task}`: {cause}{hint}")]
+    Image { task: String, cause: super::preprocess::ImageError, hint: &'static str },
 }
 
+/// A manifest's text: a UTF-8 byte-order mark is dropped; invalid UTF-8 is an error at its
+/// line.
 fn read_text(path: &Path) -> Result<String, DataError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| DataError::Read { path: path.display().to_string(), reason: e.to_string() })
+    let bytes =
+        std::fs::read(path).map_err(|e| DataError::Read { path: path.display().to_string(), reason: e.to_string() })?;
+    let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    match std::str::from_utf8(body) {
+        Ok(text) => Ok(text.to_string()),
+        Err(e) => {
+            let valid = &body[..e.valid_up_to()];
+            let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = valid.len() - valid.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+            Err(DataError::Parse {
+                path: path.display().to_string(),
+                line,
+                reason: format!("invalid UTF-8 at column {column}; save the file as UTF-8"),
+            })
+        }
+    }
+}
+
+/// An error for an empty caption at `line` (0: the file as a whole).
+fn check_captions(path: &str, line: usize, captions: &[String]) -> Result<(), DataError> {
+    match captions.iter().position(|c| c.trim().is_empty()) {
+        None => Ok(()),
+        Some(k) => Err(DataError::Parse {
+            path: path.into(),
+            line,
+            reason: format!("caption {k} is empty; remove it or give it text"),
+        }),
+    }
 }
 
 /// One image and what is said about it, before decoding.
@@ -135,6 +160,7 @@ pub fn read_jsonl(path: &Path, root: &Path) -> Result<Vec<Record>, DataError> {
         })?;
         let mut captions = l.captions;
         captions.extend(l.caption);
+        check_captions(&p, i + 1, &captions)?;
         let split = match l.split.as_deref() {
             None => None,
             Some(s) => parse_split(s).ok_or_else(|| DataError::Parse {
@@ -155,8 +181,8 @@ pub fn read_jsonl(path: &Path, root: &Path) -> Result<Vec<Record>, DataError> {
 /// give several captions, in order), optional `class`, `category` and `split`.
 pub fn read_csv(path: &Path, root: &Path) -> Result<Vec<Record>, DataError> {
     let p = path.display().to_string();
-    let mut reader =
-        csv::Reader::from_path(path).map_err(|e| DataError::Read { path: p.clone(), reason: e.to_string() })?;
+    let text = read_text(path)?;
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
     let headers = reader.headers().map_err(|e| DataError::Parse { path: p.clone(), line: 1, reason: e.to_string() })?;
     let col = |name: &str| headers.iter().position(|h| h.trim() == name);
     let image_col = col("image").ok_or_else(|| DataError::Parse {
@@ -192,6 +218,13 @@ pub fn read_csv(path: &Path, root: &Path) -> Result<Vec<Record>, DataError> {
             continue;
         }
         let caption = get(caption_col).map(String::from);
+        if caption_col.is_some() && caption.is_none() && get(class_col).is_none() {
+            return Err(DataError::Parse {
+                path: p.clone(),
+                line,
+                reason: "empty `caption` and no `class`; give the row a caption".into(),
+            });
+        }
         match by_image.get(&image) {
             Some(&k) => out[k].captions.extend(caption),
             None => {
@@ -250,7 +283,16 @@ pub fn read_karpathy(path: &Path, root: &Path) -> Result<Vec<Record>, DataError>
         };
         out.push(Record {
             image: root.join(rel),
-            captions: im.sentences.into_iter().map(|s| s.raw.trim().to_string()).collect(),
+            captions: {
+                let captions: Vec<String> = im.sentences.into_iter().map(|s| s.raw.trim().to_string()).collect();
+                if captions.iter().any(String::is_empty) {
+                    return Err(DataError::Invalid {
+                        path: path.display().to_string(),
+                        reason: format!("image `{}` has an empty sentence; remove it or give it text", im.filename),
+                    });
+                }
+                captions
+            },
             class: None,
             category: None,
             split: Some(split),
@@ -425,7 +467,7 @@ fn decode(
             Err(e) => {
                 return Err(DataError::Image {
                     task: t.name.clone(),
-                    source: e,
+                    cause: e,
                     hint: "; fix or remove the file, or set `on_error = \"skip\"` on the task to count and skip it",
                 })
             }
@@ -494,6 +536,29 @@ pub fn split_record(tasks: &[TaskData]) -> serde_json::Value {
         })
         .collect();
     serde_json::json!(m)
+}
+
+#[cfg(test)]
+mod manifest_text_tests {
+    use super::*;
+
+    #[test]
+    fn a_bom_is_dropped_and_invalid_utf8_and_empty_captions_are_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("d.jsonl");
+        std::fs::write(&f, b"\xEF\xBB\xBF{\"image\": \"a.png\", \"caption\": \"one\"}\n").unwrap();
+        assert_eq!(read_jsonl(&f, dir.path()).unwrap()[0].captions, ["one"]);
+        std::fs::write(&f, b"{\"image\": \"a.png\", \"caption\": \"one\"}\n{\"image\": \"b\xFF.png\"}\n").unwrap();
+        let e = read_jsonl(&f, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("d.jsonl:2") && e.contains("invalid UTF-8 at column 13"), "{e}");
+        std::fs::write(&f, "{\"image\": \"a.png\", \"captions\": [\"one\", \" \"]}\n").unwrap();
+        let e = read_jsonl(&f, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("d.jsonl:1") && e.contains("caption 1 is empty"), "{e}");
+        let c = dir.path().join("d.csv");
+        std::fs::write(&c, b"\xEF\xBB\xBFimage,caption\na.png,one\nb.png,\n").unwrap();
+        let e = read_csv(&c, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("d.csv:3") && e.contains("empty `caption`"), "a BOM before the header is dropped: {e}");
+    }
 }
 
 #[cfg(test)]
