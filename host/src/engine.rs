@@ -357,7 +357,6 @@ pub(crate) fn open_run_dir(
 }
 
 /// A fresh run directory `output_dir/NAME-seedS-N` (N counts up).
-
 fn new_run_dir(output_dir: &Path, name: &str, seed: u64) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("cannot create output directory {}", output_dir.display()))?;

@@ -82,6 +82,8 @@ fn out_of_range_keys_and_duplicate_task_names_are_located_errors() {
         ("optimizer.weight_decay=-5", "weight_decay must be a number >= 0"),
         ("model.vision.layers=0", "layers must be at least 1"),
         ("model.text.width=0", "width must be at least 1"),
+        ("model.text.vocab_size=1000000000", "the model does not fit"),
+        ("model.tokenizer.context_length=32", "the text tower reads 12 tokens"),
     ] {
         let out = d.recall(&["run", "-q", f, "--set", set, "--run-dir", "never"]);
         let err = stderr(&out);
