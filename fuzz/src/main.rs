@@ -19,6 +19,9 @@ struct Args {
     /// Where crash and hang inputs are written.
     #[arg(long, default_value = "target/fuzz-findings")]
     out: PathBuf,
+    /// Run the (single) target once on this input file instead of fuzzing.
+    #[arg(long)]
+    replay: Option<PathBuf>,
     /// Targets to fuzz (default: all).
     targets: Vec<String>,
 }
@@ -29,6 +32,15 @@ fn main() -> anyhow::Result<ExitCode> {
     let names: Vec<&str> = all.iter().map(|t| t.name).collect();
     if let Some(bad) = args.targets.iter().find(|t| !names.contains(&t.as_str())) {
         anyhow::bail!("unknown target `{bad}`; targets: {}", names.join(", "));
+    }
+    if let Some(input) = &args.replay {
+        let [name] = &args.targets[..] else { anyhow::bail!("--replay needs exactly one target") };
+        let target = all.iter().find(|t| t.name == name).expect("checked above");
+        match recall_fuzz::replay(target, &std::fs::read(input)?) {
+            Ok(took) => println!("{name}: no crash, {:.1} ms", took.as_secs_f64() * 1e3),
+            Err(m) => println!("{name}: crash: {m}"),
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     let mut found = 0;
     for t in all.iter().filter(|t| args.targets.is_empty() || args.targets.iter().any(|n| n == t.name)) {

@@ -236,8 +236,12 @@ fn encoder(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
 
 fn adapter(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     let rt = runtime();
-    let site_a = rt.declare_linear("enc.layer.a", 6, 5, true, ParamInit::normal(0.0, 0.5), ParamInit::normal(0.0, 0.1));
-    let site_b = rt.declare_linear("enc.layer.b", 5, 4, false, ParamInit::normal(0.0, 0.5), ParamInit::zeros());
+    // Sites wide enough for an adapter's default rank (LoRA refuses a rank above a site's
+    // min(in, out), where it would only add parameters).
+    let (n_in, n_mid, n_out) = (40, 36, 32);
+    let site_a =
+        rt.declare_linear("enc.layer.a", n_in, n_mid, true, ParamInit::normal(0.0, 0.5), ParamInit::normal(0.0, 0.1));
+    let site_b = rt.declare_linear("enc.layer.b", n_mid, n_out, false, ParamInit::normal(0.0, 0.5), ParamInit::zeros());
     let (Ok(site_a), Ok(_)) = (site_a, site_b) else { return add("setup", Err("cannot declare test sites".into())) };
     add(
         "config: unknown keys are rejected by name",
@@ -251,8 +255,8 @@ fn adapter(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
         "targets: attaches to at least one declared site",
         ad.targets().map_err(err).and_then(|t| ensure(!t.is_empty(), || "no sites".into())),
     );
-    let x =
-        Tensor::from_vec((0..18).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<f32>>(), (3, 6), &Device::Cpu).unwrap();
+    let values = (0..3 * n_in).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<f32>>();
+    let x = Tensor::from_vec(values, (3, n_in), &Device::Cpu).unwrap();
     let xid = rt.insert(x.clone());
     let base = rt.site(site_a).map(|s| ops::linear(&x, &s.weight, s.bias.as_ref()));
     // Give the adapter non-trivial parameters so merging has something to fold in.
