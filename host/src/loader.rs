@@ -71,6 +71,9 @@ impl LoadError {
 /// Load one plugin library.
 pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
     let path_buf = path.to_path_buf();
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(LoadError::new(LoadErrorKind::Open { path: path_buf, reason: e.to_string() }, None));
+    }
     // dlopen maps the file's segments; touching one past the end of a truncated file is a
     // SIGBUS that kills the host with no message. So the headers are read first.
     check_library_file(path)
