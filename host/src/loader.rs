@@ -374,3 +374,25 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_truncated_elf_file_is_refused_before_it_is_mapped() {
+        // The test executable is an ELF file like any plugin library.
+        let whole = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lib.so");
+        std::fs::write(&p, &whole).unwrap();
+        check_library_file(&p).unwrap();
+        for len in [0, 16, 64, 4096, whole.len() / 2, whole.len() - 1] {
+            std::fs::write(&p, &whole[..len]).unwrap();
+            let e = check_library_file(&p).unwrap_err();
+            assert!(e.contains("truncated or damaged") || e.contains("not an ELF"), "{len} bytes: {e}");
+        }
+        std::fs::write(&p, b"#!/bin/sh\necho not a library\n").unwrap();
+        assert_eq!(check_library_file(&p).unwrap_err(), "it is not an ELF shared library");
+    }
+}
