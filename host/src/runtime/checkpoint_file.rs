@@ -71,8 +71,12 @@ impl CheckpointFile {
             })?;
             return Ok(CheckpointFile::Safetensors(st));
         }
+        // candle's pickle reader can panic on a damaged file (an integer overflow found by
+        // fuzzing): that is a damaged checkpoint, not a crash.
         let read = |key: Option<&str>| {
-            PthTensors::new(&path, key)
+            std::panic::catch_unwind(|| PthTensors::new(&path, key))
+                .map_err(|_| "the pickle reader failed on its data (the file is damaged)".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
                 .map_err(|e| format!("checkpoint {}: not a readable PyTorch checkpoint: {e}", path.display()))
         };
         match key {
@@ -157,6 +161,21 @@ mod tests {
         let with_key = format!("{}#model", plain.display());
         assert_eq!(split_key(&with_key), (plain, Some("model".to_string())));
         assert_eq!(split_key("a/b#/c").1, None);
+    }
+
+    #[test]
+    fn a_pickle_that_makes_candles_reader_panic_is_a_damaged_checkpoint() {
+        // Found by `scripts/fuzz.sh` (target pickle): one byte of the LlamaGen fixture changed
+        // makes candle's pickle reader overflow a shift.
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/llamagen/vq.pt");
+        let mut bytes = std::fs::read(fixture).unwrap();
+        assert_eq!(bytes[2017], 113, "the fixture changed; find the byte again with recall-fuzz");
+        bytes[2017] = 138;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("damaged.pt");
+        std::fs::write(&p, bytes).unwrap();
+        let e = CheckpointFile::open(&p.display().to_string()).err().expect("a damaged file is an error");
+        assert!(e.contains("not a readable PyTorch checkpoint"), "{e}");
     }
 
     #[test]
