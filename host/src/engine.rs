@@ -648,13 +648,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let mut tracking = crate::tracking::Tracking::open(&run_dir, c.tracking.as_ref())
         .map_err(|e| cfg.error_at("tracking", format!("{e:#}")))?;
     if !tracking.is_started() {
-        let mut resolved = toml::Value::try_from(c)?;
-        if let Some(table) = resolved.as_table_mut() {
-            table.remove("sweep");
-            table.remove("tracking");
-        }
-        let mut params = Vec::new();
-        crate::tracking::flatten("", &resolved, &mut params);
+        let mut params = crate::tracking::config_params(c)?;
         params.push(("trainable_parameters".into(), trainable.to_string()));
         let mut tags: Vec<(String, String)> = vec![
             ("method".into(), std::env::var("RECALL_SWEEP_LABEL").unwrap_or_else(|_| c.experiment.name.clone())),

@@ -65,14 +65,7 @@ pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
 /// The identity of `c` as run with the plugins of `registry`. Tracking settings are left out:
 /// where events are delivered does not change a result.
 pub fn of(c: &ExperimentConfig, registry: &Registry) -> anyhow::Result<Identity> {
-    let mut resolved = toml::Value::try_from(c)?;
-    if let Some(t) = resolved.as_table_mut() {
-        t.remove("tracking");
-        t.remove("sweep");
-    }
-    let mut flat = Vec::new();
-    crate::tracking::flatten("", &resolved, &mut flat);
-    let mut keys: BTreeMap<String, String> = flat.into_iter().collect();
+    let mut keys: BTreeMap<String, String> = crate::tracking::config_params(c)?.into_iter().collect();
     for name in plugins_used(c) {
         if let Some(p) = registry.plugins.iter().find(|p| p.name == name) {
             let hash = file_sha256(&p.path)?;

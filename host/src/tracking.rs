@@ -551,6 +551,19 @@ pub fn run_id(run_dir: &Path) -> Option<String> {
 }
 
 /// Flatten a TOML value into `a.b.0.c = value` params (MLflow keys allow no brackets).
+/// The experiment's resolved keys, flattened (`optimizer.lr`, `task.0.name`), without
+/// `[tracking]` and `[sweep]`: the run's MLflow params and its identity (`identity.rs`).
+pub fn config_params(c: &crate::config::ExperimentConfig) -> anyhow::Result<Vec<(String, String)>> {
+    let mut resolved = toml::Value::try_from(c)?;
+    if let Some(table) = resolved.as_table_mut() {
+        table.remove("sweep");
+        table.remove("tracking");
+    }
+    let mut params = Vec::new();
+    flatten("", &resolved, &mut params);
+    Ok(params)
+}
+
 pub fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
     match v {
         toml::Value::Table(t) => {

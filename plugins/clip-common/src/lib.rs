@@ -91,6 +91,14 @@ pub fn json_usize(v: Option<&Value>, path: &[&str]) -> Option<usize> {
 }
 
 /// HF's `hidden_act` names.
+/// A config error for the first size that is 0 (`layers = 0` would build no tower).
+pub fn require_positive(sizes: &[(&str, usize)]) -> Result<()> {
+    match sizes.iter().find(|(_, v)| *v == 0) {
+        Some(&(key, _)) => Err(Error::config(key, format!("{key} must be at least 1"))),
+        None => Ok(()),
+    }
+}
+
 pub fn activation_from_name(name: &str) -> Result<Activation> {
     match name {
         "quick_gelu" => Ok(Activation::QuickGelu),

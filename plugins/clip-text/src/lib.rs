@@ -142,17 +142,14 @@ impl Encoder for ClipText {
             Some(src) => Arch::from_checkpoint(&config, src)?,
             None => Arch::from_config(&config),
         };
-        let sizes = [
+        recall_clip_common::require_positive(&[
             ("vocab_size", cfg.vocab_size),
             ("width", cfg.width),
             ("layers", cfg.layers),
             ("heads", cfg.heads),
             ("mlp_hidden", cfg.mlp_hidden),
             ("embed_dim", cfg.embed_dim),
-        ];
-        if let Some(&(key, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::config(key, format!("{key} must be at least 1")));
-        }
+        ])?;
         if cfg.heads == 0 || !cfg.width.is_multiple_of(cfg.heads) {
             return Err(Error::config("heads", format!("width {} is not divisible by heads {}", cfg.width, cfg.heads)));
         }
