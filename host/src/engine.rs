@@ -936,10 +936,10 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
                     Some(max) => {
                         let norm = opt.grad_norm(&grads)?;
                         if !norm.is_finite() {
-                            let first = opt.first_non_finite_grad(&grads)?.unwrap_or_default();
+                            let why = opt.diagnose_non_finite_norm(&grads)?;
                             bail!(
-                                "the gradient norm became {norm} at step {} of task `{}` (first non-finite \
-                                 gradient: `{first}`); lower the learning rate",
+                                "the gradient norm became {norm} at step {} of task `{}` ({why}); lower the \
+                                 learning rate or the loss weights",
                                 p.global_step,
                                 task.name
                             );

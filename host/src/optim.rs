@@ -132,27 +132,44 @@ impl AdamW {
         rows
     }
 
-    /// Global L2 norm of the gradients of the optimized parameters.
-    /// The first trained parameter whose gradient holds NaN or infinity, by name.
-    pub fn first_non_finite_grad(&self, grads: &GradStore) -> candle_core::Result<Option<String>> {
+    /// Why the gradient norm is not finite, for the error: the first trained parameter whose
+    /// gradient holds NaN or infinity, or, when every gradient is finite, the one with the
+    /// largest magnitude (the sum of squares overflowed the gradients' float type).
+    pub fn diagnose_non_finite_norm(&self, grads: &GradStore) -> candle_core::Result<String> {
+        let mut largest: Option<(f64, &str)> = None;
         for s in &self.slots {
-            if let Some(g) = grads.get(s.var.as_tensor()) {
-                if !crate::finite::all_finite(g)? {
-                    return Ok(Some(s.name.clone()));
-                }
+            let Some(g) = grads.get(s.var.as_tensor()) else { continue };
+            if !crate::finite::all_finite(g)? {
+                return Ok(format!("first non-finite gradient: `{}`", s.name));
+            }
+            let max = g.abs()?.max_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if largest.is_none_or(|(m, _)| max > m) {
+                largest = Some((max, &s.name));
             }
         }
-        Ok(None)
+        Ok(match largest {
+            Some((max, name)) => format!(
+                "every gradient is finite, but the sum of their squares overflows; the largest is `{name}`, \
+                 |g| up to {max:e}"
+            ),
+            None => "no parameter has a gradient".into(),
+        })
     }
 
+    /// Global L2 norm of the gradients of the optimized parameters: one sum of squares per
+    /// tensor on the device, one reduction over them, and a single read back to the host.
     pub fn grad_norm(&self, grads: &GradStore) -> candle_core::Result<f64> {
-        let mut total = 0f64;
-        for s in &self.slots {
-            if let Some(g) = grads.get(s.var.as_tensor()) {
-                total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            }
+        let squares = self
+            .slots
+            .iter()
+            .filter_map(|s| grads.get(s.var.as_tensor()))
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if squares.is_empty() {
+            return Ok(0.0);
         }
-        Ok(total.sqrt())
+        let total = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(f64::from(total).sqrt())
     }
 
     /// One update with every group's lr multiplied by `lr_factor` (the schedule) and the

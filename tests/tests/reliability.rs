@@ -72,6 +72,28 @@ fn weights_that_diverge_on_the_last_step_are_an_error_not_a_perfect_score() {
 }
 
 #[test]
+fn a_gradient_norm_that_overflows_is_an_error_naming_the_gradient() {
+    let d = Dir::new();
+    // EWC's penalty is zero at the start of task `b` and grows with the drift from task `a`'s
+    // weights; with lambda 1e36 its gradients stay finite, but their squares overflow f32.
+    let text = two_tasks()
+        .replace("lr = 1e-3", "lr = 1e-2\ngrad_clip = 1.0")
+        .replace("[\"cross\", \"ring\"]", "[\"cross\", \"ring\"]\ntrain_per_combo = 4")
+        + "\n[[strategy]]\nplugin = \"ewc\"\nlambda = 1e36\n";
+    let file = d.experiment("overflow.toml", &text);
+    let out = d.recall(&["run", "-q", file.to_str().unwrap(), "--run-dir", "run"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "an overflowing gradient norm must stop the run: {err}");
+    assert!(err.contains("the gradient norm became inf at step"), "{err}");
+    assert!(err.contains("of task `b`"), "{err}");
+    assert!(
+        err.contains("every gradient is finite, but the sum of their squares overflows; the largest is `"),
+        "{err}"
+    );
+    assert_eq!(json(&d.path("run").join("progress.json"))["finished_tasks"], 1, "task `a` stays finished");
+}
+
+#[test]
 fn out_of_range_keys_and_duplicate_task_names_are_located_errors() {
     let d = Dir::new();
     let file = d.experiment("x.toml", SMALL_EXPERIMENT);
