@@ -191,11 +191,38 @@ enum Command {
         #[command(subcommand)]
         what: NewCommand,
     },
-    /// Time one training step through the plugins against the same ops linked in directly.
+    /// Time and count an experiment's training step (median, p90, per phase with --phases;
+    /// tensors created, graph nodes, bytes held for backward, host reads, peak memory), or
+    /// with --boundary the plugin boundary's cost on a fixed small step.
     Bench {
-        #[arg(long, default_value_t = 30)]
+        /// The experiment whose step is timed (not with --boundary).
+        #[arg(required_unless_present = "boundary", conflicts_with = "boundary")]
+        file: Option<PathBuf>,
+        /// Override a config key, e.g. `--set train.batch_size=32`; repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Timed steps (after the warm-up).
+        #[arg(long, default_value_t = 20)]
         steps: usize,
-        #[arg(long, default_value_t = 64)]
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Time each phase (batch, forward, backward, optimizer); syncs the device at every
+        /// boundary, so the step itself is timed without it.
+        #[arg(long)]
+        phases: bool,
+        /// The task whose step is timed (default: the second, where old-model strategies act).
+        #[arg(long)]
+        task: Option<String>,
+        /// Also write the report as JSON here.
+        #[arg(long, value_name = "OUT")]
+        json: Option<PathBuf>,
+        /// The plugin boundary instead: the same step through the plugins and linked into the
+        /// host, interleaved; their ratio (target <= 1.02).
+        #[arg(long)]
+        boundary: bool,
+        /// Batch size of the --boundary step.
+        #[arg(long, default_value_t = 64, requires = "boundary")]
         batch: usize,
     },
 }
@@ -673,10 +700,28 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { steps, batch } => {
-            let reg = registry(cli, &[]);
-            let r = recall_host::bench::run(&reg, *steps, *batch)?;
-            println!("{r}");
+        Command::Bench { file, set, steps, warmup, phases, task, json, boundary, batch } => {
+            if *boundary {
+                let reg = registry(cli, &[]);
+                println!("{}", recall_host::bench::boundary::run(&reg, *steps, *batch)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let file = file.as_ref().expect("clap requires FILE without --boundary");
+            let cfg = config::load(file, set)?;
+            let used = recall_host::identity::plugins_used(&cfg.config);
+            let reg = registry_for(cli, &cfg.config.plugins.search_path, Some(&used));
+            let opts = recall_host::bench::step::StepBenchOptions {
+                steps: *steps,
+                warmup: *warmup,
+                phases: *phases,
+                task: task.clone(),
+            };
+            let report = recall_host::bench::step::run(&cfg, &reg, &opts)?;
+            println!("{report}");
+            if let Some(out) = json {
+                recall_host::fsutil::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

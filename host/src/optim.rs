@@ -8,6 +8,7 @@ use candle_core::{backprop::GradStore, Tensor, Var};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
 use crate::config::OptimizerSection;
+use crate::runtime::adamw::{self, AdamWStep};
 use crate::runtime::params::ParamStore;
 
 struct Slot {
@@ -26,6 +27,8 @@ pub struct AdamW {
     beta2: f64,
     eps: f64,
     step: usize,
+    /// Update in place where [`adamw::applies`] (off: the composed update, for comparison).
+    fused: bool,
 }
 
 fn no_decay(name: &str, rank: usize) -> bool {
@@ -110,10 +113,23 @@ impl AdamW {
         let settings = group_settings(params, cfg)?;
         let mut slots = Vec::with_capacity(settings.len());
         for (p, (lr, weight_decay)) in params.iter().filter(|p| p.trainable).zip(settings) {
-            let zeros = p.var.zeros_like().map_err(|e| GroupError { group: None, message: e.to_string() })?;
-            slots.push(Slot { name: p.name.clone(), var: p.var.clone(), m: zeros.clone(), v: zeros, lr, weight_decay });
+            // Two storages: the moments are updated in place.
+            let zeros = || p.var.zeros_like().map_err(|e| GroupError { group: None, message: e.to_string() });
+            slots.push(Slot { name: p.name.clone(), var: p.var.clone(), m: zeros()?, v: zeros()?, lr, weight_decay });
         }
-        Ok(AdamW { slots, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, step: 0 })
+        Ok(AdamW {
+            slots,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            step: 0,
+            fused: crate::runtime::fused::enabled(),
+        })
+    }
+
+    /// Use the in-place kernels (the default unless `RECALL_FUSED=0`) or the composed update.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
     }
 
     /// Summary of the per-parameter learning rates.
@@ -182,8 +198,22 @@ impl AdamW {
         let c2 = 1.0 - b2.powi(t);
         for s in &mut self.slots {
             let Some(g) = grads.get(s.var.as_tensor()) else { continue };
-            let g = if grad_scale != 1.0 { g.affine(grad_scale, 0.0)? } else { g.clone() };
             let lr = s.lr * lr_factor;
+            if self.fused && adamw::applies(s.var.as_tensor(), &s.m, &s.v, g) {
+                let c = AdamWStep {
+                    beta1: b1,
+                    beta2: b2,
+                    c1,
+                    c2,
+                    lr,
+                    weight_decay: s.weight_decay,
+                    eps: self.eps,
+                    grad_scale,
+                };
+                adamw::step(s.var.as_tensor(), &s.m, &s.v, g, c)?;
+                continue;
+            }
+            let g = if grad_scale != 1.0 { g.affine(grad_scale, 0.0)? } else { g.clone() };
             s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
             s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let m_hat = (&s.m / c1)?;
@@ -196,6 +226,12 @@ impl AdamW {
             s.var.set(&(p - (update * lr)?)?)?;
         }
         Ok(())
+    }
+
+    /// Every slot's moments, m then v (tests compare the two updates' state).
+    #[cfg(test)]
+    pub fn moments_for_test(&self) -> Vec<Tensor> {
+        self.slots.iter().flat_map(|s| [s.m.clone(), s.v.clone()]).collect()
     }
 
     /// Number of optimized parameter values.

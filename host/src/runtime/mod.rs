@@ -5,7 +5,10 @@
 //! Plugins reach it through a per-instance [`PluginCtx`]; [`table`] holds the `extern "C"`
 //! functions. Single-threaded by design: the graph of one training step is built on one thread.
 
+pub mod adamw;
 pub mod checkpoint_file;
+pub mod counters;
+pub mod fused;
 pub mod ops;
 pub mod params;
 pub mod store;

@@ -7,8 +7,16 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-/// `x * sigmoid(1.702 x)` (OpenAI CLIP).
+/// `x * sigmoid(1.702 x)` (OpenAI CLIP): fused where a kernel serves it.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if super::fused::applies(x) {
+        return super::fused::quick_gelu(x);
+    }
+    quick_gelu_composed(x)
+}
+
+/// QuickGELU of candle primitives.
+pub fn quick_gelu_composed(x: &Tensor) -> Result<Tensor> {
     x.mul(&sigmoid(&x.affine(1.702, 0.0)?)?)
 }
 
@@ -44,8 +52,26 @@ pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-/// Layer norm over the last dimension (biased variance, as PyTorch).
+/// Layer norm over the last dimension (biased variance, as PyTorch): fused where a kernel
+/// serves it.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    if weight.dims() != [n] || bias.dims() != [n] {
+        candle_core::bail!(
+            "layer_norm: x is {:?}, weight {:?}, bias {:?}; weight and bias must be [{n}]",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    if super::fused::applies(x) && weight.dtype() == x.dtype() && bias.dtype() == x.dtype() && n > 0 {
+        return super::fused::layer_norm(x, weight, bias, eps);
+    }
+    layer_norm_composed(x, weight, bias, eps)
+}
+
+/// Layer norm of candle primitives.
+pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -194,26 +220,52 @@ pub fn attention(
     key_padding_mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (_, _, lq, _) = q.dims4()?;
+    q.dims4()?;
     let (b, _, lk, _) = k.dims4()?;
-    let mut scores = matmul(q, &k.t()?)?.affine(scale, 0.0)?;
-    let dtype = scores.dtype();
-    if causal {
-        let offset = lk.saturating_sub(lq);
-        let mask: Vec<f32> =
-            (0..lq).flat_map(|i| (0..lk).map(move |j| if j > i + offset { 1.0 } else { 0.0 })).collect();
-        let mask = Tensor::from_vec(mask, (lq, lk), q.device())?.to_dtype(dtype)?.affine(mask_value(dtype), 0.0)?;
-        scores = scores.broadcast_add(&mask)?;
-    }
+    let mut scores = matmul(q, &k.t()?)?;
     if let Some(m) = key_padding_mask {
         let (mb, mk) = m.dims2()?;
         if mb != b || mk != lk {
             candle_core::bail!("attention: key padding mask is [{mb}, {mk}], expected [{b}, {lk}]");
         }
+    }
+    if super::fused::applies(&scores) {
+        // The fused softmax scales and applies the causal mask itself; padding stays additive
+        // (its -1e30 survives any positive scale).
+        if let Some(m) = key_padding_mask {
+            let dtype = scores.dtype();
+            let additive = m.to_dtype(dtype)?.affine(-mask_value(dtype), mask_value(dtype))?.reshape((b, 1, 1, lk))?;
+            scores = scores.broadcast_add(&additive)?;
+        }
+        return matmul(&super::fused::scaled_softmax(&scores, scale, causal)?, v);
+    }
+    matmul(&attention_probabilities_composed(&scores, causal, key_padding_mask, scale)?, v)
+}
+
+/// Attention's probabilities from its raw scores [B, H, Lq, Lk], of candle primitives: the
+/// scale, a host-built causal mask, the padding mask, softmax.
+pub fn attention_probabilities_composed(
+    scores: &Tensor,
+    causal: bool,
+    key_padding_mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, _, lq, lk) = scores.dims4()?;
+    let mut scores = scores.affine(scale, 0.0)?;
+    let dtype = scores.dtype();
+    if causal {
+        let offset = lk.saturating_sub(lq);
+        let mask: Vec<f32> =
+            (0..lq).flat_map(|i| (0..lk).map(move |j| if j > i + offset { 1.0 } else { 0.0 })).collect();
+        let mask =
+            Tensor::from_vec(mask, (lq, lk), scores.device())?.to_dtype(dtype)?.affine(mask_value(dtype), 0.0)?;
+        scores = scores.broadcast_add(&mask)?;
+    }
+    if let Some(m) = key_padding_mask {
         let additive = m.to_dtype(dtype)?.affine(-mask_value(dtype), mask_value(dtype))?.reshape((b, 1, 1, lk))?;
         scores = scores.broadcast_add(&additive)?;
     }
-    matmul(&softmax(&scores, 3)?, v)
+    softmax(&scores, 3)
 }
 
 /// Element-wise unary op by `recall_sdk::abi::unary` code.

@@ -208,10 +208,7 @@ extern "C" fn full(ctx: HostCtx, value: f64, shape: RSlice<u64>, dt: DType) -> H
 extern "C" fn to_vec_f32(ctx: HostCtx, id: TensorId) -> HostResult<RVec<f32>> {
     call(ctx, "to_vec_f32", |pc| {
         let t = pc.runtime.get(id)?;
-        let v: Vec<f32> = t
-            .flatten_all()
-            .and_then(|t| t.to_dtype(CDType::F32))
-            .and_then(|t| t.to_vec1())
+        let v: Vec<f32> = super::counters::read_back(|| t.flatten_all()?.to_dtype(CDType::F32)?.to_vec1())
             .map_err(|e| e.to_string())?;
         Ok(v.into())
     })
@@ -220,10 +217,7 @@ extern "C" fn to_vec_f32(ctx: HostCtx, id: TensorId) -> HostResult<RVec<f32>> {
 extern "C" fn to_vec_u32(ctx: HostCtx, id: TensorId) -> HostResult<RVec<u32>> {
     call(ctx, "to_vec_u32", |pc| {
         let t = pc.runtime.get(id)?;
-        let v: Vec<u32> = t
-            .flatten_all()
-            .and_then(|t| t.to_dtype(CDType::U32))
-            .and_then(|t| t.to_vec1())
+        let v: Vec<u32> = super::counters::read_back(|| t.flatten_all()?.to_dtype(CDType::U32)?.to_vec1())
             .map_err(|e| e.to_string())?;
         Ok(v.into())
     })

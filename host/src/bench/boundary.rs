@@ -1,4 +1,4 @@
-//! `recall bench`: the cost of the plugin boundary on a real training step.
+//! `recall bench --boundary`: the cost of the plugin boundary on a real training step.
 //!
 //! The same small CLIP training step (forward both towers, contrastive loss, backward, AdamW)
 //! is timed (a) through the `clip-vision` / `clip-text` plugins and (b) through
@@ -76,11 +76,6 @@ impl fmt::Display for BenchResult {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Run the benchmark with plugins from `registry`.
 pub fn run(registry: &Registry, steps: usize, batch: usize) -> anyhow::Result<BenchResult> {
     let cfg = config::parse(BENCH_EXPERIMENT, "<bench>")?;
@@ -129,7 +124,12 @@ pub fn run(registry: &Registry, steps: usize, batch: usize) -> anyhow::Result<Be
             a.push(plugin_step(&mut opt)?);
         }
     }
-    Ok(BenchResult { batch, steps: steps.max(1), plugin_ms: median(&mut a), direct_ms: median(&mut b) })
+    Ok(BenchResult {
+        batch,
+        steps: steps.max(1),
+        plugin_ms: super::median_p90(&mut a).0,
+        direct_ms: super::median_p90(&mut b).0,
+    })
 }
 
 /// Features of one batch through both paths (for the equivalence test).

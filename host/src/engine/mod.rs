@@ -1,0 +1,556 @@
+//! The training engine: the task sequence, the training step, evaluation after every task,
+//! and the run directory.
+//!
+//! One training step: forward both towers through the plugins, CLIP's contrastive loss on the
+//! host, plus every strategy's loss terms, ONE backward pass over the one graph, gradient
+//! clipping, an AdamW step under the warmup + cosine schedule.
+
+mod evaluate;
+mod session;
+mod step;
+mod store;
+mod summary;
+mod terminal;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use recall_sdk::TaskInfo;
+use serde::{Deserialize, Serialize};
+
+pub use evaluate::{class_embeddings, evaluate, evaluate_zeroshot, retrieval_texts};
+pub use session::{load_tasks, Session};
+pub(crate) use step::batches;
+pub use step::Precision;
+use step::{copy_parameters, gradient_pass};
+pub use step::{GraphSize, PhaseClock, StepProbe, StepStats, TaskSteps, PHASES};
+pub(crate) use store::{checkpoint_path, open_run_dir, record_provenance};
+use store::{metrics_lines, Progress, PROGRESS_FILE};
+pub use terminal::format_table;
+pub(crate) use terminal::progress;
+use terminal::{format_heldout, stage_label};
+
+use crate::config::LoadedConfig;
+use crate::data::{self, TaskData};
+use crate::fsutil::write_atomic;
+use crate::loader::Registry;
+use crate::optim::{lr_factor, AdamW};
+
+/// How the engine reports progress.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// No progress bars and no tables on stdout.
+    pub quiet: bool,
+    /// Use this run directory instead of a fresh one under `output_dir`.
+    pub run_dir: Option<PathBuf>,
+    /// Continue the run in `run_dir` from its last finished task.
+    pub resume: bool,
+    /// Replace a run already in `run_dir` (otherwise refused).
+    pub overwrite: bool,
+    /// Config keys (or sections) a resume may find changed; each change is recorded.
+    pub allow_config_change: Vec<String>,
+}
+
+/// Scores after each stage: `rows[t][i]` = metrics on task i after training t tasks (t = 0:
+/// the initial model).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ResultMatrix {
+    pub tasks: Vec<String>,
+    pub rows: Vec<Vec<BTreeMap<String, f64>>>,
+}
+
+impl ResultMatrix {
+    /// The matrix of one metric, [stages][tasks].
+    pub fn metric(&self, name: &str) -> Vec<Vec<f64>> {
+        self.rows.iter().map(|r| r.iter().map(|m| m.get(name).copied().unwrap_or(f64::NAN)).collect()).collect()
+    }
+
+    pub fn metric_names(&self) -> Vec<String> {
+        self.rows.first().and_then(|r| r.first()).map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub name: String,
+    pub seed: u64,
+    pub run_dir: PathBuf,
+    pub trainable_parameters: usize,
+    pub total_parameters: usize,
+    pub batch_size: usize,
+    /// Mean training loss of each epoch, per task.
+    pub epoch_losses: Vec<Vec<f64>>,
+    /// Mean of each strategy loss term per epoch, per task (the task loss is `clip`).
+    pub epoch_terms: Vec<Vec<BTreeMap<String, f64>>>,
+    pub results: ResultMatrix,
+    /// Zero-shot scores on the held-out sets after each stage (columns: the sets).
+    pub heldout: ResultMatrix,
+    /// Continual-learning summaries (Last, Avg, BWT, forgetting, transfer) per metric.
+    pub continual: BTreeMap<String, crate::metrics::ClSummary>,
+    /// PD per zero-shot metric and held-out set: initial score minus final score.
+    pub performance_drop: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Examples per task and split, and images skipped.
+    pub data: BTreeMap<String, DataCounts>,
+    pub steps: usize,
+    pub train_seconds: f64,
+    pub performance: Performance,
+}
+
+/// Speed and memory of a run's training.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+pub struct Performance {
+    /// `f32` (full precision), `bf16` or `f16` compute.
+    pub precision: String,
+    pub device: String,
+    pub steps_per_second: f64,
+    pub images_per_second: f64,
+    /// Peak device memory in use (CUDA, sampled after each step's forward and backward), or
+    /// the process's peak resident memory on the CPU.
+    pub peak_memory_bytes: Option<u64>,
+    pub memory_kind: String,
+}
+
+/// How much data a task had.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DataCounts {
+    pub train: usize,
+    pub test: usize,
+    pub skipped: usize,
+}
+
+/// The seed of the runtime's generator for a task: reseeding per task makes a resumed run
+/// draw the same dropout masks and re-initialisations as an unbroken one.
+fn task_seed(seed: u64, task: usize) -> u64 {
+    seed ^ (task as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Run an experiment end to end (or continue it: `opts.resume`).
+pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow::Result<RunSummary> {
+    let session = Session::prepare(cfg, registry)?;
+    let mut run = Run::open(&session, registry, opts)?;
+    run.evaluate_initial_model()?;
+    for t_idx in run.progress.finished_tasks..session.tasks.len() {
+        run.train_task(t_idx)?;
+        run.finish_task(t_idx)?;
+    }
+    run.summarize()
+}
+
+/// A run in progress: the session it trains, the run directory it owns, its tracking and
+/// what it has finished.
+struct Run<'a> {
+    session: &'a Session<'a>,
+    opts: &'a RunOptions,
+    dir: crate::rundir::RunDir,
+    tracking: crate::tracking::Tracking,
+    progress: Progress,
+    precision: Precision,
+    /// Peak device memory sampled in the steps (CUDA).
+    peak_memory: Option<u64>,
+    /// The metrics shown in the terminal tables.
+    shown: Vec<String>,
+    /// Live handles after a step must not grow within a task: a plugin that keeps handles
+    /// it no longer needs leaks memory every step.
+    leak_reported: bool,
+}
+
+impl<'a> Run<'a> {
+    /// Take the run directory, record what runs in it (or check that a resume runs the same
+    /// thing), start tracking, and load the last finished task of a resumed run.
+    fn open(session: &'a Session<'a>, registry: &Registry, opts: &'a RunOptions) -> anyhow::Result<Self> {
+        let c = &session.cfg.config;
+        let dir = open_run_dir(opts, &c.experiment)?;
+        let run_dir = dir.path.clone();
+        let identity = crate::identity::of(c, registry)?;
+        let config_changes = if opts.resume {
+            crate::identity::check_resume(&run_dir, &identity, &opts.allow_config_change)?
+        } else {
+            Vec::new()
+        };
+        let previous = if opts.resume { Progress::read(&run_dir)? } else { None };
+        record_provenance(&run_dir, c.experiment.seed, opts.resume, &config_changes)?;
+        if !opts.resume || !config_changes.is_empty() {
+            write_atomic(&run_dir.join(crate::identity::FILE), serde_json::to_string_pretty(&identity)?.as_bytes())?;
+        }
+        for change in &config_changes {
+            tracing::warn!("resumed with a changed configuration (--allow-config-change): {change}");
+        }
+        if let Err(e) = crate::runlog::open(&run_dir.join("log.txt")) {
+            tracing::warn!("cannot write {}: {e}", run_dir.join("log.txt").display());
+        }
+        if !opts.resume {
+            write_run_record(&run_dir, session, registry)?;
+        }
+        let rt = session.runtime();
+        let trainable = session.model.trainable_parameters();
+        let total = rt.params().iter().map(|p| p.var.elem_count()).sum::<usize>();
+        tracing::info!(run_dir = %run_dir.display(), trainable, total, "run started");
+        let tracking = open_tracking(session, &run_dir, trainable)?;
+        let progress = match previous {
+            Some(p) => p,
+            None => Progress::new(&session.tasks, &session.heldout_sets),
+        };
+        if progress.results.tasks != Progress::new(&session.tasks, &[]).results.tasks
+            || progress.finished_tasks > session.tasks.len()
+        {
+            bail!(
+                "{} does not belong to this experiment's tasks; start a fresh run instead",
+                run_dir.join(PROGRESS_FILE).display()
+            );
+        }
+        if progress.finished_tasks > 0 {
+            // Continue from the last finished task: its parameters and each strategy's state.
+            let k = progress.finished_tasks;
+            rt.params().load(&checkpoint_path(&run_dir, k, "safetensors"))?;
+            for (i, s) in session.strategies.iter().enumerate() {
+                let f = checkpoint_path(&run_dir, k, &format!("strategy-{i}.bin"));
+                let bytes = std::fs::read(&f).with_context(|| format!("cannot read strategy state {}", f.display()))?;
+                s.load_state(&bytes)?;
+            }
+            if !opts.quiet {
+                println!("resuming {} after task {k} of {}", run_dir.display(), session.tasks.len());
+            }
+        }
+        let precision = Precision::start(&c.train, rt)?;
+        Ok(Run {
+            session,
+            opts,
+            dir,
+            tracking,
+            progress,
+            precision,
+            peak_memory: None,
+            shown: Vec::new(),
+            leak_reported: false,
+        })
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.dir.path
+    }
+
+    /// Stage 0, once per run: the model before any training. Then the stage metrics the
+    /// event log lacks (a run killed between its checkpoint and its event) are logged.
+    fn evaluate_initial_model(&mut self) -> anyhow::Result<()> {
+        if self.progress.results.rows.is_empty() {
+            self.evaluate_stage()?;
+            self.progress.write(self.run_dir())?;
+        }
+        for stage in self.tracking.stages_logged()?..self.progress.results.rows.len() {
+            self.tracking.log(self.progress.stage_event(stage))?;
+        }
+        self.shown = self
+            .progress
+            .results
+            .metric_names()
+            .into_iter()
+            .filter(|m| m.ends_with("_r1") || m.ends_with("_r5") || m.ends_with("mean_recall"))
+            .collect();
+        if !self.opts.quiet && self.progress.finished_tasks == 0 {
+            self.print_stage(0);
+        }
+        Ok(())
+    }
+
+    /// Every task's test split and every zero-shot set, at the evaluation precision; the
+    /// scores become the next row of the result matrices and metrics.jsonl is rewritten.
+    fn evaluate_stage(&mut self) -> anyhow::Result<()> {
+        let s = self.session;
+        let batch = s.cfg.config.train.eval_batch_size;
+        let p = &mut self.progress;
+        let quiet = self.opts.quiet;
+        self.precision.evaluating(s.runtime(), || {
+            let pb = progress(quiet, (s.tasks.len() + s.heldout_sets.len()) as u64, "evaluating".into(), "sets");
+            let stage = p.results.rows.len();
+            let mut row = Vec::new();
+            for t in &s.tasks {
+                let scores = evaluate(&s.model, &s.task_evaluators, t, batch)
+                    .with_context(|| format!("evaluating task `{}` after {}", t.name, stage_label(&s.tasks, stage)))?;
+                row.push(scores);
+                pb.inc(1);
+            }
+            p.results.rows.push(row);
+            let mut row = Vec::new();
+            for set in &s.heldout_sets {
+                let scores = evaluate_zeroshot(&s.model, &s.zeroshot_evaluators, set, batch).with_context(|| {
+                    format!("evaluating zero-shot set `{}` after {}", set.name, stage_label(&s.tasks, stage))
+                })?;
+                row.push(scores);
+                pb.inc(1);
+            }
+            p.heldout.rows.push(row);
+            pb.finish_and_clear();
+            Ok(())
+        })?;
+        write_atomic(&self.dir.path.join("metrics.jsonl"), metrics_lines(&p.results, &p.heldout)?.as_bytes())?;
+        Ok(())
+    }
+
+    fn print_stage(&self, stage: usize) {
+        print!(
+            "{}",
+            format_table(&self.progress.results, stage, &self.shown.iter().map(String::as_str).collect::<Vec<_>>())
+        );
+        if !self.session.heldout_sets.is_empty() {
+            print!("{}", format_heldout(&self.progress.heldout, stage));
+        }
+    }
+
+    /// Every epoch of task `t_idx`; its losses are recorded in the progress.
+    fn train_task(&mut self, t_idx: usize) -> anyhow::Result<()> {
+        let s = self.session;
+        let c = &s.cfg.config;
+        let (rt, task) = (s.runtime(), &s.tasks[t_idx]);
+        let started = Instant::now();
+        if task.train.len() < 2 {
+            bail!("task `{}` has {} training examples; at least 2 are needed", task.name, task.train.len());
+        }
+        let bs = c.train.batch_size;
+        let n_steps = task.train.len().div_ceil(bs) * c.train.epochs;
+        let (mut steps, mut opt) = begin_task(s, self.precision, t_idx, n_steps)?;
+        let pb = progress(self.opts.quiet, n_steps as u64, format!("task {} {}", t_idx + 1, task.name), "steps");
+        // Strategies may keep new tensors between tasks (EWC's Fisher, snapshots); a leak is
+        // growth from step to step within a task.
+        let mut handles_after_first_step: Option<usize> = None;
+        let (mut losses, mut terms) = (Vec::new(), Vec::new());
+        let mut step_in_task = 0usize;
+        for epoch in 0..c.train.epochs {
+            // Captions: each training image is paired with one of its captions per epoch.
+            let mut rng = StdRng::seed_from_u64(c.experiment.seed ^ ((t_idx as u64) << 32) ^ epoch as u64);
+            let (mut epoch_loss, mut n_batches) = (0.0, 0);
+            let mut term_sums: BTreeMap<String, f64> = BTreeMap::new();
+            for (examples, captions) in batches(&task.train, bs, &mut rng) {
+                let step_started = Instant::now();
+                let factor = lr_factor(step_in_task, c.optimizer.warmup_steps, n_steps, c.optimizer.min_lr_ratio);
+                let p = &mut self.progress;
+                let stats =
+                    steps.step(&mut opt, (&examples, &captions), p.global_step, factor, &mut StepProbe::default())?;
+                self.peak_memory = self.peak_memory.max(stats.peak_memory);
+                for (name, v) in stats.terms {
+                    *term_sums.entry(name).or_default() += v;
+                }
+                let live = rt.live_handles();
+                match handles_after_first_step {
+                    None => handles_after_first_step = Some(live),
+                    Some(first) if live > first && !self.leak_reported => {
+                        tracing::warn!(
+                            step = p.global_step,
+                            live,
+                            first,
+                            "live tensor handles grow from step to step: a plugin keeps handles it does not release"
+                        );
+                        self.leak_reported = true;
+                    }
+                    _ => {}
+                }
+                epoch_loss += stats.loss;
+                n_batches += 1;
+                step_in_task += 1;
+                p.global_step += 1;
+                p.step_seconds += step_started.elapsed().as_secs_f64();
+                p.images_seen += examples.len();
+                pb.inc(1);
+            }
+            let mean = epoch_loss / n_batches.max(1) as f64;
+            tracing::info!(task = %task.name, epoch, loss = mean, live_handles = rt.live_handles(), "epoch done");
+            losses.push(mean);
+            terms.push(term_sums.into_iter().map(|(k, v)| (k, v / n_batches.max(1) as f64)).collect());
+        }
+        pb.finish_and_clear();
+        self.progress.epoch_losses.push(losses);
+        self.progress.epoch_terms.push(terms);
+        self.progress.train_seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// After a task's last step: the strategies' gradient pass, the adapter merge, the
+    /// finiteness check, then checkpoint, evaluation and progress, in that order.
+    fn finish_task(&mut self, t_idx: usize) -> anyhow::Result<()> {
+        let s = self.session;
+        let c = &s.cfg.config;
+        let (rt, task) = (s.runtime(), &s.tasks[t_idx]);
+        let n_steps = task.train.len().div_ceil(c.train.batch_size) * c.train.epochs;
+        let info = task_info(t_idx, task, n_steps);
+        gradient_pass(&s.model, &s.strategies, task, &info, c.train.batch_size, c.experiment.seed)?;
+        rt.set_training(false);
+        if let (Some(a), Some(inst)) = (&c.adapter, &s.model.adapter) {
+            if a.merge_after_task {
+                inst.merge(a.merge_coefficient)?;
+                // The merged delta now lives in the base weights: start the adapter afresh so
+                // it is not counted twice.
+                inst.reset()?;
+            }
+        }
+        for st in &s.strategies {
+            st.after_task(&info)?;
+        }
+        // Never checkpoint (or mark finished) a task whose weights diverged: the previous
+        // checkpoint stays the one `--resume` continues from.
+        if let Some((first, count)) = crate::finite::non_finite_params(&rt.params())? {
+            bail!(
+                "task `{}` (task {} of {}) ended with non-finite weights at step {}: {count} of {} parameter \
+                 tensors hold NaN or infinity, the first `{first}`; nothing of this task was saved. Lower \
+                 the learning rate or set optimizer.grad_clip",
+                task.name,
+                t_idx + 1,
+                s.tasks.len(),
+                self.progress.global_step.saturating_sub(1),
+                rt.params().len()
+            );
+        }
+        // Checkpoint first, progress last: progress.json names only finished checkpoints.
+        rt.params().save(&checkpoint_path(self.run_dir(), t_idx + 1, "safetensors"))?;
+        for (i, st) in s.strategies.iter().enumerate() {
+            write_atomic(&checkpoint_path(self.run_dir(), t_idx + 1, &format!("strategy-{i}.bin")), &st.save_state()?)?;
+        }
+        self.evaluate_stage()?;
+        self.progress.finished_tasks = t_idx + 1;
+        self.progress.write(self.run_dir())?;
+        tracing::info!(task = %task.name, stage = t_idx + 1, steps = self.progress.global_step, "task finished and checkpointed");
+        self.tracking.log(self.progress.stage_event(t_idx + 1))?;
+        if !self.opts.quiet {
+            self.print_stage(t_idx + 1);
+            println!(
+                "  loss per epoch: {}",
+                self.progress.epoch_losses[t_idx].iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" ")
+            );
+        }
+        Ok(())
+    }
+
+    /// The continual-learning summaries, summary.json, the R-matrix CSVs, the last events.
+    fn summarize(mut self) -> anyhow::Result<RunSummary> {
+        let summary =
+            summary::build(self.session, std::mem::take(&mut self.progress), self.run_dir(), self.peak_memory)?;
+        if !self.opts.quiet {
+            summary::print(&summary, &self.shown);
+        }
+        summary::write(&summary, &self.dir.path, &mut self.tracking)?;
+        tracing::info!(steps = summary.steps, train_seconds = summary.train_seconds, "run finished");
+        crate::runlog::close();
+        drop(self.dir);
+        Ok(summary)
+    }
+}
+
+/// What a task starts with: the runtime reseeded, a fresh adapter if asked, the old
+/// model set to the weights so far, the strategies told, and a fresh optimizer.
+pub fn begin_task<'a>(
+    s: &'a Session<'a>,
+    precision: Precision,
+    t_idx: usize,
+    n_steps: usize,
+) -> anyhow::Result<(TaskSteps<'a>, AdamW)> {
+    let c = &s.cfg.config;
+    let task = &s.tasks[t_idx];
+    s.runtime().reseed(task_seed(c.experiment.seed, t_idx));
+    let info = task_info(t_idx, task, n_steps);
+    if t_idx > 0 {
+        if let (Some(a), Some(inst)) = (&c.adapter, &s.model.adapter) {
+            if a.fresh_per_task {
+                inst.reset()?;
+            }
+        }
+    }
+    let old = match &s.old_model {
+        Some(m) if t_idx > 0 => {
+            copy_parameters(&s.model, m)?;
+            Some(m)
+        }
+        _ => None,
+    };
+    for st in &s.strategies {
+        st.before_task(&info)?;
+    }
+    let opt = AdamW::new(&s.runtime().params(), &c.optimizer).map_err(|e| s.cfg.error_at(&e.key(), e.message))?;
+    if t_idx == 0 {
+        for g in opt.summary() {
+            tracing::info!(group = %g.group, tensors = g.n_tensors, values = g.n_values, lr = g.lr, "optimizer group");
+        }
+    }
+    let ref_rng = StdRng::seed_from_u64(c.experiment.seed ^ 0x7265_6600 ^ ((t_idx as u64) << 40));
+    let steps = TaskSteps { session: s, precision, old, task_name: &task.name, ref_rng };
+    Ok((steps, opt))
+}
+
+/// The end of a task that did not train (`recall bench` passing through the tasks before
+/// the one it times): the strategies' gradient pass and `after_task`, so their state is as a
+/// run's would be; no merge, no checkpoint.
+pub fn end_task_untrained(s: &Session, t_idx: usize, n_steps: usize) -> anyhow::Result<()> {
+    let c = &s.cfg.config;
+    let (task, info) = (&s.tasks[t_idx], task_info(t_idx, &s.tasks[t_idx], n_steps));
+    gradient_pass(&s.model, &s.strategies, task, &info, c.train.batch_size, c.experiment.seed)?;
+    s.runtime().set_training(false);
+    for st in &s.strategies {
+        st.after_task(&info)?;
+    }
+    Ok(())
+}
+
+fn task_info(t_idx: usize, task: &TaskData, n_steps: usize) -> TaskInfo {
+    TaskInfo { index: t_idx as u64, name: task.name.as_str().into(), n_steps: n_steps as u64 }
+}
+
+/// The records a fresh run writes once: the resolved config, the plugins, the splits.
+fn write_run_record(run_dir: &Path, session: &Session, registry: &Registry) -> anyhow::Result<()> {
+    // No credentials on disk: a tracking URI's password is redacted.
+    let resolved = crate::tracking::redact(&toml::to_string(&session.cfg.config)?);
+    write_atomic(&run_dir.join("config.resolved.toml"), resolved.as_bytes())?;
+    let plugins: Vec<serde_json::Value> = registry
+        .plugins
+        .iter()
+        .map(|p| serde_json::json!({"name": p.name, "kind": p.kind, "version": p.version, "sdk": p.sdk_version, "path": p.path}))
+        .collect();
+    write_atomic(&run_dir.join("plugins.json"), serde_json::to_string_pretty(&plugins)?.as_bytes())?;
+    let splits = serde_json::json!({
+        "tasks": data::source::split_record(&session.tasks),
+        "zeroshot": data::source::split_record(&session.heldout_sets),
+    });
+    write_atomic(&run_dir.join("splits.json"), serde_json::to_string(&splits)?.as_bytes())?;
+    Ok(())
+}
+
+/// The event log (always) and the `[tracking]` backend; a fresh run logs its start.
+fn open_tracking(session: &Session, run_dir: &Path, trainable: usize) -> anyhow::Result<crate::tracking::Tracking> {
+    let (cfg, c) = (session.cfg, &session.cfg.config);
+    let mut tracking = crate::tracking::Tracking::open(run_dir, c.tracking.as_ref())
+        .map_err(|e| cfg.error_at("tracking", format!("{e:#}")))?;
+    if tracking.is_started() {
+        return Ok(tracking);
+    }
+    let mut params = crate::tracking::config_params(c)?;
+    params.push(("trainable_parameters".into(), trainable.to_string()));
+    let mut tags: Vec<(String, String)> = vec![
+        ("method".into(), std::env::var("RECALL_SWEEP_LABEL").unwrap_or_else(|_| c.experiment.name.clone())),
+        ("seed".into(), c.experiment.seed.to_string()),
+        ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
+        ("recall_version".into(), env!("CARGO_PKG_VERSION").into()),
+        ("run_dir".into(), std::path::absolute(run_dir)?.display().to_string()),
+    ];
+    if let Ok(parent) = std::env::var("RECALL_MLFLOW_PARENT_RUN_ID") {
+        tags.push(("mlflow.parentRunId".into(), parent));
+    }
+    for (k, v) in c.tracking.iter().flat_map(|t| &t.tags) {
+        tags.push((k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())));
+    }
+    let experiment = c
+        .tracking
+        .as_ref()
+        .and_then(|t| t.experiment.clone())
+        .or_else(|| std::env::var("RECALL_SWEEP_NAME").ok())
+        .unwrap_or_else(|| c.experiment.name.clone());
+    let name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    tracking.log(crate::tracking::Event::Start {
+        experiment,
+        name,
+        tags,
+        params,
+        time_ms: crate::tracking::now_ms(),
+    })?;
+    Ok(tracking)
+}

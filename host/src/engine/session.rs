@@ -1,0 +1,172 @@
+//! Everything a run builds before its first step: the model, the strategies and evaluators,
+//! the frozen copies strategies ask for, and the data.
+
+use anyhow::{bail, Context};
+
+use super::step::copy_parameters;
+use crate::config::LoadedConfig;
+use crate::data::{self, TaskData};
+use crate::loader::Registry;
+use crate::model::{locate_failure, Model, Teacher};
+use crate::plugin::{EvaluatorInstance, StrategyInstance};
+use crate::runtime::Runtime;
+
+/// Load (or generate) every task's data at the model's preprocessing.
+pub fn load_tasks(cfg: &LoadedConfig, pre: &crate::data::preprocess::Preprocess) -> anyhow::Result<Vec<TaskData>> {
+    load_sets(cfg, &cfg.config.tasks, "task", pre)
+}
+
+fn load_sets(
+    cfg: &LoadedConfig,
+    sets: &[crate::config::TaskSection],
+    key: &str,
+    pre: &crate::data::preprocess::Preprocess,
+) -> anyhow::Result<Vec<TaskData>> {
+    let need_test = key != "reference";
+    sets.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let d = data::load(t, pre, cfg.config.experiment.seed)
+                .with_context(|| format!("{}: loading the data of {key}[{i}] `{}`", cfg.file, t.name))?;
+            if need_test && d.test.is_empty() {
+                bail!("{}: {key}[{i}] `{}` has no test examples; check its path, filters and test_fraction", cfg.file, t.name);
+            }
+            tracing::info!(set = %t.name, train = d.train.len(), test = d.test.len(), skipped = d.skipped.len(), "data loaded");
+            Ok(d)
+        })
+        .collect()
+}
+
+/// What the engine builds from a config before it owns a run directory, and what every
+/// training step reads: built once per run (and by `recall bench`).
+pub struct Session<'c> {
+    pub cfg: &'c LoadedConfig,
+    pub model: Model,
+    pub strategies: Vec<StrategyInstance>,
+    pub task_evaluators: Vec<EvaluatorInstance>,
+    pub zeroshot_evaluators: Vec<EvaluatorInstance>,
+    /// A frozen copy for strategies that compare against the old model (CKC, LwF): its
+    /// parameters are overwritten with the trained ones before each task.
+    pub old_model: Option<Model>,
+    /// The model as it was before the first task, for strategies that distil from it (ZSCL).
+    pub initial_model: Option<Model>,
+    /// A frozen teacher (TokLIP's distillation).
+    pub teacher: Option<Teacher>,
+    /// `[reference]` data the initial model is compared on.
+    pub reference: Option<TaskData>,
+    pub tasks: Vec<TaskData>,
+    pub heldout_sets: Vec<TaskData>,
+}
+
+impl<'c> Session<'c> {
+    /// Build the model, its plugins and the data; every error names the key at fault.
+    pub fn prepare(cfg: &'c LoadedConfig, registry: &Registry) -> anyhow::Result<Self> {
+        let c = &cfg.config;
+        let model = build_model(cfg, registry)?;
+        let rt = model.runtime.clone();
+        let strategies = c
+            .strategies
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let p = registry
+                    .get(&s.plugin, "strategy")
+                    .map_err(|m| cfg.error_at(&format!("strategy[{i}].plugin"), m))?;
+                StrategyInstance::create(p, &rt, &format!("strategy.{i}."), &s.options_text())
+                    .map_err(|e| anyhow::Error::new(locate_failure(cfg, &format!("strategy[{i}]"), e)))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (task_evaluators, zeroshot_evaluators) = build_evaluators(cfg, registry, &rt)?;
+        // Every optimizer group must match a trainable parameter (strategies' included):
+        // checked now, before a run directory exists, not when the first task starts.
+        crate::optim::group_settings(&rt.params(), &c.optimizer).map_err(|e| cfg.error_at(&e.key(), e.message))?;
+        if !c.zeroshot.is_empty() && zeroshot_evaluators.is_empty() {
+            bail!(
+                "{}: the experiment declares [[zeroshot]] sets but no evaluator judges them; add \
+                 `[[evaluator]] plugin = \"zeroshot\"` with `suite = \"zeroshot\"`",
+                cfg.file
+            );
+        }
+        let any = |ask: fn(&StrategyInstance) -> Result<bool, crate::plugin::PluginFailure>| -> anyhow::Result<bool> {
+            Ok(strategies.iter().map(ask).collect::<Result<Vec<_>, _>>()?.into_iter().any(|w| w))
+        };
+        let old_model = if any(StrategyInstance::wants_old_model)? { Some(Model::build(cfg, registry)?) } else { None };
+        // Copied now, before a resumed run loads its checkpoint.
+        let wants_initial = any(StrategyInstance::wants_initial_model)?;
+        let initial_model = if wants_initial {
+            let m = Model::build(cfg, registry)?;
+            copy_parameters(&model, &m)?;
+            Some(m)
+        } else {
+            None
+        };
+        let teacher = match &c.teacher {
+            Some(t) => Some(Teacher::build(t, &c.experiment, cfg, registry)?),
+            None => None,
+        };
+        let reference = match (&c.reference, wants_initial) {
+            (Some(r), true) => {
+                let d = load_sets(cfg, std::slice::from_ref(r), "reference", &model.preprocess)?.remove(0);
+                if d.train.is_empty() {
+                    bail!("{}: the [reference] data has no training examples to draw batches from", cfg.file);
+                }
+                Some(d)
+            }
+            _ => None,
+        };
+        let tasks = load_tasks(cfg, &model.preprocess)?;
+        let heldout_sets = load_sets(cfg, &c.zeroshot, "zeroshot", &model.preprocess)?;
+        Ok(Session {
+            cfg,
+            model,
+            strategies,
+            task_evaluators,
+            zeroshot_evaluators,
+            old_model,
+            initial_model,
+            teacher,
+            reference,
+            tasks,
+            heldout_sets,
+        })
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.model.runtime
+    }
+}
+
+/// The model with its code cache when `[train] cache_image_codes` asks for one.
+fn build_model(cfg: &LoadedConfig, registry: &Registry) -> anyhow::Result<Model> {
+    let mut model = Model::build(cfg, registry)?;
+    if cfg.config.train.cache_image_codes {
+        if model.image_tokenizer.is_none() {
+            return Err(cfg
+                .error_at("train.cache_image_codes", "[train] cache_image_codes = true, but there is no [model.image_tokenizer] whose codes could be cached; drop the setting")
+                .into());
+        }
+        model.code_cache = Some(Default::default());
+    }
+    Ok(model)
+}
+
+/// The evaluators of the task suite and of the zero-shot suite.
+fn build_evaluators(
+    cfg: &LoadedConfig,
+    registry: &Registry,
+    rt: &std::rc::Rc<Runtime>,
+) -> anyhow::Result<(Vec<EvaluatorInstance>, Vec<EvaluatorInstance>)> {
+    let mut tasks = Vec::new();
+    let mut zeroshot = Vec::new();
+    for (i, s) in cfg.config.evaluators.iter().enumerate() {
+        let p = registry.get(&s.plugin, "evaluator").map_err(|m| cfg.error_at(&format!("evaluator[{i}].plugin"), m))?;
+        let e = EvaluatorInstance::create(p, rt, &s.options_text())
+            .map_err(|e| anyhow::Error::new(locate_failure(cfg, &format!("evaluator[{i}]"), e)))?;
+        if s.suite == "zeroshot" {
+            zeroshot.push(e)
+        } else {
+            tasks.push(e)
+        }
+    }
+    Ok((tasks, zeroshot))
+}

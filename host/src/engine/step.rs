@@ -1,0 +1,441 @@
+//! The training step and what it needs: batches, the precision policy, the reference and
+//! old-model features, the gradient pass for strategies that read gradients.
+
+use anyhow::{bail, Context};
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use recall_sdk::TaskInfo;
+
+use super::session::Session;
+use crate::data::{self, TaskData};
+use crate::model::Model;
+use crate::optim::{clip_factor, AdamW};
+use crate::plugin::StrategyInstance;
+use crate::runtime::ops;
+use crate::runtime::Runtime;
+
+/// `[train] precision` and `eval_precision` applied to a runtime: under mixed precision the
+/// masters stay in full precision and the ops compute lower (see `runtime`).
+#[derive(Clone, Copy)]
+pub struct Precision {
+    compute: candle_core::DType,
+    full: candle_core::DType,
+    eval_full: bool,
+}
+
+impl Precision {
+    /// Set the runtime's compute dtype for training.
+    pub fn start(train: &crate::config::TrainSection, rt: &Runtime) -> anyhow::Result<Self> {
+        let full = rt.float_dtype();
+        let compute = match train.precision.as_str() {
+            "bf16" => candle_core::DType::BF16,
+            "f16" => candle_core::DType::F16,
+            _ => full,
+        };
+        let p = Precision { compute, full, eval_full: train.eval_precision == "f32" };
+        if p.mixed() {
+            rt.set_compute_dtype(compute).map_err(anyhow::Error::msg)?;
+        }
+        Ok(p)
+    }
+
+    fn mixed(&self) -> bool {
+        self.compute != self.full
+    }
+
+    /// Before a training step: casts of the masters as the optimizer left them.
+    pub fn before_step(&self, rt: &Runtime) -> anyhow::Result<()> {
+        if self.mixed() {
+            rt.refresh_views().map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    }
+
+    /// Run `f` (an evaluation) at the evaluation precision.
+    pub fn evaluating<T>(&self, rt: &Runtime, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let switch = self.mixed() && self.eval_full;
+        if switch {
+            rt.set_compute_dtype(self.full).map_err(anyhow::Error::msg)?;
+        }
+        let out = f();
+        if switch {
+            rt.set_compute_dtype(self.compute).map_err(anyhow::Error::msg)?;
+        }
+        out
+    }
+}
+
+/// Shuffle a task's examples and cut them into batches of at least 2, each image with one of
+/// its captions drawn from `rng`.
+pub(crate) fn batches<'a>(
+    train: &'a [data::Example],
+    bs: usize,
+    rng: &mut StdRng,
+) -> Vec<(Vec<&'a data::Example>, Vec<String>)> {
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    order.shuffle(rng);
+    let mut out = Vec::new();
+    for chunk in order.chunks(bs) {
+        if chunk.len() < 2 {
+            continue;
+        }
+        let examples: Vec<&data::Example> = chunk.iter().map(|&i| &train[i]).collect();
+        let captions =
+            examples.iter().map(|e| e.captions[rand::Rng::random_range(rng, 0..e.captions.len())].clone()).collect();
+        out.push((examples, captions));
+    }
+    out
+}
+
+/// The reference batch for strategies that distil from the initial model: encoded by the
+/// model being trained (in the graph) and by the frozen initial model. Without `[reference]`
+/// data the current batch is the reference. Returns [reference image, reference text,
+/// initial image, initial text, initial logit scale].
+pub(crate) fn reference_features(
+    model: &Model,
+    initial: &Model,
+    reference: Option<&TaskData>,
+    bs: usize,
+    rng: &mut StdRng,
+    current: (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
+) -> anyhow::Result<[Tensor; 5]> {
+    let (pixels, ids, mask, img, txt) = current;
+    let (student_img, student_txt, pixels, ids, mask) = match reference {
+        None => (img.clone(), txt.clone(), pixels.clone(), ids.clone(), mask.clone()),
+        Some(r) => {
+            let rt = &model.runtime;
+            let examples: Vec<&data::Example> =
+                (0..bs).map(|_| &r.train[rand::Rng::random_range(rng, 0..r.train.len())]).collect();
+            let captions: Vec<String> = examples
+                .iter()
+                .map(|e| e.captions[rand::Rng::random_range(rng, 0..e.captions.len())].clone())
+                .collect();
+            let px = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
+            let (ids, mask) = model.tokenize(&captions)?;
+            (model.encode_images(&px)?, model.encode_texts(&ids, &mask)?, px, ids, mask)
+        }
+    };
+    Ok([
+        student_img,
+        student_txt,
+        initial.encode_images(&pixels)?.detach(),
+        initial.encode_texts(&ids, &mask)?.detach(),
+        initial.logit_scale.detach(),
+    ])
+}
+
+/// Gradients of the task loss on batches of the finished task, for strategies that ask
+/// (EWC's Fisher). Parameters are not updated.
+pub(crate) fn gradient_pass(
+    model: &Model,
+    strategies: &[StrategyInstance],
+    task: &TaskData,
+    info: &TaskInfo,
+    bs: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let wanted: Vec<(usize, &StrategyInstance)> = strategies
+        .iter()
+        .map(|s| s.gradient_batches().map(|n| (n, s)))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .collect();
+    let Some(most) = wanted.iter().map(|(n, _)| *n).max() else { return Ok(()) };
+    let rt = &model.runtime;
+    // Evaluation mode: no dropout, so the gradients are those of the trained function.
+    rt.set_training(false);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6772_6164 ^ info.index);
+    for (b, (examples, captions)) in batches(&task.train, bs, &mut rng).into_iter().take(most).enumerate() {
+        let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
+        let (ids, mask) = model.tokenize(&captions)?;
+        let img = model.encode_images(&pixels)?;
+        let txt = model.encode_texts(&ids, &mask)?;
+        let loss = ops::clip_loss(&img, &txt, &model.logit_scale)?;
+        rt.set_grads(Some(loss.backward()?));
+        let hooks = wanted.iter().filter(|(n, _)| b < *n).try_for_each(|(_, s)| s.on_gradients(info, b as u64));
+        rt.set_grads(None);
+        hooks?;
+    }
+    Ok(())
+}
+
+/// Overwrite the frozen copy's parameters with the trained model's (same names: both were
+/// built from one config); the one copy per task that strategies comparing against the old
+/// model need.
+pub(crate) fn copy_parameters(from: &Model, to: &Model) -> anyhow::Result<()> {
+    let src = from.runtime.params();
+    let dst = to.runtime.params();
+    for p in dst.iter() {
+        let q = src.get(&p.name).with_context(|| format!("the old-model copy has `{}`, the model does not", p.name))?;
+        p.var.set(&q.var.as_tensor().detach())?;
+    }
+    Ok(())
+}
+
+/// CLIP clamps `logit_scale` to [0, ln 100].
+pub(crate) fn clamp_logit_scale(model: &Model) -> anyhow::Result<()> {
+    let v = model.logit_scale.clamp(0.0, 100f64.ln())?;
+    model.runtime.param_assign(&model.logit_scale, &v).map_err(anyhow::Error::msg)
+}
+
+/// What one task's training steps share.
+pub struct TaskSteps<'a> {
+    pub session: &'a Session<'a>,
+    pub precision: Precision,
+    /// The frozen model as it was after the previous task, for strategies that ask for it.
+    pub old: Option<&'a Model>,
+    pub task_name: &'a str,
+    /// Draws the `[reference]` batches (ZSCL).
+    pub ref_rng: StdRng,
+}
+
+/// What one step reports.
+pub struct StepStats {
+    /// The total loss, and each term (`clip` is the task loss).
+    pub loss: f64,
+    pub terms: Vec<(String, f64)>,
+    /// Device memory in use after forward and after backward (CUDA), at its larger.
+    pub peak_memory: Option<u64>,
+    /// The autograd graph the step's backward walked, when [`StepProbe::count_graph`] is set.
+    pub graph: Option<GraphSize>,
+}
+
+/// Extra measurements of a step for `recall bench`; the training loop asks for none.
+#[derive(Default)]
+pub struct StepProbe {
+    /// Wall time per phase; each boundary synchronises the device.
+    pub phases: Option<PhaseClock>,
+    /// Walk the graph before backward to count its nodes and the bytes they hold.
+    pub count_graph: bool,
+}
+
+/// The phases a step's time is split into.
+pub const PHASES: [&str; 4] = ["batch", "forward", "backward", "optimizer"];
+
+/// Times the phases of a step, synchronising the device at each boundary so each phase's
+/// queued work is charged to it.
+pub struct PhaseClock {
+    device: candle_core::Device,
+    last: std::time::Instant,
+    pub seconds: [f64; 4],
+}
+
+impl PhaseClock {
+    pub fn new(device: &candle_core::Device) -> Self {
+        PhaseClock { device: device.clone(), last: std::time::Instant::now(), seconds: [0.0; 4] }
+    }
+
+    fn start(&mut self) -> candle_core::Result<()> {
+        self.device.synchronize()?;
+        self.last = std::time::Instant::now();
+        Ok(())
+    }
+
+    fn end(&mut self, phase: usize) -> candle_core::Result<()> {
+        self.device.synchronize()?;
+        let now = std::time::Instant::now();
+        self.seconds[phase] += (now - self.last).as_secs_f64();
+        self.last = now;
+        Ok(())
+    }
+}
+
+fn mark(probe: &mut StepProbe, phase: usize) -> candle_core::Result<()> {
+    match &mut probe.phases {
+        Some(clock) => clock.end(phase),
+        None => Ok(()),
+    }
+}
+
+/// Nodes of an autograd graph and the bytes their outputs hold until backward frees them.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct GraphSize {
+    pub nodes: usize,
+    pub bytes: u64,
+}
+
+impl GraphSize {
+    /// Every node that tracks a gradient, from `root` back to the variables; a storage shared
+    /// by several views counts once, as far as its views reach.
+    pub fn of(root: &Tensor) -> Self {
+        let nodes = root.sorted_nodes();
+        let mut storages: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+        for t in &nodes {
+            if t.is_variable() {
+                continue;
+            }
+            let (storage, layout) = t.storage_and_layout();
+            let key = &*storage as *const candle_core::Storage as usize;
+            let bytes = (extent(layout) * t.dtype().size_in_bytes()) as u64;
+            let held = storages.entry(key).or_default();
+            *held = (*held).max(bytes);
+        }
+        GraphSize { nodes: nodes.len(), bytes: storages.values().sum() }
+    }
+}
+
+/// Elements of its storage a view reaches: a broadcast (stride 0) dimension reaches one.
+fn extent(layout: &candle_core::Layout) -> usize {
+    if layout.dims().contains(&0) {
+        return 0;
+    }
+    let last: usize = layout.dims().iter().zip(layout.stride()).map(|(d, s)| (d - 1) * s).sum();
+    layout.start_offset() + last + 1
+}
+
+impl TaskSteps<'_> {
+    /// One training step on a batch: forward (the model, the old model, the teacher and the
+    /// reference batch as the strategies ask), the task loss plus every strategy's terms, one
+    /// backward pass, clipping, the AdamW update. The losses are read back once.
+    pub fn step(
+        &mut self,
+        opt: &mut AdamW,
+        batch: (&[&data::Example], &[String]),
+        global_step: usize,
+        lr_factor: f64,
+        probe: &mut StepProbe,
+    ) -> anyhow::Result<StepStats> {
+        let (examples, captions) = batch;
+        let s = self.session;
+        let (model, rt) = (&s.model, s.runtime());
+        if let Some(clock) = &mut probe.phases {
+            clock.start()?;
+        }
+        rt.set_training(true);
+        self.precision.before_step(rt)?;
+        for st in &s.strategies {
+            st.before_step(global_step as u64)?;
+        }
+        let pixels = data::pixel_batch(examples, &model.preprocess, rt.device(), rt.compute_dtype())?;
+        let (ids, mask) = model.tokenize(captions)?;
+        mark(probe, 0)?;
+        let img = model.encode_examples(examples, &pixels)?;
+        // Read now: later forwards of the model (reference batches) replace them.
+        let image_tokens = model.image_tokens()?;
+        let txt = model.encode_texts(&ids, &mask)?;
+        let loss = ops::clip_loss(&img, &txt, &model.logit_scale)?;
+        let old_features = match self.old {
+            Some(m) => Some((
+                m.encode_images(&pixels)?.detach(),
+                m.encode_texts(&ids, &mask)?.detach(),
+                m.logit_scale.detach(),
+            )),
+            None => None,
+        };
+        let mut inputs: Vec<(&str, &Tensor)> = vec![
+            ("image_features", &img),
+            ("text_features", &txt),
+            ("logit_scale", &model.logit_scale),
+            ("pixel_values", &pixels),
+            ("input_ids", &ids),
+        ];
+        if let Some(tokens) = &image_tokens {
+            inputs.push(("image_tokens", tokens));
+        }
+        let teacher_features = match &s.teacher {
+            Some(t) => {
+                let tp = data::pixel_batch(examples, &t.preprocess, rt.device(), rt.float_dtype())?;
+                let features = t.encode_images(&tp)?;
+                Some((features, t.image_tokens()))
+            }
+            None => None,
+        };
+        if let Some((features, tokens)) = &teacher_features {
+            inputs.push(("teacher_image_features", features));
+            if let Some(tokens) = tokens {
+                inputs.push(("teacher_image_tokens", tokens));
+            }
+        }
+        if let Some((oi, ot, os)) = &old_features {
+            inputs.push(("old_image_features", oi));
+            inputs.push(("old_text_features", ot));
+            inputs.push(("old_logit_scale", os));
+        }
+        let reference_features = match &s.initial_model {
+            Some(im) => Some(reference_features(
+                model,
+                im,
+                s.reference.as_ref(),
+                s.cfg.config.train.batch_size,
+                &mut self.ref_rng,
+                (&pixels, &ids, &mask, &img, &txt),
+            )?),
+            None => None,
+        };
+        if let Some([ri, rt_, ii, it, is]) = &reference_features {
+            inputs.push(("reference_image_features", ri));
+            inputs.push(("reference_text_features", rt_));
+            inputs.push(("initial_image_features", ii));
+            inputs.push(("initial_text_features", it));
+            inputs.push(("initial_logit_scale", is));
+        }
+        let mut names = vec!["clip".to_string()];
+        let mut values = vec![loss.to_dtype(candle_core::DType::F32)?];
+        let mut total = loss.clone();
+        for st in &s.strategies {
+            for (name, term) in st.loss_terms(&inputs)? {
+                if term.elem_count() != 1 {
+                    bail!(
+                        "strategy `{}` returned loss term `{name}` with shape {:?}; loss terms must be scalars",
+                        st.plugin,
+                        term.dims()
+                    );
+                }
+                let term = term.reshape(())?.to_dtype(total.dtype())?;
+                values.push(term.to_dtype(candle_core::DType::F32)?);
+                names.push(name);
+                total = total.broadcast_add(&term)?;
+            }
+        }
+        values.push(total.to_dtype(candle_core::DType::F32)?);
+        // The one read back of the forward: every term and the total.
+        let read = crate::runtime::counters::read_back(|| Tensor::stack(&values, 0)?.to_vec1::<f32>())?;
+        let value = f64::from(read[read.len() - 1]);
+        if !value.is_finite() {
+            bail!(
+                "the loss became {value} at step {global_step} of task `{}`; lower the learning rate or enable grad_clip",
+                self.task_name
+            );
+        }
+        let terms = names.into_iter().zip(read.iter().map(|&v| f64::from(v))).collect();
+        let graph = probe.count_graph.then(|| GraphSize::of(&total));
+        mark(probe, 1)?;
+        let mut peak_memory = crate::runtime::device_memory_in_use(rt.device());
+        let grads = total.backward()?;
+        // The graph goes now: nothing of the forward outlives backward.
+        drop(inputs);
+        drop((old_features, teacher_features, reference_features, total, loss, img, txt, pixels));
+        peak_memory = peak_memory.max(crate::runtime::device_memory_in_use(rt.device()));
+        mark(probe, 2)?;
+        rt.set_grads(Some(grads));
+        let hooks = s.strategies.iter().try_for_each(|st| st.after_backward(global_step as u64));
+        let grads = rt.set_grads(None).expect("gradients were set above");
+        hooks?;
+        let scale = match s.cfg.config.optimizer.grad_clip {
+            Some(max) => {
+                let norm = crate::runtime::counters::read_back(|| opt.grad_norm(&grads))?;
+                if !norm.is_finite() {
+                    let why = opt.diagnose_non_finite_norm(&grads)?;
+                    bail!(
+                        "the gradient norm became {norm} at step {global_step} of task `{}` ({why}); lower the \
+                         learning rate or the loss weights",
+                        self.task_name
+                    );
+                }
+                clip_factor(norm, Some(max))
+            }
+            None => 1.0,
+        };
+        opt.step(&grads, lr_factor, scale)?;
+        drop(grads);
+        clamp_logit_scale(model)?;
+        for st in &s.strategies {
+            st.after_step(global_step as u64)?;
+        }
+        mark(probe, 3)?;
+        Ok(StepStats { loss: value, terms, peak_memory, graph })
+    }
+}

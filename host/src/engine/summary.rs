@@ -1,0 +1,146 @@
+//! The end of a run: the continual-learning summaries of its result matrices, the table on
+//! the terminal, summary.json, the R-matrix CSVs and the last tracking events.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::session::Session;
+use super::store::Progress;
+use super::{DataCounts, Performance, RunSummary};
+use crate::fsutil::write_atomic;
+use crate::tracking::{now_ms, Event, Tracking};
+
+/// The summary of a finished run.
+pub(crate) fn build(
+    session: &Session,
+    p: Progress,
+    run_dir: &Path,
+    peak_memory: Option<u64>,
+) -> anyhow::Result<RunSummary> {
+    let c = &session.cfg.config;
+    let rt = session.runtime();
+    // Evaluators may report a metric's chance level as `{metric}_chance` (what a random model
+    // scores on the split): it is FWT's random baseline, not a score of its own.
+    let continual: BTreeMap<String, crate::metrics::ClSummary> = p
+        .results
+        .metric_names()
+        .into_iter()
+        .filter(|m| !m.ends_with("_chance"))
+        .filter_map(|m| {
+            let chance: Option<Vec<f64>> =
+                p.results.rows.first()?.iter().map(|cell| cell.get(&format!("{m}_chance")).copied()).collect();
+            crate::metrics::summarize(&p.results.metric(&m), chance.as_deref()).ok().map(|s| (m, s))
+        })
+        .collect();
+    let performance_drop: BTreeMap<String, BTreeMap<String, f64>> = p
+        .heldout
+        .metric_names()
+        .into_iter()
+        .filter(|m| !m.ends_with("_chance"))
+        .map(|m| {
+            let pd = crate::metrics::performance_drop(&p.heldout.metric(&m));
+            (m, p.heldout.tasks.iter().cloned().zip(pd).collect())
+        })
+        .collect();
+    let data = session
+        .tasks
+        .iter()
+        .chain(&session.heldout_sets)
+        .map(|t| (t.name.clone(), DataCounts { train: t.train.len(), test: t.test.len(), skipped: t.skipped.len() }))
+        .collect();
+    Ok(RunSummary {
+        name: c.experiment.name.clone(),
+        seed: c.experiment.seed,
+        run_dir: run_dir.to_path_buf(),
+        trainable_parameters: session.model.trainable_parameters(),
+        total_parameters: rt.params().iter().map(|p| p.var.elem_count()).sum::<usize>(),
+        batch_size: c.train.batch_size,
+        epoch_losses: p.epoch_losses,
+        epoch_terms: p.epoch_terms,
+        results: p.results,
+        heldout: p.heldout,
+        continual,
+        performance_drop,
+        data,
+        steps: p.global_step,
+        train_seconds: p.train_seconds,
+        performance: Performance {
+            precision: c.train.precision.clone(),
+            device: format!("{:?}", rt.device()),
+            steps_per_second: p.global_step as f64 / p.step_seconds.max(1e-9),
+            images_per_second: p.images_seen as f64 / p.step_seconds.max(1e-9),
+            memory_kind: if peak_memory.is_some() { "device".into() } else { "host-rss".into() },
+            peak_memory_bytes: peak_memory.or_else(crate::runtime::peak_rss),
+        },
+    })
+}
+
+/// The continual summary table and the performance drops.
+pub(crate) fn print(summary: &RunSummary, shown: &[String]) {
+    println!(
+        "\n{:<26}{:>9}{:>9}{:>9}{:>12}{:>10}{:>9}",
+        "continual summary", "last", "avg", "bwt", "forgetting", "transfer", "fwt"
+    );
+    for m in shown {
+        if let Some(s) = summary.continual.get(m) {
+            let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+            println!(
+                "{:<26}{:>9.2}{:>9.2}{:>9}{:>12}{:>10.2}{:>9}",
+                m,
+                s.last,
+                s.avg,
+                opt(s.bwt),
+                opt(s.forgetting),
+                s.transfer,
+                opt(s.fwt)
+            );
+        }
+    }
+    for (m, sets) in &summary.performance_drop {
+        for (set, pd) in sets {
+            println!("PD {m:<23} {set:<20} {pd:>8.2}");
+        }
+    }
+}
+
+/// The R-matrix CSVs and summary.json, then the final metrics, artifacts and end event.
+pub(crate) fn write(summary: &RunSummary, run_dir: &Path, tracking: &mut Tracking) -> anyhow::Result<()> {
+    for (suite, m) in [("", &summary.results), ("zeroshot__", &summary.heldout)] {
+        for name in m.metric_names() {
+            let values = m.metric(&name);
+            let mut csv = format!("stage,{}\n", m.tasks.join(","));
+            for (t, row) in values.iter().enumerate() {
+                csv.push_str(&format!("{t},{}\n", row.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(",")));
+            }
+            let file = format!("{suite}{}.csv", name.replace('/', "__"));
+            write_atomic(&run_dir.join("r_matrix").join(file), csv.as_bytes())?;
+        }
+    }
+    write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(summary)?.as_bytes())?;
+    let t = summary.results.tasks.len() as u64;
+    let mut metrics = Vec::new();
+    for (m, s) in &summary.continual {
+        for (k, v) in [("last", Some(s.last)), ("avg", Some(s.avg)), ("bwt", s.bwt), ("forgetting", s.forgetting)] {
+            if let Some(v) = v {
+                metrics.push((format!("continual/{m}/{k}"), v, t));
+            }
+        }
+    }
+    for (m, sets) in &summary.performance_drop {
+        for (set, v) in sets {
+            metrics.push((format!("pd/{m}/{set}"), *v, t));
+        }
+    }
+    metrics.push(("train_seconds".into(), summary.train_seconds, t));
+    tracking.record(Event::Metrics { metrics, time_ms: now_ms() })?;
+    let mut files = vec!["config.resolved.toml".to_string(), "summary.json".into(), "splits.json".into()];
+    let mut csvs: Vec<String> = std::fs::read_dir(run_dir.join("r_matrix"))?
+        .filter_map(|e| e.ok().map(|e| format!("r_matrix/{}", e.file_name().to_string_lossy())))
+        .collect();
+    csvs.sort();
+    files.extend(csvs);
+    for f in files {
+        tracking.record(Event::Artifact { path: f })?;
+    }
+    tracking.log(Event::End { status: "FINISHED".into(), time_ms: now_ms() })
+}
