@@ -114,7 +114,7 @@ struct Update {
 }
 
 impl Update {
-    fn apply<T: WithDType + num_float::Sqrt>(&self, p: &mut [T], m: &[T], v: &[T]) {
+    fn apply<T: WithDType + num_float::Sqrt + std::ops::SubAssign>(&self, p: &mut [T], m: &[T], v: &[T]) {
         let c = &self.c;
         let zero = T::from_f64(0.0);
         let (inv_c1, inv_c2) = (T::from_f64(1.0 / c.c1), T::from_f64(1.0 / c.c2));
@@ -127,7 +127,7 @@ impl Update {
             if c.weight_decay != 0.0 {
                 *p = *p * decay + zero;
             }
-            *p = *p - (update * lr + zero);
+            *p -= update * lr + zero;
         }
     }
 }

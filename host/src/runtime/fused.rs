@@ -12,7 +12,9 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 use rayon::prelude::*;
 
 /// The float types the CPU kernels are written for.
-pub(crate) trait Real: candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign {
+pub(crate) trait Real:
+    candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + std::ops::DivAssign
+{
     fn of(v: f64) -> Self;
     fn exp(self) -> Self;
     fn max(self, o: Self) -> Self;
@@ -261,7 +263,7 @@ fn softmax_fwd<T: Real>(op: &ScaledSoftmax, x: &[T], lq: usize, lk: usize) -> Cp
             sum += e;
         }
         for o in &mut out[..keep] {
-            *o = *o / sum;
+            *o /= sum;
         }
     });
     T::to_cpu_storage_owned(y)
@@ -462,7 +464,7 @@ mod tests {
         for causal in [false, true] {
             // Lk > Lq: the causal window is aligned to the end.
             let x = randt(&[2, 3, 4, 6], 11);
-            grad_check("fused scaled_softmax", &[x.clone()], |t| super::scaled_softmax(&t[0], 0.7, causal));
+            grad_check("fused scaled_softmax", std::slice::from_ref(&x), |t| super::scaled_softmax(&t[0], 0.7, causal));
             let composed = |t: &[Tensor]| {
                 let (lq, lk) = (4, 6);
                 let mask: Vec<f32> =
@@ -500,7 +502,7 @@ mod tests {
     #[test]
     fn quick_gelu_gradient_matches_finite_differences_and_the_composed_op() {
         let x = (randt(&[4, 9], 31) * 4.0).unwrap();
-        grad_check("fused quick_gelu", &[x.clone()], |t| super::quick_gelu(&t[0]));
+        grad_check("fused quick_gelu", std::slice::from_ref(&x), |t| super::quick_gelu(&t[0]));
         agree("quick_gelu", &[x], |t| super::quick_gelu(&t[0]).unwrap(), |t| ops::quick_gelu_composed(&t[0]).unwrap());
     }
 

@@ -88,8 +88,19 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
 }
 
-/// Batched matmul with broadcasting over leading dims.
+/// Batched matmul with broadcasting over leading dims. A matrix on the right (a linear
+/// layer's weight) takes one GEMM over all of the left's rows, as PyTorch's linear does:
+/// broadcasting the matrix instead would run one small GEMM per leading index forward and
+/// sum a broadcast gradient backward.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.rank() > 2 && b.rank() == 2 {
+        let (lead, k) = a.dims().split_at(a.rank() - 1);
+        let rows = lead.iter().product::<usize>();
+        let y = matmul_ready(&a.reshape((rows, k[0]))?)?.matmul(&matmul_ready(b)?)?;
+        let mut dims = lead.to_vec();
+        dims.push(b.dim(1)?);
+        return y.reshape(dims);
+    }
     matmul_ready(a)?.broadcast_matmul(&matmul_ready(b)?)
 }
 
