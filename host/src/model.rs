@@ -439,6 +439,16 @@ impl Model {
         Ok(())
     }
 
+    /// Make every parameter a constant in the graph: a frozen copy of the model (the old or
+    /// the initial model) then records no autograd graph in its forwards. Its values still
+    /// follow `Var::set` (`engine::copy_parameters`).
+    pub fn freeze_all(&self) {
+        for p in self.runtime.params_mut().iter_mut() {
+            p.trainable = false;
+        }
+        self.runtime.detach_frozen();
+    }
+
     /// Image features [B, D] for normalised pixels [B, 3, S, S].
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
         let codes = match &self.image_tokenizer {

@@ -94,6 +94,26 @@ fn a_gradient_norm_that_overflows_is_an_error_naming_the_gradient() {
 }
 
 #[test]
+fn a_batch_whose_activations_cannot_fit_is_refused_with_the_figure_before_a_run_exists() {
+    let d = Dir::new();
+    // About 100 M parameters (1.6 GiB to train) fit; 256 examples of 257 tokens at width 1024
+    // keep tens of GiB of activations for backward.
+    let text = SMALL_EXPERIMENT
+        .replace("image_size = 16\npatch_size = 8", "image_size = 64\npatch_size = 4")
+        .replace("width = 32\nlayers = 2\nheads = 2", "width = 1024\nlayers = 4\nheads = 8")
+        .replace("batch_size = 16", "batch_size = 256")
+        .replace("train_per_combo = 2", "train_per_combo = 64");
+    let file = d.experiment("big.toml", &text);
+    let out = d.recall(&["run", "-q", file.to_str().unwrap(), "--run-dir", "run"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("a training step does not fit: at batch_size = 256 it needs at least"), "{err}");
+    assert!(err.contains("of activations, measured on 2 examples and scaled"), "{err}");
+    assert!(err.contains("big.toml:"), "the error points at the file: {err}");
+    assert!(!d.path("run").join("progress.json").exists(), "nothing of a run is written");
+}
+
+#[test]
 fn out_of_range_keys_and_duplicate_task_names_are_located_errors() {
     let d = Dir::new();
     let file = d.experiment("x.toml", SMALL_EXPERIMENT);

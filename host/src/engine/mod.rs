@@ -6,6 +6,7 @@
 //! clipping, an AdamW step under the warmup + cosine schedule.
 
 mod evaluate;
+pub mod memory;
 mod session;
 mod step;
 mod store;
@@ -132,6 +133,8 @@ fn task_seed(seed: u64, task: usize) -> u64 {
 /// Run an experiment end to end (or continue it: `opts.resume`).
 pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let session = Session::prepare(cfg, registry)?;
+    // Before the run directory exists: a step that cannot fit leaves nothing behind.
+    memory::check_step_fits(&session)?;
     let mut run = Run::open(&session, registry, opts)?;
     run.evaluate_initial_model()?;
     for t_idx in run.progress.finished_tasks..session.tasks.len() {

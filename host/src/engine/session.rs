@@ -90,11 +90,16 @@ impl<'c> Session<'c> {
         let any = |ask: fn(&StrategyInstance) -> Result<bool, crate::plugin::PluginFailure>| -> anyhow::Result<bool> {
             Ok(strategies.iter().map(ask).collect::<Result<Vec<_>, _>>()?.into_iter().any(|w| w))
         };
-        let old_model = if any(StrategyInstance::wants_old_model)? { Some(Model::build(cfg, registry)?) } else { None };
+        let frozen_copy = || -> anyhow::Result<Model> {
+            let m = Model::build(cfg, registry)?;
+            m.freeze_all();
+            Ok(m)
+        };
+        let old_model = if any(StrategyInstance::wants_old_model)? { Some(frozen_copy()?) } else { None };
         // Copied now, before a resumed run loads its checkpoint.
         let wants_initial = any(StrategyInstance::wants_initial_model)?;
         let initial_model = if wants_initial {
-            let m = Model::build(cfg, registry)?;
+            let m = frozen_copy()?;
             copy_parameters(&model, &m)?;
             Some(m)
         } else {

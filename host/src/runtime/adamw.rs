@@ -21,17 +21,19 @@ pub struct AdamWStep {
     pub grad_scale: f64,
 }
 
-/// Whether the in-place kernels serve this parameter and its state.
+/// Whether the in-place kernels serve this parameter and its state: contiguous CPU floats of
+/// one shape and dtype (the gradient may be any layout: it is copied once if it must be).
 pub fn applies(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
-    let ts = [p, m, v, g];
-    ts.iter().all(|t| t.device().is_cpu() && t.is_contiguous() && t.dtype() == p.dtype() && t.dims() == p.dims())
-        && matches!(p.dtype(), DType::F32 | DType::F64)
+    let same = |t: &Tensor| t.device().is_cpu() && t.dtype() == p.dtype() && t.dims() == p.dims();
+    [p, m, v].iter().all(|t| same(t) && t.is_contiguous()) && same(g) && matches!(p.dtype(), DType::F32 | DType::F64)
 }
 
 /// Update `p`, `m` and `v` in place from the gradient `g`; see [`applies`].
 pub fn step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: AdamWStep) -> Result<()> {
-    m.inplace_op2(g, &Moment { c, second: false })?;
-    v.inplace_op2(g, &Moment { c, second: true })?;
+    // A weight's gradient arrives transposed (its matmul read `w.t()`).
+    let g = g.contiguous()?;
+    m.inplace_op2(&g, &Moment { c, second: false })?;
+    v.inplace_op2(&g, &Moment { c, second: true })?;
     p.inplace_op3(m, v, &Update { c })
 }
 
@@ -230,6 +232,9 @@ mod tests {
         assert!(!super::applies(&f, &f, &f, &t(&[3, 2], DType::F32)));
         assert!(!super::applies(&f, &f, &f, &t(&[2, 3], DType::F64)));
         assert!(!super::applies(&f.t().unwrap(), &f, &f, &f));
+        // A transposed gradient is served (copied once).
+        let g = t(&[3, 2], DType::F32).t().unwrap();
+        assert!(super::applies(&f, &f, &f, &g));
         let h = t(&[2, 3], DType::BF16);
         assert!(!super::applies(&h, &h, &h, &h));
     }
