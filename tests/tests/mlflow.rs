@@ -196,7 +196,8 @@ fn an_outage_mid_run_loses_nothing_and_sync_sends_each_metric_once() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut server = Server::start(&tmp.path().join("mlflow"), port);
-    let text = experiment(port, "").replace("epochs = 1", "epochs = 4")
+    // Long enough that the server goes away mid-run however fast the step is.
+    let text = experiment(port, "").replace("epochs = 1", "epochs = 12")
         + "\n[[task]]\nname = \"c\"\nshapes = [\"triangle\", \"diamond\"]\ncolors = [\"green\", \"yellow\"]\n";
     std::fs::write(tmp.path().join("o.toml"), text).unwrap();
     let run = tmp.path().join("run");
