@@ -96,8 +96,9 @@ fn a_gradient_norm_that_overflows_is_an_error_naming_the_gradient() {
 #[test]
 fn a_batch_whose_activations_cannot_fit_is_refused_with_the_figure_before_a_run_exists() {
     let d = Dir::new();
-    // About 100 M parameters (1.6 GiB to train) fit; 256 examples of 257 tokens at width 1024
-    // keep tens of GiB of activations for backward.
+    // About 100 M parameters (1.7 GiB to train) fit; 256 examples of 257 tokens at width 1024
+    // keep about 86 GiB of activations for backward (more than a development machine or
+    // CI has; the estimate is printed in the assertion message if this ever runs on more).
     let text = SMALL_EXPERIMENT
         .replace("image_size = 16\npatch_size = 8", "image_size = 64\npatch_size = 4")
         .replace("width = 32\nlayers = 2\nheads = 2", "width = 1024\nlayers = 4\nheads = 8")
