@@ -109,7 +109,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let before = eval("before training")?;
     let mut opt = AdamW::new(&rt.params(), &c.optimizer).map_err(|e| cfg.error_at(&e.key(), e.message))?;
     let bs = c.train.batch_size;
-    let n_steps = train.len().div_ceil(bs) * c.train.epochs;
+    let n_steps = crate::engine::steps_in_task(train.len(), &c.train);
     let pb = progress(opts.quiet, n_steps as u64, "image tokenizer".into(), "steps");
     let started = Instant::now();
     let (mut step, mut epoch_losses) = (0usize, Vec::new());

@@ -94,7 +94,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &StepBenchOptions) -> 
     };
     let precision = Precision::start(&c.train, session.runtime())?;
     let bs = c.train.batch_size;
-    let n_steps = |t: &crate::data::TaskData| t.train.len().div_ceil(bs) * c.train.epochs;
+    let n_steps = |t: &crate::data::TaskData| engine::steps_in_task(t.train.len(), &c.train);
     for k in 0..t_idx {
         let task = &session.tasks[k];
         drop(engine::begin_task(&session, precision, k, n_steps(task))?);
@@ -136,7 +136,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &StepBenchOptions) -> 
     let (tensors_before, reads_before) = (counters::tensors_created(), counters::reads());
     let mut probe = StepProbe { count_graph: true, ..Default::default() };
     let stats = steps.step(&mut opt, (examples, captions), total - 1, 1.0, &mut probe)?;
-    // The two counter probes are tensors of their own.
+    // The second counter probe is a tensor of its own.
     let tensors_created = counters::tensors_created() - tensors_before - 1;
     let host_reads = counters::reads() - reads_before;
     let graph = stats.graph.unwrap_or(GraphSize::default());

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 pub use evaluate::{class_embeddings, evaluate, evaluate_zeroshot, retrieval_texts};
 pub use session::{load_tasks, Session};
 pub(crate) use step::batches;
+pub use step::steps_in_task;
 pub use step::Precision;
 use step::{copy_parameters, gradient_pass};
 pub use step::{GraphSize, PhaseClock, StepProbe, StepStats, TaskSteps, PHASES};
@@ -198,9 +199,8 @@ impl<'a> Run<'a> {
             Some(p) => p,
             None => Progress::new(&session.tasks, &session.heldout_sets),
         };
-        if progress.results.tasks != Progress::new(&session.tasks, &[]).results.tasks
-            || progress.finished_tasks > session.tasks.len()
-        {
+        let same_tasks = progress.results.tasks.iter().eq(session.tasks.iter().map(|t| &t.name));
+        if !same_tasks || progress.finished_tasks > session.tasks.len() {
             bail!(
                 "{} does not belong to this experiment's tasks; start a fresh run instead",
                 run_dir.join(PROGRESS_FILE).display()
@@ -314,7 +314,7 @@ impl<'a> Run<'a> {
             bail!("task `{}` has {} training examples; at least 2 are needed", task.name, task.train.len());
         }
         let bs = c.train.batch_size;
-        let n_steps = task.train.len().div_ceil(bs) * c.train.epochs;
+        let n_steps = steps_in_task(task.train.len(), &c.train);
         let (mut steps, mut opt) = begin_task(s, self.precision, t_idx, n_steps)?;
         let pb = progress(self.opts.quiet, n_steps as u64, format!("task {} {}", t_idx + 1, task.name), "steps");
         // Strategies may keep new tensors between tasks (EWC's Fisher, snapshots); a leak is
@@ -377,7 +377,7 @@ impl<'a> Run<'a> {
         let s = self.session;
         let c = &s.cfg.config;
         let (rt, task) = (s.runtime(), &s.tasks[t_idx]);
-        let n_steps = task.train.len().div_ceil(c.train.batch_size) * c.train.epochs;
+        let n_steps = steps_in_task(task.train.len(), &c.train);
         let info = task_info(t_idx, task, n_steps);
         gradient_pass(&s.model, &s.strategies, task, &info, c.train.batch_size, c.experiment.seed)?;
         rt.set_training(false);

@@ -67,6 +67,12 @@ impl Precision {
     }
 }
 
+/// The steps a task of `examples` training examples takes: one per batch, every epoch (the
+/// schedule's length).
+pub fn steps_in_task(examples: usize, train: &crate::config::TrainSection) -> usize {
+    examples.div_ceil(train.batch_size) * train.epochs
+}
+
 /// Shuffle a task's examples and cut them into batches of at least 2, each image with one of
 /// its captions drawn from `rng`.
 pub(crate) fn batches<'a>(

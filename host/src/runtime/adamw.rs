@@ -4,7 +4,9 @@
 //! operation in the parameter's own float type, so both give the same bits (tested).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+
+use super::fused::{slice, Real};
 
 /// One step's constants.
 #[derive(Clone, Copy, Debug)]
@@ -37,40 +39,19 @@ pub fn step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: AdamWStep) -> Res
     p.inplace_op3(m, v, &Update { c })
 }
 
-fn slice<'a, T: WithDType>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+/// The contiguous elements of a target the kernel writes.
+fn target<'a, T>(op: &str, v: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
     match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => bail!("{op}: the input is not contiguous"),
+        Some((a, b)) => Ok(&mut v[a..b]),
+        None => bail!("{op}: the target is not contiguous"),
     }
-}
-
-fn slice_mut<'a, T: WithDType>(op: &str, s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else { bail!("{op}: the target is not contiguous") };
-    match T::DTYPE {
-        DType::F32 => match s {
-            CpuStorage::F32(v) => Ok(cast_mut(&mut v[a..b])),
-            _ => bail!("{op}: the target is not {:?}", T::DTYPE),
-        },
-        DType::F64 => match s {
-            CpuStorage::F64(v) => Ok(cast_mut(&mut v[a..b])),
-            _ => bail!("{op}: the target is not {:?}", T::DTYPE),
-        },
-        other => bail!("{op}: no kernel for {other:?}"),
-    }
-}
-
-/// A slice of the storage's element type as the generic `T` that names the same type.
-fn cast_mut<S: 'static, T: 'static>(s: &mut [S]) -> &mut [T] {
-    assert_eq!(std::any::TypeId::of::<S>(), std::any::TypeId::of::<T>());
-    // SAFETY: S and T are the same type (checked above).
-    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<T>(), s.len()) }
 }
 
 /// The gradient as the composed update sees it: multiplied by the clip factor when that is
 /// not 1 (`affine(scale, 0)`).
-fn scaled<T: WithDType>(g: T, c: &AdamWStep) -> T {
+fn scaled<T: Real>(g: T, c: &AdamWStep) -> T {
     if c.grad_scale != 1.0 {
-        g * T::from_f64(c.grad_scale) + T::from_f64(0.0)
+        g * T::of(c.grad_scale) + T::of(0.0)
     } else {
         g
     }
@@ -83,10 +64,10 @@ struct Moment {
 }
 
 impl Moment {
-    fn apply<T: WithDType>(&self, state: &mut [T], g: &[T]) {
+    fn apply<T: Real>(&self, state: &mut [T], g: &[T]) {
         let c = &self.c;
-        let (beta, zero) = if self.second { (c.beta2, T::from_f64(0.0)) } else { (c.beta1, T::from_f64(0.0)) };
-        let (keep, take) = (T::from_f64(beta), T::from_f64(1.0 - beta));
+        let beta = if self.second { c.beta2 } else { c.beta1 };
+        let (keep, take, zero) = (T::of(beta), T::of(1.0 - beta), T::of(0.0));
         for (s, &g) in state.iter_mut().zip(g) {
             let g = scaled(g, c);
             let new = if self.second { g * g } else { g };
@@ -101,10 +82,11 @@ impl InplaceOp2 for Moment {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        match s1.dtype() {
-            DType::F32 => self.apply::<f32>(slice_mut(self.name(), s1, l1)?, slice(self.name(), s2, l2)?),
-            DType::F64 => self.apply::<f64>(slice_mut(self.name(), s1, l1)?, slice(self.name(), s2, l2)?),
-            other => bail!("adamw_moment: no kernel for {other:?}"),
+        let n = self.name();
+        match s1 {
+            CpuStorage::F32(v) => self.apply::<f32>(target(n, v, l1)?, slice(n, s2, l2)?),
+            CpuStorage::F64(v) => self.apply::<f64>(target(n, v, l1)?, slice(n, s2, l2)?),
+            other => bail!("{n}: no kernel for {:?}", other.dtype()),
         }
         Ok(())
     }
@@ -116,12 +98,12 @@ struct Update {
 }
 
 impl Update {
-    fn apply<T: WithDType + num_float::Sqrt + std::ops::SubAssign>(&self, p: &mut [T], m: &[T], v: &[T]) {
+    fn apply<T: Real>(&self, p: &mut [T], m: &[T], v: &[T]) {
         let c = &self.c;
-        let zero = T::from_f64(0.0);
-        let (inv_c1, inv_c2) = (T::from_f64(1.0 / c.c1), T::from_f64(1.0 / c.c2));
-        let (one, eps, lr) = (T::from_f64(1.0), T::from_f64(c.eps), T::from_f64(c.lr));
-        let decay = T::from_f64(1.0 - c.lr * c.weight_decay);
+        let zero = T::of(0.0);
+        let (inv_c1, inv_c2) = (T::of(1.0 / c.c1), T::of(1.0 / c.c2));
+        let (one, eps, lr) = (T::of(1.0), T::of(c.eps), T::of(c.lr));
+        let decay = T::of(1.0 - c.lr * c.weight_decay);
         for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
             let m_hat = m * inv_c1 + zero;
             let v_hat = v * inv_c2 + zero;
@@ -130,23 +112,6 @@ impl Update {
                 *p = *p * decay + zero;
             }
             *p -= update * lr + zero;
-        }
-    }
-}
-
-mod num_float {
-    /// Square root of the two float types the kernels serve.
-    pub trait Sqrt {
-        fn sqrt(self) -> Self;
-    }
-    impl Sqrt for f32 {
-        fn sqrt(self) -> Self {
-            f32::sqrt(self)
-        }
-    }
-    impl Sqrt for f64 {
-        fn sqrt(self) -> Self {
-            f64::sqrt(self)
         }
     }
 }
@@ -166,10 +131,10 @@ impl InplaceOp3 for Update {
         l3: &Layout,
     ) -> Result<()> {
         let n = self.name();
-        match s1.dtype() {
-            DType::F32 => self.apply::<f32>(slice_mut(n, s1, l1)?, slice(n, s2, l2)?, slice(n, s3, l3)?),
-            DType::F64 => self.apply::<f64>(slice_mut(n, s1, l1)?, slice(n, s2, l2)?, slice(n, s3, l3)?),
-            other => bail!("adamw_update: no kernel for {other:?}"),
+        match s1 {
+            CpuStorage::F32(v) => self.apply::<f32>(target(n, v, l1)?, slice(n, s2, l2)?, slice(n, s3, l3)?),
+            CpuStorage::F64(v) => self.apply::<f64>(target(n, v, l1)?, slice(n, s2, l2)?, slice(n, s3, l3)?),
+            other => bail!("{n}: no kernel for {:?}", other.dtype()),
         }
         Ok(())
     }

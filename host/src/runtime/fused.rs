@@ -13,10 +13,11 @@ use rayon::prelude::*;
 
 /// The float types the CPU kernels are written for.
 pub(crate) trait Real:
-    candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + std::ops::DivAssign
+    candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + std::ops::SubAssign + std::ops::DivAssign
 {
     fn of(v: f64) -> Self;
     fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
     fn max(self, o: Self) -> Self;
 }
 
@@ -28,6 +29,9 @@ macro_rules! real {
             }
             fn exp(self) -> Self {
                 <$t>::exp(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
             }
             fn max(self, o: Self) -> Self {
                 <$t>::max(self, o)
@@ -51,7 +55,7 @@ pub fn applies(x: &Tensor) -> bool {
 }
 
 /// The contiguous elements of an input.
-fn slice<'a, T: Real>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+pub(crate) fn slice<'a, T: Real>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => bail!("{op}: the input is not contiguous (shape {:?}, stride {:?})", l.dims(), l.stride()),
@@ -212,6 +216,7 @@ impl CustomOp3 for LayerNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        same_dtype("layer_norm_backward", s1, s2)?;
         same_dtype("layer_norm_backward", s1, s3)?;
         fn go<T: Real>(s: [(&CpuStorage, &Layout); 3], eps: f64) -> Result<CpuStorage> {
             let [x, w, g] = s.map(|(s, l)| slice::<T>("layer_norm_backward", s, l));

@@ -244,9 +244,7 @@ pub fn attention(
         // The fused softmax scales and applies the causal mask itself; padding stays additive
         // (its -1e30 survives any positive scale).
         if let Some(m) = key_padding_mask {
-            let dtype = scores.dtype();
-            let additive = m.to_dtype(dtype)?.affine(-mask_value(dtype), mask_value(dtype))?.reshape((b, 1, 1, lk))?;
-            scores = scores.broadcast_add(&additive)?;
+            scores = scores.broadcast_add(&padding_additive(m, scores.dtype())?)?;
         }
         return matmul(&super::fused::scaled_softmax(&scores, scale, causal)?, v);
     }
@@ -261,7 +259,7 @@ pub fn attention_probabilities_composed(
     key_padding_mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, _, lq, lk) = scores.dims4()?;
+    let (_, _, lq, lk) = scores.dims4()?;
     let mut scores = scores.affine(scale, 0.0)?;
     let dtype = scores.dtype();
     if causal {
@@ -273,10 +271,15 @@ pub fn attention_probabilities_composed(
         scores = scores.broadcast_add(&mask)?;
     }
     if let Some(m) = key_padding_mask {
-        let additive = m.to_dtype(dtype)?.affine(-mask_value(dtype), mask_value(dtype))?.reshape((b, 1, 1, lk))?;
-        scores = scores.broadcast_add(&additive)?;
+        scores = scores.broadcast_add(&padding_additive(m, dtype)?)?;
     }
     softmax(&scores, 3)
+}
+
+/// A key padding mask [B, Lk] (1 = attend) as additive logits [B, 1, 1, Lk].
+fn padding_additive(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, lk) = mask.dims2()?;
+    mask.to_dtype(dtype)?.affine(-mask_value(dtype), mask_value(dtype))?.reshape((b, 1, 1, lk))
 }
 
 /// Element-wise unary op by `recall_sdk::abi::unary` code.
