@@ -2,9 +2,9 @@
 # The GPU check: on a machine with a GPU, in under 5 minutes,
 #  1. every host op forward and backward on CUDA against the CPU (f32 within 1e-4; bf16 too);
 #  2. the quickstart experiment on CUDA;
-#  3. the training-step benchmark (experiments/gpu-bench.toml, CLIP ViT-B/32, batch 64) on
-#     CUDA in f32 and bf16 mixed precision, and the same step in PyTorch eager
-#     (scripts/torch_step.py) when PyTorch is installed;
+#  3. the training-step benchmark (`recall bench experiments/gpu-bench.toml`, CLIP ViT-B/32,
+#     batch 64) on CUDA in f32 and bf16 mixed precision, with a --phases pass, and the same
+#     step in PyTorch eager (scripts/torch_step.py --preset vitb32) when PyTorch is installed;
 # then one summary table. The full log goes to $OUT/gpu-check.log (default ./gpu-check/).
 #
 #   dist/recall-cuda-13.0-sm90/gpu-check.sh          # from the bundle scripts/build-cuda.sh makes
@@ -35,14 +35,18 @@ SECONDS=0
 "$RECALL" run -q "$EXP/quickstart.toml" --set experiment.device=cuda --run-dir "$OUT/runs/quickstart-cuda"
 echo "quickstart wall seconds: $SECONDS"
 
-echo "== training step: f32 and bf16 on CUDA"
+echo "== training step: f32 and bf16 on CUDA (recall bench, then PyTorch eager)"
+# recall bench times the real step (model, optimizer, strategies) with no syncs but the step's
+# own reads; --phases is a second, synchronised pass that splits the time by phase.
+# RECALL_BENCH_EXTRA passes more arguments (e.g. a toggle's A/B run under another name).
 for p in f32 bf16; do
-    "$RECALL" run -q "$EXP/gpu-bench.toml" --set experiment.device=cuda --set train.precision=$p --run-dir "$OUT/runs/bench-$p"
+    "$RECALL" -q bench "$EXP/gpu-bench.toml" --set experiment.device=cuda --set train.precision=$p \
+        --steps 20 --warmup 3 --json "$OUT/bench-$p.json" ${RECALL_BENCH_EXTRA:-}
+    "$RECALL" -q bench "$EXP/gpu-bench.toml" --set experiment.device=cuda --set train.precision=$p \
+        --steps 5 --warmup 2 --phases --json "$OUT/bench-$p-phases.json" ${RECALL_BENCH_EXTRA:-}
 done
-
-echo "== the same step in PyTorch eager"
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    python3 "$TORCH_STEP" > "$OUT/torch.jsonl" && cat "$OUT/torch.jsonl"
+    python3 "$TORCH_STEP" --preset vitb32 --device cuda > "$OUT/torch.jsonl" && cat "$OUT/torch.jsonl"
 else
     echo "PyTorch with CUDA is not installed here; skipped"
 fi
@@ -74,13 +78,14 @@ if qs:
 else:
     rows.append(("quickstart on CUDA", "no summary", "", "", "FAIL"))
 for p in ["f32", "bf16"]:
-    s = load(f"runs/bench-{p}/summary.json")
+    s = load(f"bench-{p}.json")
     if s:
-        pf = s["performance"]
-        mem = pf["peak_memory_bytes"] or 0
-        rows.append((f"recall step {p} (B=64)", f"{1000 / pf['steps_per_second']:.1f} ms/step", f"{pf['images_per_second']:.0f} img/s", f"peak {mem / 2**30:.2f} GiB", "ok"))
+        mem = s["peak_memory_bytes"] or 0
+        c = s["counts"]
+        rows.append((f"recall step {p} (B={s['batch']})", f"{s['step']['median_ms']:.1f} ms/step",
+                     f"{c['tensors_created']} tensors, {c['host_reads']} reads", f"peak {mem / 2**30:.2f} GiB", "ok"))
     else:
-        rows.append((f"recall step {p}", "no summary", "", "", "FAIL"))
+        rows.append((f"recall step {p}", "no bench report", "", "", "FAIL"))
 try:
     for line in open(os.path.join(out, "torch.jsonl")):
         t = json.loads(line)

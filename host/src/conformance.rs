@@ -262,6 +262,7 @@ fn adapter(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     // Give the adapter non-trivial parameters so merging has something to fold in.
     {
         let params = rt.params();
+        params.note_write();
         for (i, q) in params.iter().filter(|q| q.name.starts_with("adapter.")).enumerate() {
             let noise = Tensor::randn(0f32, 0.3, q.var.dims(), &Device::Cpu).and_then(|n| n.to_dtype(q.var.dtype()));
             if let Ok(n) = noise {

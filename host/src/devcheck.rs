@@ -162,6 +162,11 @@ fn cases() -> Vec<Case> {
         }),
     );
     add("l2_normalize", vec![n(&[4, 8])], Box::new(|x| ops::l2_normalize(&x[0])));
+    add(
+        "cross_entropy",
+        vec![n(&[5, 7]), (vec![5], Kind::Ids(7))],
+        Box::new(|x| ops::cross_entropy(&x[0], &x[1].to_dtype(DType::U32)?)),
+    );
     add("clip_loss", vec![n(&[6, 8]), n(&[6, 8]), p(&[1])], Box::new(|x| ops::clip_loss(&x[0], &x[1], &x[2])));
     add("argmax (forward only)", vec![n(&[4, 8])], Box::new(|x| x[0].detach().argmax(1)?.to_dtype(DType::F32)));
     if let Some(argmax) = out.last_mut() {

@@ -389,6 +389,15 @@ pub struct HostApi {
     /// Publish a side output of the current call under a name (an encoder's per-token features
     /// as `tokens`), which the host may hand to strategies. Kept until the plugin's next call.
     pub emit: extern "C" fn(HostCtx, RStr<'_>, TensorId) -> HostResult<()>,
+    // ---- appended in 1.5 ----
+    /// Mean cross-entropy of logits [N, C] against u32 class indices [N] -> a scalar (one
+    /// fused op forward and backward on hosts that have a kernel for the logits).
+    pub cross_entropy: extern "C" fn(HostCtx, TensorId, TensorId) -> HostResult<TensorId>,
+    /// Multi-head attention on head-packed inputs: q [B, Lq, H * Dh], k and v [B, Lk, H * Dh],
+    /// `heads`, causal, optional key padding mask [B, Lk] (1: attend), scale -> [B, Lq, H * Dh].
+    /// The same values as `attention` on the heads split out, without the split and merge.
+    pub attention_heads:
+        extern "C" fn(HostCtx, TensorId, TensorId, TensorId, u64, bool, ROption<TensorId>, f64) -> HostResult<TensorId>,
     #[cfg(feature = "abi-next")]
     /// Appended after 1.0 (present only in SDK builds with the `abi-next` feature, which exists
     /// to test ABI evolution): returns the number of live tensor handles.

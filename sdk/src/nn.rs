@@ -91,15 +91,9 @@ impl SelfAttention {
 
     /// x: [B, L, W] -> [B, L, W].
     pub fn forward(&self, host: &Host, x: &Tensor, causal: bool, key_padding_mask: Option<&Tensor>) -> Result<Tensor> {
-        let shape = x.shape()?;
-        let (b, l) = (shape[0] as i64, shape[1] as i64);
-        let split = |site: Site| -> Result<Tensor> {
-            host.linear(site, x)?.reshape(&[b, l, self.heads as i64, self.head_dim as i64])?.transpose(1, 2)
-        };
-        let (q, k, v) = (split(self.q)?, split(self.k)?, split(self.v)?);
+        let (q, k, v) = (host.linear(self.q, x)?, host.linear(self.k, x)?, host.linear(self.v, x)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let y = host.attention(&q, &k, &v, causal, key_padding_mask, scale)?;
-        let y = y.transpose(1, 2)?.reshape(&[b, l, -1])?;
+        let y = host.attention_heads(&q, &k, &v, self.heads, causal, key_padding_mask, scale)?;
         host.linear(self.out, &y)
     }
 }

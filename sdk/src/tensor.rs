@@ -145,6 +145,34 @@ impl Host {
         self.wrap((self.api.attention())(self.ctx, q.id, k.id, v.id, causal, mask, scale))
     }
 
+    /// Multi-head attention on head-packed inputs: q [B, Lq, H * Dh], k and v [B, Lk, H * Dh]
+    /// -> [B, Lq, H * Dh], the heads the column blocks of width Dh. The same values as
+    /// [`Host::attention`] on the heads split out; hosts from recall-sdk 1.5 read the heads in
+    /// place, older ones get the split, the attention and the merge.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        causal: bool,
+        key_padding_mask: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        if let Some(f) = self.api.attention_heads() {
+            let mask = key_padding_mask.map(|m| m.id).into();
+            return self.wrap(f(self.ctx, q.id, k.id, v.id, heads as u64, causal, mask, scale));
+        }
+        let split = |t: &Tensor| -> Result<Tensor> {
+            let shape = t.shape()?;
+            t.reshape(&[shape[0] as i64, shape[1] as i64, heads as i64, -1])?.transpose(1, 2)
+        };
+        let y = self.attention(&split(q)?, &split(k)?, &split(v)?, causal, key_padding_mask, scale)?;
+        let shape = q.shape()?;
+        y.transpose(1, 2)?.reshape(&[shape[0] as i64, shape[1] as i64, -1])
+    }
+
     /// The tensors of a checkpoint file: `(name, shape)` sorted by name. Needs a host with
     /// recall-sdk >= 1.1.
     pub fn checkpoint_index(&self, path: &str) -> Result<Vec<(String, Vec<usize>)>> {
@@ -543,6 +571,19 @@ impl Tensor {
         let f = self.api().conv2d().ok_or_else(|| Error::new(old_host("convolutions", "1.4")))?;
         let bias: ROption<TensorId> = bias.map(|b| b.id).into();
         self.wrap(f(self.host.ctx, self.id, weight.id, bias, stride as u64, padding as u64))
+    }
+
+    /// Mean cross-entropy of these logits [N, C] against u32 class indices `labels` [N], as a
+    /// scalar. Hosts from recall-sdk 1.5 run it as one fused op; older ones get the same loss
+    /// composed of log-softmax, gather and mean.
+    pub fn cross_entropy(&self, labels: &Tensor) -> Result<Tensor> {
+        match self.api().cross_entropy() {
+            Some(f) => self.wrap(f(self.host.ctx, self.id, labels.id)),
+            None => {
+                let n = labels.dim(0)?;
+                self.log_softmax(1)?.gather(&labels.reshape(&[n as i64, 1])?, 1)?.neg()?.mean_all()
+            }
+        }
     }
 
     /// `before` zeros in front of dimension `dim` and `after` zeros behind it. Needs

@@ -54,6 +54,8 @@ pub struct StepCounts {
     pub host_reads: u64,
     pub graph_nodes: usize,
     pub bytes_held_for_backward: u64,
+    /// Tensors created in each phase ([`PHASES`]).
+    pub tensors_by_phase: Vec<(String, u64)>,
 }
 
 /// The report of `recall bench FILE.toml`.
@@ -133,11 +135,11 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &StepBenchOptions) -> 
         }
     }
     let (examples, captions) = &batches[total - 1];
-    let (tensors_before, reads_before) = (counters::tensors_created(), counters::reads());
+    let reads_before = counters::reads();
     let mut probe = StepProbe { count_graph: true, ..Default::default() };
     let stats = steps.step(&mut opt, (examples, captions), total - 1, 1.0, &mut probe)?;
-    // The second counter probe is a tensor of its own.
-    let tensors_created = counters::tensors_created() - tensors_before - 1;
+    // The phases cover the whole step.
+    let tensors_created = probe.tensors_by_phase.iter().sum();
     let host_reads = counters::reads() - reads_before;
     let graph = stats.graph.unwrap_or(GraphSize::default());
     let device_memory = stats.peak_memory;
@@ -165,6 +167,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &StepBenchOptions) -> 
             host_reads,
             graph_nodes: graph.nodes,
             bytes_held_for_backward: graph.bytes,
+            tensors_by_phase: PHASES.iter().map(|p| p.to_string()).zip(probe.tensors_by_phase).collect(),
         },
         memory_kind: if device_memory.is_some() { "device".into() } else { "host-rss".into() },
         peak_memory_bytes: device_memory.or_else(crate::runtime::peak_rss),
@@ -203,6 +206,8 @@ impl std::fmt::Display for StepBench {
             mib(n.bytes_held_for_backward),
             n.host_reads
         )?;
+        let by_phase: Vec<String> = n.tensors_by_phase.iter().map(|(p, k)| format!("{p} {k}")).collect();
+        writeln!(f, "  tensors    {}", by_phase.join(", "))?;
         match self.peak_memory_bytes {
             Some(b) => write!(f, "  peak       {:.1} MiB ({})", mib(b), self.memory_kind),
             None => write!(f, "  peak       unknown"),

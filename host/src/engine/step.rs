@@ -174,6 +174,7 @@ pub(crate) fn gradient_pass(
 pub(crate) fn copy_parameters(from: &Model, to: &Model) -> anyhow::Result<()> {
     let src = from.runtime.params();
     let dst = to.runtime.params();
+    dst.note_write();
     for p in dst.iter() {
         let q = src.get(&p.name).with_context(|| format!("the old-model copy has `{}`, the model does not", p.name))?;
         p.var.set(&q.var.as_tensor().detach())?;
@@ -214,8 +215,13 @@ pub struct StepStats {
 pub struct StepProbe {
     /// Wall time per phase; each boundary synchronises the device.
     pub phases: Option<PhaseClock>,
-    /// Walk the graph before backward to count its nodes and the bytes they hold.
+    /// Walk the graph before backward to count its nodes and the bytes they hold, and count
+    /// the tensors each phase creates.
     pub count_graph: bool,
+    /// Tensors created per phase, when `count_graph` is set.
+    pub tensors_by_phase: [u64; 4],
+    /// `counters::tensors_created()` at the last phase boundary (the step sets it).
+    pub tensors_at_mark: u64,
 }
 
 /// The phases a step's time is split into.
@@ -250,6 +256,12 @@ impl PhaseClock {
 }
 
 fn mark(probe: &mut StepProbe, phase: usize) -> candle_core::Result<()> {
+    if probe.count_graph {
+        let now = crate::runtime::counters::tensors_created();
+        // The counter's own probe tensor is not the phase's.
+        probe.tensors_by_phase[phase] = now.saturating_sub(probe.tensors_at_mark + 1);
+        probe.tensors_at_mark = now;
+    }
     match &mut probe.phases {
         Some(clock) => clock.end(phase),
         None => Ok(()),
@@ -309,6 +321,9 @@ impl TaskSteps<'_> {
         let (model, rt) = (&s.model, s.runtime());
         if let Some(clock) = &mut probe.phases {
             clock.start()?;
+        }
+        if probe.count_graph {
+            probe.tensors_at_mark = crate::runtime::counters::tensors_created();
         }
         rt.set_training(true);
         self.precision.before_step(rt)?;

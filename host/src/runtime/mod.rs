@@ -60,6 +60,9 @@ pub struct Runtime {
     /// Under mixed precision, what each parameter's handles stand for now: a cast of the
     /// master weight taken at the start of the step (see `refresh_views`).
     views: RefCell<HashMap<String, Tensor>>,
+    /// What the frozen parameters' views were last made for: the store's write count, the
+    /// compute dtype and the number of frozen parameters. While it holds, their casts stand.
+    frozen_views_of: Cell<Option<(u64, DType, usize)>>,
     store: RefCell<TensorStore>,
     params: RefCell<ParamStore>,
     sites: RefCell<Vec<LinearSite>>,
@@ -148,6 +151,7 @@ impl Runtime {
             float,
             compute: Cell::new(float),
             views: RefCell::default(),
+            frozen_views_of: Cell::new(None),
             store: RefCell::default(),
             params: RefCell::default(),
             sites: RefCell::default(),
@@ -203,13 +207,20 @@ impl Runtime {
     /// the master in full precision), constant for frozen ones. Call once per step under
     /// mixed precision, after the optimizer moved the masters; with full precision it restores
     /// the masters themselves (detached views for frozen parameters).
+    ///
+    /// Frozen parameters are cast again only when a master was written outside the optimizer
+    /// since their last cast ([`ParamStore::note_write`]), the compute dtype changed or a
+    /// parameter was frozen: with LoRA and a frozen old model they are nearly all the weights,
+    /// and a cast of each every step costs as much memory traffic as the optimizer.
     pub fn refresh_views(&self) -> Result<(), String> {
         let compute = self.compute.get();
         let mut params = self.params.borrow_mut();
         let mut views = self.views.borrow_mut();
         let mut swap: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
         let mut aliases = Vec::new();
-        for p in params.iter() {
+        let frozen_now = (params.writes(), compute, params.iter().filter(|p| !p.trainable).count());
+        let frozen_current = self.frozen_views_of.replace(Some(frozen_now)) == Some(frozen_now);
+        for p in params.iter().filter(|p| p.trainable || !frozen_current) {
             let master = if p.trainable { p.var.as_tensor().clone() } else { p.var.as_tensor().detach() };
             let new =
                 if compute == self.float { master } else { master.to_dtype(compute).map_err(|e| e.to_string())? };
@@ -342,6 +353,7 @@ impl Runtime {
         let params = self.params.borrow();
         let p = params.by_tensor(t).ok_or("param_reset: the tensor is not a parameter")?;
         let value = init_tensor(p.init, p.var.dims(), self.float, &self.device, &mut self.rng.borrow_mut())?;
+        params.note_write();
         p.var.set(&value).map_err(|e| e.to_string())
     }
 
@@ -353,6 +365,7 @@ impl Runtime {
             return Err(format!("param_assign: `{}` is {:?}, value is {:?}", p.name, p.var.dims(), value.dims()));
         }
         let value = value.detach().to_dtype(p.var.dtype()).map_err(|e| e.to_string())?;
+        params.note_write();
         p.var.set(&value).map_err(|e| e.to_string())
     }
 
@@ -362,6 +375,7 @@ impl Runtime {
     /// walk frozen towers. Returns how many parameters were detached.
     pub fn detach_frozen(&self) -> usize {
         let mut params = self.params.borrow_mut();
+        params.note_write();
         let mut views: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
         let mut names = Vec::new();
         for p in params.iter().filter(|p| !p.trainable) {
@@ -491,19 +505,18 @@ impl Runtime {
         if x.dtype() != site.weight.dtype() && x.dtype().is_float() {
             x = x.to_dtype(site.weight.dtype()).map_err(|e| e.to_string())?;
         }
-        let mut y =
-            ops::linear(&x, &site.weight, site.bias.as_ref()).map_err(|e| format!("linear `{}`: {e}", site.name))?;
         let hooks: Vec<AdapterHook> = self.adapters.borrow().clone();
+        let mut deltas = Vec::new();
         for hook in hooks {
             let delta = (hook.fns.delta())(hook.state, hook.handle, site_id, x_id)
                 .into_result()
                 .map_err(|e| e.message.into_string())?;
             if let Some(id) = delta.into_option() {
-                let d = self.take(id)?;
-                y = y.broadcast_add(&d).map_err(|e| format!("adapter delta at `{}`: {e}", site.name))?;
+                deltas.push(self.take(id)?);
             }
         }
-        Ok(y)
+        ops::linear_plus(&x, &site.weight, site.bias.as_ref(), &deltas)
+            .map_err(|e| format!("linear `{}` with its adapter deltas: {e}", site.name))
     }
 
     /// A Bernoulli keep-mask for dropout.
@@ -544,5 +557,28 @@ mod tests {
         rt.set_compute_dtype(DType::F32).unwrap();
         assert_eq!(rt.get(hw).unwrap().id(), w.id(), "full precision hands out the master itself");
         assert!(rt.params().by_tensor(&w).is_some());
+    }
+
+    #[test]
+    fn frozen_casts_are_kept_until_a_master_is_written() {
+        let rt = Runtime::new(Device::Cpu, DType::F32, 0);
+        let f = rt.param("f", &[3], ParamInit::normal(0.0, 1.0), false).unwrap();
+        rt.detach_frozen();
+        let hf = rt.insert(f.clone());
+        rt.set_compute_dtype(DType::BF16).unwrap();
+        let cast = rt.get(hf).unwrap();
+        rt.refresh_views().unwrap();
+        rt.refresh_views().unwrap();
+        assert_eq!(rt.get(hf).unwrap().id(), cast.id(), "an unchanged frozen master is not cast again");
+        let value = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        rt.param_assign(&rt.get(hf).unwrap(), &value).unwrap();
+        rt.refresh_views().unwrap();
+        let now = rt.get(hf).unwrap();
+        assert_ne!(now.id(), cast.id(), "a written master is cast again");
+        assert_eq!(now.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), [1.0, 2.0, 3.0]);
+        // A load through the store counts as a write too.
+        rt.params().note_write();
+        rt.refresh_views().unwrap();
+        assert_ne!(rt.get(hf).unwrap().id(), now.id());
     }
 }

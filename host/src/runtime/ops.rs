@@ -20,9 +20,17 @@ pub fn quick_gelu_composed(x: &Tensor) -> Result<Tensor> {
     x.mul(&sigmoid(&x.affine(1.702, 0.0)?)?)
 }
 
-/// Exact GELU, `x/2 (1 + erf(x/sqrt 2))`, composed so that its gradient is exact (candle's
-/// fused `gelu_erf` backward uses a 6-digit constant).
+/// Exact GELU, `x/2 (1 + erf(x/sqrt 2))`: fused where a kernel serves it.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if super::fused::applies(x) {
+        return super::fused::gelu(x);
+    }
+    gelu_erf_composed(x)
+}
+
+/// Exact GELU composed, so that its gradient is exact (candle's own `gelu_erf` backward uses
+/// a 6-digit constant).
+pub fn gelu_erf_composed(x: &Tensor) -> Result<Tensor> {
     (x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)?.mul(x)?.affine(0.5, 0.0)
 }
 
@@ -37,15 +45,31 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }
 
-/// Softmax along `dim`, shifted by the (detached) maximum for stability.
+/// Softmax along `dim`: fused along the last dimension where a kernel serves it.
 pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    if super::fused::applies(x) && x.rank() >= 2 && dim + 1 == x.rank() {
+        return super::fused::scaled_softmax(x, 1.0, false);
+    }
+    softmax_composed(x, dim)
+}
+
+/// Softmax of candle primitives, shifted by the (detached) maximum for stability.
+pub fn softmax_composed(x: &Tensor, dim: usize) -> Result<Tensor> {
     let max = x.max_keepdim(dim)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(dim)?)
 }
 
-/// Log-softmax along `dim`.
+/// Log-softmax along `dim`: fused along the last dimension where a kernel serves it.
 pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    if super::fused::applies(x) && dim + 1 == x.rank() {
+        return super::fused::log_softmax(x);
+    }
+    log_softmax_composed(x, dim)
+}
+
+/// Log-softmax of candle primitives.
+pub fn log_softmax_composed(x: &Tensor, dim: usize) -> Result<Tensor> {
     let max = x.max_keepdim(dim)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(dim)?.log()?;
@@ -79,13 +103,32 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
-/// `x W^T + b` with W: [out, in], broadcasting over x's leading dims.
+/// `x W^T + b` with W: [out, in], broadcasting over x's leading dims: one GEMM, then the bias
+/// (fused where a kernel serves it, its gradient a column sum).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = matmul(x, &weight.t()?)?;
     match bias {
+        Some(b) if super::fused::applies(&y) && b.dtype() == y.dtype() => super::fused::bias_add(&y, b),
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// [`linear`] plus adapter deltas (each broadcast to the output): the bias and one delta
+/// are added in one fused pass where a kernel serves them.
+pub fn linear_plus(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, deltas: &[Tensor]) -> Result<Tensor> {
+    if let ([d], Some(b)) = (deltas, bias) {
+        let y = matmul(x, &weight.t()?)?;
+        if super::fused::applies(&y) && b.dtype() == y.dtype() && d.dtype() == y.dtype() && d.dims() == y.dims() {
+            return super::fused::bias_delta_add(&y, b, d);
+        }
+        return y.broadcast_add(b)?.broadcast_add(d);
+    }
+    let mut y = linear(x, weight, bias)?;
+    for d in deltas {
+        y = y.broadcast_add(d)?;
+    }
+    Ok(y)
 }
 
 /// Batched matmul with broadcasting over leading dims. A matrix on the right (a linear
@@ -233,7 +276,7 @@ pub fn attention(
 ) -> Result<Tensor> {
     q.dims4()?;
     let (b, _, lk, _) = k.dims4()?;
-    let mut scores = matmul(q, &k.t()?)?;
+    let scores = matmul(q, &k.t()?)?;
     if let Some(m) = key_padding_mask {
         let (mb, mk) = m.dims2()?;
         if mb != b || mk != lk {
@@ -241,14 +284,42 @@ pub fn attention(
         }
     }
     if super::fused::applies(&scores) {
-        // The fused softmax scales and applies the causal mask itself; padding stays additive
-        // (its -1e30 survives any positive scale).
-        if let Some(m) = key_padding_mask {
-            scores = scores.broadcast_add(&padding_additive(m, scores.dtype())?)?;
-        }
-        return matmul(&super::fused::scaled_softmax(&scores, scale, causal)?, v);
+        // The fused softmax scales and applies both masks itself.
+        return matmul(&super::fused::masked_softmax(&scores, scale, causal, key_padding_mask)?, v);
     }
     matmul(&attention_probabilities_composed(&scores, causal, key_padding_mask, scale)?, v)
+}
+
+/// Multi-head attention on head-packed inputs: q [B, Lq, H * Dh], k and v [B, Lk, H * Dh]
+/// -> [B, Lq, H * Dh], as [`attention`] computes it per head. Where a kernel serves it, the
+/// heads are read in place (no split into [B, H, L, Dh] copies and back); elsewhere it is
+/// [`attention`] between a split and a merge of the heads.
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    causal: bool,
+    key_padding_mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, lq, w) = q.dims3()?;
+    let (kb, lk, kw) = k.dims3()?;
+    if heads == 0 || w % heads != 0 || (kb, kw) != (b, w) || v.dims() != k.dims() {
+        candle_core::bail!(
+            "attention_heads: q {:?}, k {:?}, v {:?} with {heads} heads; expected q [B, Lq, W], k and v [B, Lk, W], \
+             W divisible by the heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if super::fused::applies(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        return super::fused::attention_heads(q, k, v, heads, causal, key_padding_mask, scale);
+    }
+    let split = |t: &Tensor, l: usize| t.reshape((b, l, heads, w / heads))?.transpose(1, 2);
+    let y = attention(&split(q, lq)?, &split(k, lk)?, &split(v, lk)?, causal, key_padding_mask, scale)?;
+    y.transpose(1, 2)?.contiguous()?.reshape((b, lq, w))
 }
 
 /// Attention's probabilities from its raw scores [B, H, Lq, Lk], of candle primitives: the
@@ -273,7 +344,7 @@ pub fn attention_probabilities_composed(
     if let Some(m) = key_padding_mask {
         scores = scores.broadcast_add(&padding_additive(m, dtype)?)?;
     }
-    softmax(&scores, 3)
+    softmax_composed(&scores, 3)
 }
 
 /// A key padding mask [B, Lk] (1 = attend) as additive logits [B, 1, 1, Lk].
@@ -406,9 +477,18 @@ pub fn clip_loss(image_features: &Tensor, text_features: &Tensor, logit_scale: &
     (i2t + t2i)? * 0.5
 }
 
-/// Mean cross-entropy of logits [N, C] against class indices [N].
+/// Mean cross-entropy of logits [N, C] against u32 class indices [N]: fused where a kernel
+/// serves it.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let logp = log_softmax(logits, 1)?;
+    if super::fused::applies(logits) {
+        return super::fused::cross_entropy(logits, labels);
+    }
+    cross_entropy_composed(logits, labels)
+}
+
+/// Cross-entropy of candle primitives.
+pub fn cross_entropy_composed(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_composed(logits, 1)?;
     let picked = logp.gather(&labels.unsqueeze(1)?, 1)?;
     picked.neg()?.mean_all()
 }

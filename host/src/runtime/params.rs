@@ -23,6 +23,9 @@ pub struct ParamStore {
     params: Vec<Param>,
     by_name: HashMap<String, usize>,
     by_tensor: HashMap<candle_core::TensorId, usize>,
+    /// How many times master values were overwritten outside the optimizer (loads, assigns,
+    /// resets, copies): casts of frozen parameters taken before a write are stale.
+    writes: std::cell::Cell<u64>,
 }
 
 /// Draw an initial value.
@@ -56,6 +59,16 @@ pub fn init_tensor(
 }
 
 impl ParamStore {
+    /// Record that master values were overwritten outside the optimizer.
+    pub fn note_write(&self) {
+        self.writes.set(self.writes.get() + 1);
+    }
+
+    /// The number of [`ParamStore::note_write`]s so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.get()
+    }
+
     pub fn get(&self, name: &str) -> Option<&Param> {
         self.by_name.get(name).map(|&i| &self.params[i])
     }
@@ -161,6 +174,7 @@ impl ParamStore {
             anyhow::bail!("checkpoint {} does not fit the model:\n  {}", path.display(), problems.join("\n  "));
         }
         let mut absent = Vec::new();
+        self.note_write();
         for p in &self.params {
             match loaded.get(&p.name) {
                 Some(t) => p.var.set(&t.to_dtype(p.var.dtype())?)?,
@@ -205,6 +219,7 @@ impl ParamStore {
             problems.sort();
             anyhow::bail!("checkpoint {} does not fit the model:\n  {}", path.display(), problems.join("\n  "));
         }
+        self.note_write();
         for p in &self.params {
             p.var.set(&loaded[&p.name].to_dtype(p.var.dtype())?)?;
         }

@@ -72,6 +72,8 @@ pub fn host_api() -> HostApiRef {
             group_norm,
             upsample_nearest2d,
             emit,
+            cross_entropy,
+            attention_heads,
             #[cfg(feature = "abi-next")]
             live_handles,
         }
@@ -425,6 +427,10 @@ extern "C" fn emit(ctx: HostCtx, name: RStr<'_>, value: TensorId) -> HostResult<
     })
 }
 
+extern "C" fn cross_entropy(ctx: HostCtx, logits: TensorId, labels: TensorId) -> HostResult<TensorId> {
+    produce(ctx, "cross_entropy", |rt| ops::cross_entropy(&high(rt, logits)?, &get(rt, labels)?))
+}
+
 extern "C" fn attention(
     ctx: HostCtx,
     q: TensorId,
@@ -437,6 +443,23 @@ extern "C" fn attention(
     produce(ctx, "attention", |rt| {
         let mask = mask.into_option().map(|m| get(rt, m)).transpose()?;
         ops::attention(&low(rt, q)?, &low(rt, k)?, &low(rt, v)?, causal, mask.as_ref(), scale)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+extern "C" fn attention_heads(
+    ctx: HostCtx,
+    q: TensorId,
+    k: TensorId,
+    v: TensorId,
+    heads: u64,
+    causal: bool,
+    mask: ROption<TensorId>,
+    scale: f64,
+) -> HostResult<TensorId> {
+    produce(ctx, "attention_heads", |rt| {
+        let mask = mask.into_option().map(|m| get(rt, m)).transpose()?;
+        ops::attention_heads(&low(rt, q)?, &low(rt, k)?, &low(rt, v)?, heads as usize, causal, mask.as_ref(), scale)
     })
 }
 

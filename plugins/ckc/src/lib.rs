@@ -77,9 +77,8 @@ fn batch_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Te
 fn symmetric_ce(logits: &Tensor, host: &Host) -> Result<Tensor> {
     let n = logits.dim(0)?;
     let labels: Vec<u32> = (0..n as u32).collect();
-    let idx = host.tensor_u32(&labels, &[n, 1])?;
-    let ce = |l: &Tensor| -> Result<Tensor> { l.log_softmax(1)?.gather(&idx, 1)?.neg()?.mean_all() };
-    ce(logits)?.add(&ce(&logits.t()?)?)?.scale(0.5)
+    let idx = host.tensor_u32(&labels, &[n])?;
+    logits.cross_entropy(&idx)?.add(&logits.t()?.cross_entropy(&idx)?)?.scale(0.5)
 }
 
 impl Ckc {

@@ -128,7 +128,9 @@ impl Adapter for Lora {
             return Ok(None);
         };
         let x = if self.dropout > 0.0 { x.dropout(self.dropout)? } else { x.clone() };
-        let y = x.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?.scale(self.scale)?;
+        // The scale goes on the rank-r intermediate: the same product, and r / out of the
+        // element-wise work of scaling the [.., out] result.
+        let y = x.matmul(&ad.a.t()?)?.scale(self.scale)?.matmul(&ad.b.t()?)?;
         Ok(Some(y))
     }
 
