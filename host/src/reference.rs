@@ -47,20 +47,17 @@ impl Params {
 
     fn block(&self, name: &str, x: &Tensor, s: TowerShape, causal: bool) -> Result<Tensor> {
         let h = self.ln(&format!("{name}.ln_1"), x, s.eps)?;
-        let (b, l, w) = h.dims3()?;
-        let dh = w / s.heads;
-        let split = |site: &str| -> Result<Tensor> {
-            self.linear(&format!("{name}.attn.{site}"), &h)?.reshape((b, l, s.heads, dh))?.transpose(1, 2)
-        };
-        let a = ops::attention(
-            &split("q_proj")?,
-            &split("k_proj")?,
-            &split("v_proj")?,
+        let dh = h.dim(2)? / s.heads;
+        let site = |site: &str| self.linear(&format!("{name}.attn.{site}"), &h);
+        let a = ops::attention_heads(
+            &site("q_proj")?,
+            &site("k_proj")?,
+            &site("v_proj")?,
+            s.heads,
             causal,
             None,
             1.0 / (dh as f64).sqrt(),
         )?;
-        let a = ops::reshape(&a.transpose(1, 2)?, &[b as i64, l as i64, -1])?;
         let x = (x + self.linear(&format!("{name}.attn.out_proj"), &a)?)?;
         let h = self.ln(&format!("{name}.ln_2"), &x, s.eps)?;
         let h = self.linear(&format!("{name}.mlp.fc1"), &h)?;

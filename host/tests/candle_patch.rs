@@ -40,3 +40,33 @@ fn autograd_stores_first_gradients_as_they_are_and_none_for_untracked_inputs() {
     let g = y.backward().unwrap().get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
     assert_eq!(g.to_vec1::<f32>().unwrap(), vec![3.0, -1.0]);
 }
+
+#[test]
+fn matmul_outputs_are_written_in_full_without_being_zeroed_first() {
+    // Fill freed memory with NaN first, so an element the GEMM failed to write would show.
+    for _ in 0..4 {
+        drop(Tensor::full(f32::NAN, (64, 64), &Device::Cpu).unwrap().to_vec2::<f32>().unwrap());
+    }
+    let naive = |a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize)| -> Vec<f32> {
+        (0..m).flat_map(|i| (0..n).map(move |j| (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>())).collect()
+    };
+    for (m, k, n) in [(3, 5, 4), (17, 33, 9), (64, 64, 64), (1, 1, 1)] {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+        let got = t(&a, &[m, k]).matmul(&t(&b, &[k, n])).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = naive(&a, &b, (m, k, n));
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 1e-4 * w.abs().max(1.0)), "{m}x{k}x{n}");
+    }
+    // Batched, with the batch folded into the rows (a shared right-hand side) and not.
+    let a = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((2, 3, 4)).unwrap();
+    let b = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap().reshape((4, 2)).unwrap();
+    let folded = a.broadcast_matmul(&b).unwrap();
+    let looped = a.matmul(&b.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap()).unwrap();
+    assert_eq!(folded.to_vec3::<f32>().unwrap(), looped.to_vec3::<f32>().unwrap());
+    assert!(folded.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+    // An empty inner dimension is a product of zeros.
+    let z = Tensor::zeros((3, 0), DType::F32, &Device::Cpu)
+        .unwrap()
+        .matmul(&Tensor::zeros((0, 2), DType::F32, &Device::Cpu).unwrap());
+    assert_eq!(z.unwrap().to_vec2::<f32>().unwrap(), vec![vec![0.0; 2]; 3]);
+}

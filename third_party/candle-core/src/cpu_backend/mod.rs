@@ -1478,7 +1478,20 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // Recall patch: gemm writes every element of dst when k > 0 (read_dst is false), so
+        // it is not zeroed first; the zeroing was a serial memset of every matmul output.
+        let mut dst = if k > 0 {
+            let mut dst = Vec::with_capacity(b * m * n);
+            // SAFETY: the gemm calls below write all b * m * n elements before anything reads
+            // them (read_dst is false and k > 0), and T is a plain float type.
+            #[allow(clippy::uninit_vec)]
+            unsafe {
+                dst.set_len(b * m * n)
+            };
+            dst
+        } else {
+            vec![T::zero(); b * m * n]
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
