@@ -221,6 +221,16 @@ pub struct AdapterSection {
     /// Coefficient of the merge (C-CLIP: 0.5).
     #[serde(default = "d::one")]
     pub merge_coefficient: f64,
+    /// A coefficient per task instead of `merge_coefficient`: a list with one number per task,
+    /// `running-average` (1/t after task t: the mean of the task models) or `c-clip-code` (1,
+    /// 1/2, then 1/3 for every later task, as C-CLIP's released training code averages).
+    #[serde(default)]
+    pub merge_schedule: Option<MergeSchedule>,
+    /// What a merge folds in: `adapter` (the adapter's delta, times the coefficient) or
+    /// `trained` (the delta in full, then every model parameter averaged with its value at
+    /// the start of the task: `start + c (end - start)`; C-CLIP's code).
+    #[serde(default)]
+    pub merge_scope: MergeScope,
     /// Re-initialise the adapter at the start of each task after the first.
     #[serde(default)]
     pub fresh_per_task: bool,
@@ -230,9 +240,47 @@ pub struct AdapterSection {
     pub options: toml::Table,
 }
 
+/// The coefficients of the merges after each task (see [`AdapterSection::merge_schedule`]).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum MergeSchedule {
+    PerTask(Vec<f64>),
+    Named(String),
+}
+
+impl MergeSchedule {
+    pub const NAMES: [&'static str; 2] = ["running-average", "c-clip-code"];
+}
+
+/// What an adapter merge folds into the model (see [`AdapterSection::merge_scope`]).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MergeScope {
+    #[default]
+    Adapter,
+    Trained,
+}
+
 impl AdapterSection {
-    pub const HOST_KEYS: [&'static str; 5] =
-        ["plugin", "merge_after_task", "merge_coefficient", "fresh_per_task", "freeze_base"];
+    pub const HOST_KEYS: [&'static str; 7] = [
+        "plugin",
+        "merge_after_task",
+        "merge_coefficient",
+        "merge_schedule",
+        "merge_scope",
+        "fresh_per_task",
+        "freeze_base",
+    ];
+
+    /// The merge coefficient after task `task` (0-based); the schedule was validated.
+    pub fn merge_coefficient_for(&self, task: usize) -> f64 {
+        match &self.merge_schedule {
+            None => self.merge_coefficient,
+            Some(MergeSchedule::PerTask(c)) => c.get(task).copied().unwrap_or(self.merge_coefficient),
+            Some(MergeSchedule::Named(n)) if n == "c-clip-code" => 1.0 / (task + 1).min(3) as f64,
+            Some(MergeSchedule::Named(_)) => 1.0 / (task + 1) as f64,
+        }
+    }
 
     pub fn options_text(&self) -> String {
         toml::to_string(&self.options).unwrap_or_default()
@@ -300,6 +348,11 @@ pub struct TrainSection {
     /// width floats per image.
     #[serde(default)]
     pub cache_image_codes: bool,
+    /// For strategies that compare against an old model (CKC, LwF): on the first task, the
+    /// old model is the initial (e.g. pretrained) model, as C-CLIP's code runs CKC from task
+    /// 1 on. Off, they have no old model on the first task.
+    #[serde(default)]
+    pub old_model_on_first_task: bool,
 }
 
 /// One task of the sequence, or one held-out zero-shot set: a name and where its data comes
@@ -1060,11 +1113,54 @@ fn validate_ranges(c: &LoadedConfig) -> Result<(), ConfigError> {
                 a.merge_coefficient
             ),
         ));
+        checks.extend(merge_checks(a, c.config.tasks.len()));
     }
     match checks.into_iter().find(|(_, ok, _)| !ok) {
         Some((key, _, message)) => Err(c.error_at(&key, message)),
         None => Ok(()),
     }
+}
+
+/// The merge knobs: a valid schedule, not both a schedule and a coefficient, and none of
+/// them without `merge_after_task` (where they would be silently ignored).
+fn merge_checks(a: &AdapterSection, tasks: usize) -> Vec<(String, bool, String)> {
+    let in_range = |c: f64| c > 0.0 && c <= 1.0;
+    let mut checks = Vec::new();
+    match &a.merge_schedule {
+        Some(MergeSchedule::Named(n)) => checks.push((
+            "adapter.merge_schedule".into(),
+            MergeSchedule::NAMES.contains(&n.as_str()),
+            format!(
+                "unknown merge_schedule `{n}`; expected one of {} or a list with one coefficient per task",
+                MergeSchedule::NAMES.join(", ")
+            ),
+        )),
+        Some(MergeSchedule::PerTask(cs)) => {
+            checks.push((
+                "adapter.merge_schedule".into(),
+                cs.len() == tasks,
+                format!("merge_schedule lists {} coefficients for {tasks} tasks; give one per task", cs.len()),
+            ));
+            checks.push((
+                "adapter.merge_schedule".into(),
+                cs.iter().all(|&c| in_range(c)),
+                format!("every merge_schedule coefficient must be in (0, 1], got {cs:?}"),
+            ));
+        }
+        None => {}
+    }
+    checks.push((
+        "adapter.merge_schedule".into(),
+        a.merge_schedule.is_none() || a.merge_coefficient == 1.0,
+        "set merge_coefficient or merge_schedule, not both".into(),
+    ));
+    let merging_knob = a.merge_schedule.is_some() || a.merge_scope != MergeScope::Adapter;
+    checks.push((
+        if a.merge_schedule.is_some() { "adapter.merge_schedule" } else { "adapter.merge_scope" }.into(),
+        a.merge_after_task || !merging_knob,
+        "merge_schedule and merge_scope apply to merges: set merge_after_task = true, or remove them".into(),
+    ));
+    checks
 }
 
 /// Task and zero-shot set names are the columns of every result: each must be unique and
@@ -1200,6 +1296,43 @@ plugin = "retrieval"
         let src = format!("{MINIMAL}\n[adapter]\nplugin = \"lora\"\nmerge_coefficient = 2.5\n");
         let e = parse(&src, "x.toml").unwrap_err();
         assert!(e.message.contains("merge_coefficient must be in (0, 1]"), "{e}");
+    }
+
+    #[test]
+    fn merge_schedules_give_a_coefficient_per_task_and_bad_ones_are_located() {
+        let adapter =
+            |extra: &str| format!("{MINIMAL}\n[adapter]\nplugin = \"lora\"\nmerge_after_task = true\n{extra}\n");
+        let coefficients = |extra: &str, n: usize| {
+            let c = parse(&adapter(extra), "x.toml").unwrap().config;
+            (0..n).map(|t| c.adapter.as_ref().unwrap().merge_coefficient_for(t)).collect::<Vec<_>>()
+        };
+        assert_eq!(coefficients("merge_coefficient = 0.5", 3), [0.5, 0.5, 0.5]);
+        assert_eq!(coefficients("merge_schedule = \"running-average\"", 4), [1.0, 0.5, 1.0 / 3.0, 0.25]);
+        assert_eq!(coefficients("merge_schedule = \"c-clip-code\"", 4), [1.0, 0.5, 1.0 / 3.0, 1.0 / 3.0]);
+        assert_eq!(coefficients("merge_schedule = [0.7]", 1), [0.7]);
+        let error = |extra: &str| parse(&adapter(extra), "x.toml").unwrap_err();
+        let e = error("merge_schedule = \"geometric\"");
+        assert!(
+            e.message.contains("unknown merge_schedule `geometric`; expected one of running-average, c-clip-code"),
+            "{e}"
+        );
+        assert_eq!(
+            e.line,
+            adapter("merge_schedule = \"geometric\"").lines().position(|l| l.starts_with("merge_schedule")).unwrap()
+                + 1
+        );
+        let e = error("merge_schedule = [1.0, 0.5]");
+        assert!(e.message.contains("merge_schedule lists 2 coefficients for 1 tasks"), "{e}");
+        let e = error("merge_schedule = [1.5]");
+        assert!(e.message.contains("every merge_schedule coefficient must be in (0, 1]"), "{e}");
+        let e = error("merge_schedule = \"running-average\"\nmerge_coefficient = 0.5");
+        assert!(e.message.contains("set merge_coefficient or merge_schedule, not both"), "{e}");
+        let e = error("merge_scope = \"everything\"");
+        assert!(e.message.contains("unknown variant `everything`, expected `adapter` or `trained`"), "{e}");
+        // A schedule or scope without merging would be silently ignored: refused.
+        let src = format!("{MINIMAL}\n[adapter]\nplugin = \"lora\"\nmerge_scope = \"trained\"\n");
+        let e = parse(&src, "x.toml").unwrap_err();
+        assert!(e.message.contains("set merge_after_task = true, or remove them"), "{e}");
     }
 
     #[test]

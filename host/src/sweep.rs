@@ -82,8 +82,7 @@ fn plugin_section(key: &str) -> bool {
     ["model.tokenizer.", "model.vision.", "model.text.", "adapter.", "strategy[", "evaluator["]
         .iter()
         .any(|p| key.starts_with(p))
-        && !["adapter.merge_after_task", "adapter.merge_coefficient", "adapter.fresh_per_task", "adapter.freeze_base"]
-            .contains(&key)
+        && !config::AdapterSection::HOST_KEYS.iter().any(|k| *k != "plugin" && key.strip_prefix("adapter.") == Some(k))
 }
 
 /// Whether the dotted key (with `[i]` steps) names something in the document.

@@ -36,7 +36,7 @@ pub use terminal::format_table;
 pub(crate) use terminal::progress;
 use terminal::{format_heldout, stage_label};
 
-use crate::config::LoadedConfig;
+use crate::config::{LoadedConfig, MergeScope};
 use crate::data::{self, TaskData};
 use crate::fsutil::write_atomic;
 use crate::loader::Registry;
@@ -161,6 +161,8 @@ struct Run<'a> {
     /// Live handles after a step must not grow within a task: a plugin that keeps handles
     /// it no longer needs leaks memory every step.
     leak_reported: bool,
+    /// Under `merge_scope = "trained"`, the model's parameters as the current task started.
+    task_start: Vec<(String, candle_core::Tensor)>,
 }
 
 impl<'a> Run<'a> {
@@ -230,6 +232,7 @@ impl<'a> Run<'a> {
             peak_memory: None,
             shown: Vec::new(),
             leak_reported: false,
+            task_start: Vec::new(),
         })
     }
 
@@ -316,6 +319,10 @@ impl<'a> Run<'a> {
         let bs = c.train.batch_size;
         let n_steps = steps_in_task(task.train.len(), &c.train);
         let (mut steps, mut opt) = begin_task(s, self.precision, t_idx, n_steps)?;
+        self.task_start = match &c.adapter {
+            Some(a) if a.merge_after_task && a.merge_scope == MergeScope::Trained => model_snapshot(rt)?,
+            _ => Vec::new(),
+        };
         let pb = progress(self.opts.quiet, n_steps as u64, format!("task {} {}", t_idx + 1, task.name), "steps");
         // Strategies may keep new tensors between tasks (EWC's Fisher, snapshots); a leak is
         // growth from step to step within a task.
@@ -383,7 +390,15 @@ impl<'a> Run<'a> {
         rt.set_training(false);
         if let (Some(a), Some(inst)) = (&c.adapter, &s.model.adapter) {
             if a.merge_after_task {
-                inst.merge(a.merge_coefficient)?;
+                let coefficient = a.merge_coefficient_for(t_idx);
+                match a.merge_scope {
+                    MergeScope::Adapter => inst.merge(coefficient)?,
+                    MergeScope::Trained => {
+                        inst.merge(1.0)?;
+                        average_with_start(rt, &std::mem::take(&mut self.task_start), coefficient)?;
+                    }
+                }
+                tracing::info!(task = %task.name, coefficient, scope = ?a.merge_scope, "merged");
                 // The merged delta now lives in the base weights: start the adapter afresh so
                 // it is not counted twice.
                 inst.reset()?;
@@ -441,6 +456,31 @@ impl<'a> Run<'a> {
     }
 }
 
+/// Copies of the model's own parameters (not the adapter's or the strategies'), by name.
+fn model_snapshot(rt: &crate::runtime::Runtime) -> anyhow::Result<Vec<(String, candle_core::Tensor)>> {
+    let params = rt.params();
+    let own = params.iter().filter(|p| !p.name.starts_with("adapter.") && !p.name.starts_with("strategy."));
+    Ok(own.map(|p| Ok((p.name.clone(), p.var.as_tensor().detach().copy()?))).collect::<candle_core::Result<_>>()?)
+}
+
+/// `start + c (now - start)` for every parameter of `start` (c = 1 keeps the task's result).
+fn average_with_start(
+    rt: &crate::runtime::Runtime,
+    start: &[(String, candle_core::Tensor)],
+    c: f64,
+) -> anyhow::Result<()> {
+    if c == 1.0 {
+        return Ok(());
+    }
+    for (name, before) in start {
+        let param = rt.params().get(name).map(|p| p.var.as_tensor().clone());
+        let param = param.with_context(|| format!("`{name}` was a parameter when the task started"))?;
+        let averaged = before.add(&((&param.detach() - before)? * c)?)?;
+        rt.param_assign(&param, &averaged).map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
 /// What a task starts with: the runtime reseeded, a fresh adapter if asked, the old
 /// model set to the weights so far, the strategies told, and a fresh optimizer.
 pub fn begin_task<'a>(
@@ -461,7 +501,7 @@ pub fn begin_task<'a>(
         }
     }
     let old = match &s.old_model {
-        Some(m) if t_idx > 0 => {
+        Some(m) if t_idx > 0 || c.train.old_model_on_first_task => {
             copy_parameters(&s.model, m)?;
             Some(m)
         }

@@ -96,6 +96,15 @@ impl<'c> Session<'c> {
             Ok(m)
         };
         let old_model = if any(StrategyInstance::wants_old_model)? { Some(frozen_copy()?) } else { None };
+        if c.train.old_model_on_first_task && old_model.is_none() {
+            return Err(cfg
+                .error_at(
+                    "train.old_model_on_first_task",
+                    "old_model_on_first_task is set, but no strategy of this experiment compares against an old \
+                     model (CKC and LwF do); remove the key or add such a strategy",
+                )
+                .into());
+        }
         // Copied now, before a resumed run loads its checkpoint.
         let wants_initial = any(StrategyInstance::wants_initial_model)?;
         let initial_model = if wants_initial {
