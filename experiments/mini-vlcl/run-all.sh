@@ -24,8 +24,12 @@ declare -A methods=(
   [zscl]='strategy=[{plugin="zscl",we_every=10}]|reference={name="reference",source="jsonl",path="dataset:emoji-google",max_train=1000}'
   [wise-ft]='strategy=[{plugin="wise-ft",alpha=0.8}]'
   [c-clip]="adapter={$lora,merge_after_task=true,merge_coefficient=0.5}|strategy=[{plugin=\"ckc\",dim=128}]"
+  # C-CLIP as its released code runs it: LoRA r16 on the MLP layers (projections, embeddings
+  # and norms train fully), CKC from the first task with a per-modality projector on raw
+  # features made anew each task, the whole model averaged 1, 1/2, 1/3, ... after each task.
+  [c-clip-code]="adapter={plugin=\"lora\",rank=16,alpha=32,dropout=0.1,targets=[\"vision.*.mlp.*\",\"text.*.mlp.*\"],merge_after_task=true,merge_scope=\"trained\",merge_schedule=\"c-clip-code\"}|strategy=[{plugin=\"ckc\",dim=128,batch_norm=\"per-modality\",normalize_inputs=false,fresh_per_task=true}]|train.old_model_on_first_task=true"
 )
-order=(finetune lora lora-merge ewc lwf zscl wise-ft c-clip)
+order=(finetune lora lora-merge ewc lwf zscl wise-ft c-clip c-clip-code)
 dirs=()
 for m in "${order[@]}"; do
   dir="runs/mini-vlcl/$m-seed$seed"

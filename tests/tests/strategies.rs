@@ -29,7 +29,12 @@ fn variables<'a>(fx: &std::collections::HashMap<String, Tensor>, names: &[&'a st
 fn ckc_value_and_gradients_match_pytorch() {
     let fx = fixture("ckc.safetensors");
     let plugin = load_plugin(&cdylib("recall-plugin-ckc")).unwrap();
-    for (case, config) in [("learned", "dim = 8\n"), ("fixed", "dim = 8\ntemperature = 0.1\n")] {
+    for (case, config) in [
+        ("learned", "dim = 8\n"),
+        ("fixed", "dim = 8\ntemperature = 0.1\n"),
+        // As C-CLIP's code: per-modality BatchNorm, raw inputs.
+        ("code", "dim = 8\nbatch_norm = \"per-modality\"\nnormalize_inputs = false\n"),
+    ] {
         let rt = Runtime::new(Device::Cpu, DType::F64, 0);
         let s = StrategyInstance::create(&plugin, &rt, "strategy.", config).unwrap();
         // The projector's parameters take the fixture's values.
@@ -76,6 +81,41 @@ fn ckc_adds_nothing_without_an_old_model() {
     )
     .unwrap_err();
     assert_eq!(e.config_key.as_deref(), Some("projector"));
+}
+
+#[test]
+fn a_fresh_ckc_projector_is_reinitialised_each_task_and_a_kept_one_is_not() {
+    let plugin = load_plugin(&cdylib("recall-plugin-ckc")).unwrap();
+    for fresh in [true, false] {
+        let rt = Runtime::new(Device::Cpu, DType::F32, 0);
+        let s =
+            StrategyInstance::create(&plugin, &rt, "strategy.", &format!("dim = 4\nfresh_per_task = {fresh}")).unwrap();
+        let names = ["fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "fc2.weight", "fc2.bias"];
+        // Training moved every projector parameter.
+        for n in names {
+            let params = rt.params();
+            let p = params.get(&format!("strategy.projector.{n}")).unwrap();
+            p.var.set(&(p.var.as_tensor() + 0.25).unwrap()).unwrap();
+        }
+        s.before_task(&recall_sdk::TaskInfo { index: 1, name: "b".into(), n_steps: 1 }).unwrap();
+        let params = rt.params();
+        let bias = params.get("strategy.projector.fc1.bias").unwrap().var.to_vec1::<f32>().unwrap();
+        let gamma = params.get("strategy.projector.bn.weight").unwrap().var.to_vec1::<f32>().unwrap();
+        if fresh {
+            assert!(bias.iter().all(|&b| b == 0.0) && gamma.iter().all(|&g| g == 1.0), "{bias:?} {gamma:?}");
+        } else {
+            assert!(bias.iter().all(|&b| b == 0.25) && gamma.iter().all(|&g| g == 1.25), "{bias:?} {gamma:?}");
+        }
+    }
+    let e = StrategyInstance::create(
+        &plugin,
+        &Runtime::new(Device::Cpu, DType::F32, 0),
+        "s.",
+        "dim = 4\nbatch_norm = \"each\"",
+    )
+    .unwrap_err();
+    assert_eq!(e.config_key.as_deref(), Some("batch_norm"));
+    assert!(e.message.contains("unknown batch_norm `each`; expected joint or per-modality"), "{}", e.message);
 }
 
 #[test]

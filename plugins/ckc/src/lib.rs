@@ -2,7 +2,11 @@
 //!
 //! For a batch of N pairs, the current image and text features are stacked into 2N rows and
 //! passed through a learnable projector h (default Linear(D, 4D) -> BatchNorm1d -> ReLU ->
-//! Linear(4D, D), one projector shared by both modalities), then L2-normalised (p). The old
+//! Linear(4D, D), one projector shared by both modalities), then L2-normalised (p). With
+//! `batch_norm = "per-modality"` the projector is applied to each modality on its own, so its
+//! BatchNorm statistics are per modality, as C-CLIP's code applies it; with
+//! `fresh_per_task = true` it is re-initialised at the start of every task, as the code
+//! creates it anew (its learning rate is an `[[optimizer.groups]]` entry like any other). The old
 //! model's features on the same batch are stacked likewise and normalised (z). With
 //! logits = p z^T / tau, row i's positive is column i only, and
 //! loss = 1/2 [CE(p z^T / tau, diag) + CE(z p^T / tau, diag)], times `weight`.
@@ -31,9 +35,16 @@ pub struct Config {
     /// Weight of the term in the total loss.
     #[serde(default = "d::weight")]
     pub weight: f64,
-    /// L2-normalise the current features before the projector.
+    /// L2-normalise the current features before the projector (C-CLIP's code: raw, false).
     #[serde(default = "d::yes")]
     pub normalize_inputs: bool,
+    /// `joint` (one BatchNorm over the stacked image and text rows) or `per-modality` (the
+    /// projector applied to each modality separately).
+    #[serde(default = "d::joint")]
+    pub batch_norm: String,
+    /// Re-initialise the projector at the start of every task after the first.
+    #[serde(default)]
+    pub fresh_per_task: bool,
 }
 
 mod d {
@@ -49,6 +60,9 @@ mod d {
     pub fn yes() -> bool {
         true
     }
+    pub fn joint() -> String {
+        "joint".into()
+    }
 }
 
 enum Projector {
@@ -63,6 +77,10 @@ pub struct Ckc {
     temperature: Option<f64>,
     weight: f64,
     normalize_inputs: bool,
+    per_modality: bool,
+    fresh_per_task: bool,
+    /// Every parameter of the projector, for `fresh_per_task`.
+    projector_params: Vec<Tensor>,
 }
 
 /// BatchNorm1d in training mode: normalise each column by the batch mean and biased variance.
@@ -79,6 +97,26 @@ fn symmetric_ce(logits: &Tensor, host: &Host) -> Result<Tensor> {
     let labels: Vec<u32> = (0..n as u32).collect();
     let idx = host.tensor_u32(&labels, &[n])?;
     logits.cross_entropy(&idx)?.add(&logits.t()?.cross_entropy(&idx)?)?.scale(0.5)
+}
+
+impl Projector {
+    /// The weights and biases of the projector's layers and its BatchNorm affine.
+    fn params(&self, host: &Host) -> Result<Vec<Tensor>> {
+        // `param` returns an existing parameter of the same name: the sites' biases.
+        let bias = |name: &str, width: usize| host.param(&format!("{name}.bias"), &[width], ParamInit::zeros(), true);
+        Ok(match self {
+            Projector::Linear(site) => {
+                let w = host.site_weight(*site)?;
+                let out = w.dim(0)?;
+                vec![w, bias("projector.fc", out)?]
+            }
+            Projector::Mlp { fc1, bn_weight, bn_bias, fc2 } => {
+                let (w1, w2) = (host.site_weight(*fc1)?, host.site_weight(*fc2)?);
+                let (h, d) = (w1.dim(0)?, w2.dim(0)?);
+                vec![w1, bias("projector.fc1", h)?, bn_weight.clone(), bn_bias.clone(), w2, bias("projector.fc2", d)?]
+            }
+        })
+    }
 }
 
 impl Ckc {
@@ -105,6 +143,16 @@ impl Strategy for Ckc {
                 return Err(Error::config("temperature", "temperature must be a positive number"));
             }
         }
+        let per_modality = match cfg.batch_norm.as_str() {
+            "joint" => false,
+            "per-modality" => true,
+            other => {
+                return Err(Error::config(
+                    "batch_norm",
+                    format!("unknown batch_norm `{other}`; expected joint or per-modality"),
+                ))
+            }
+        };
         let d = cfg.dim;
         let std = (d as f64).powf(-0.5);
         let projector = match cfg.projector.as_str() {
@@ -143,12 +191,16 @@ impl Strategy for Ckc {
                 return Err(Error::config("projector", format!("unknown projector `{other}`; expected mlp or linear")))
             }
         };
+        let projector_params = projector.params(host)?;
         Ok(Ckc {
             task: 0,
             projector,
             temperature: cfg.temperature,
             weight: cfg.weight,
             normalize_inputs: cfg.normalize_inputs,
+            per_modality,
+            fresh_per_task: cfg.fresh_per_task,
+            projector_params,
         })
     }
 
@@ -156,8 +208,13 @@ impl Strategy for Ckc {
         true
     }
 
-    fn before_task(&mut self, _host: &Host, task: &TaskInfo) -> Result<()> {
+    fn before_task(&mut self, host: &Host, task: &TaskInfo) -> Result<()> {
         self.task = task.index;
+        if self.fresh_per_task && task.index > 0 {
+            for p in &self.projector_params {
+                host.param_reset(p)?;
+            }
+        }
         Ok(())
     }
 
@@ -168,9 +225,14 @@ impl Strategy for Ckc {
         };
         let img = host.input(inputs, "image_features")?;
         let txt = host.input(inputs, "text_features")?;
-        let cur = host.cat(&[&img, &txt], 0)?;
-        let cur = if self.normalize_inputs { cur.l2_normalize(1e-12)? } else { cur };
-        let p = self.project(host, &cur)?.l2_normalize(1e-12)?;
+        let prepare = |x: Tensor| if self.normalize_inputs { x.l2_normalize(1e-12) } else { Ok(x) };
+        let projected = if self.per_modality {
+            let (img, txt) = (self.project(host, &prepare(img)?)?, self.project(host, &prepare(txt)?)?);
+            host.cat(&[&img, &txt], 0)?
+        } else {
+            self.project(host, &prepare(host.cat(&[&img, &txt], 0)?)?)?
+        };
+        let p = projected.l2_normalize(1e-12)?;
         let z = host.cat(&[&old_img, &old_txt], 0)?.l2_normalize(1e-12)?;
         let sims = p.matmul(&z.t()?)?;
         let logits = match self.temperature {
