@@ -265,7 +265,10 @@ fn mask_value(dtype: DType) -> f64 {
 }
 
 /// Scaled dot-product attention on [B, H, L, Dh]. `causal` masks keys after each query
-/// (aligned to the end when Lk > Lq); `key_padding_mask` is [B, Lk] with 1 = attend.
+/// (aligned to the end when Lk > Lq); `key_padding_mask` is [B, Lk] with 1 = attend. A query
+/// left with no key at all (its batch row entirely padding) attends to nothing in the fused
+/// CPU kernel (output 0) and uniformly in the composed form; every tower Recall ships keeps
+/// at least its first token, so only a hand-made mask can meet the difference.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
