@@ -33,12 +33,7 @@ plugin = \"ckc\"
 dim = 24
 "
     );
-    let file = tmp.path().join("c-clip.toml");
-    std::fs::write(&file, text).unwrap();
-    let run_dir = tmp.path().join("run");
-    let out =
-        Command::new(recall_bin()).args(["run", "-q"]).arg(&file).arg("--run-dir").arg(&run_dir).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run_dir = run(tmp.path(), "c-clip", &text);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
     let terms = &summary["epoch_terms"];

@@ -320,7 +320,14 @@ impl<'a> Run<'a> {
         let n_steps = steps_in_task(task.train.len(), &c.train);
         let (mut steps, mut opt) = begin_task(s, self.precision, t_idx, n_steps)?;
         self.task_start = match &c.adapter {
-            Some(a) if a.merge_after_task && a.merge_scope == MergeScope::Trained => model_snapshot(rt)?,
+            // A coefficient of 1 keeps the task's result: nothing to average with.
+            Some(a)
+                if a.merge_after_task
+                    && a.merge_scope == MergeScope::Trained
+                    && a.merge_coefficient_for(t_idx) < 1.0 =>
+            {
+                model_snapshot(rt)?
+            }
             _ => Vec::new(),
         };
         let pb = progress(self.opts.quiet, n_steps as u64, format!("task {} {}", t_idx + 1, task.name), "steps");
@@ -463,15 +470,12 @@ fn model_snapshot(rt: &crate::runtime::Runtime) -> anyhow::Result<Vec<(String, c
     Ok(own.map(|p| Ok((p.name.clone(), p.var.as_tensor().detach().copy()?))).collect::<candle_core::Result<_>>()?)
 }
 
-/// `start + c (now - start)` for every parameter of `start` (c = 1 keeps the task's result).
+/// `start + c (now - start)` for every parameter of `start` (empty when c = 1).
 fn average_with_start(
     rt: &crate::runtime::Runtime,
     start: &[(String, candle_core::Tensor)],
     c: f64,
 ) -> anyhow::Result<()> {
-    if c == 1.0 {
-        return Ok(());
-    }
     for (name, before) in start {
         let param = rt.params().get(name).map(|p| p.var.as_tensor().clone());
         let param = param.with_context(|| format!("`{name}` was a parameter when the task started"))?;

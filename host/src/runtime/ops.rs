@@ -106,25 +106,22 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
 /// `x W^T + b` with W: [out, in], broadcasting over x's leading dims: one GEMM, then the bias
 /// (fused where a kernel serves it, its gradient a column sum).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = matmul(x, &weight.t()?)?;
-    match bias {
-        Some(b) if super::fused::applies(&y) && b.dtype() == y.dtype() => super::fused::bias_add(&y, b),
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    linear_plus(x, weight, bias, &[])
 }
 
 /// [`linear`] plus adapter deltas (each broadcast to the output): the bias and one delta
 /// are added in one fused pass where a kernel serves them.
 pub fn linear_plus(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, deltas: &[Tensor]) -> Result<Tensor> {
-    if let ([d], Some(b)) = (deltas, bias) {
-        let y = matmul(x, &weight.t()?)?;
-        if super::fused::applies(&y) && b.dtype() == y.dtype() && d.dtype() == y.dtype() && d.dims() == y.dims() {
-            return super::fused::bias_delta_add(&y, b, d);
+    let y = matmul(x, &weight.t()?)?;
+    let fused = |t: &Tensor| super::fused::applies(&y) && t.dtype() == y.dtype();
+    let mut y = match (bias, deltas) {
+        (Some(b), [d]) if fused(b) && fused(d) && d.dims() == y.dims() => {
+            return super::fused::bias_delta_add(&y, b, d)
         }
-        return y.broadcast_add(b)?.broadcast_add(d);
-    }
-    let mut y = linear(x, weight, bias)?;
+        (Some(b), _) if fused(b) => super::fused::bias_add(&y, b)?,
+        (Some(b), _) => y.broadcast_add(b)?,
+        (None, _) => y,
+    };
     for d in deltas {
         y = y.broadcast_add(d)?;
     }
