@@ -802,6 +802,10 @@ fn load_error(e: loader::LoadError, verbose: bool) -> anyhow::Error {
 
 fn main() -> ExitCode {
     keep_freed_pages();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(candle_core::utils::get_num_threads())
+        .use_current_thread()
+        .build_global();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match run(&cli) {

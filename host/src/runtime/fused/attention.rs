@@ -12,7 +12,7 @@
 //! backward is the one softmax-backward kernel. The batch rows run in parallel; each GEMM
 //! is small (L x L x Dh) and runs on its thread.
 
-use super::{same_dtype, slice, Real};
+use super::{output_buffer, same_dtype, slice, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -80,19 +80,6 @@ fn gemm_into<T: Real>(
     }
 }
 
-/// A vector of `len` elements that [`gemm_into`] calls will write in full before anything
-/// reads it: not zeroed first (zeroing was a serial memset on the step's critical path).
-fn gemm_output<T: Real>(len: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(len);
-    // SAFETY: T is f32 or f64 (any bit pattern is a value), and each caller's GEMMs cover
-    // every element (their blocks tile the output; `gemm_into` writes zeros when k = 0).
-    #[allow(clippy::uninit_vec)]
-    unsafe {
-        out.set_len(len)
-    };
-    out
-}
-
 /// The [B, L, W] dims of a head-packed input, W divisible by `heads`.
 fn packed_dims(op: &str, l: &Layout, heads: usize) -> Result<(usize, usize, usize)> {
     match *l.dims() {
@@ -126,7 +113,7 @@ impl CustomOp2 for HeadScores {
             let [x, y] = s.map(|(s, l)| slice::<T>("attention_scores", s, l));
             let (x, y) = (x?, y?);
             let dh = w / h;
-            let mut out = gemm_output((x.len() / (m * w).max(1)) * h * m * n);
+            let mut out = output_buffer((x.len() / (m * w).max(1)) * h * m * n);
             out.par_chunks_mut((h * m * n).max(1)).enumerate().for_each(|(b, out)| {
                 for head in 0..h {
                     gemm_into(
@@ -185,7 +172,7 @@ impl CustomOp2 for HeadsApply {
             let dh = w / h;
             let (rows, inner) = if transpose { (n, m) } else { (m, n) };
             let batch = a.len() / (h * m * n).max(1);
-            let mut out = gemm_output(batch * rows * w);
+            let mut out = output_buffer(batch * rows * w);
             out.par_chunks_mut((rows * w).max(1)).enumerate().for_each(|(b, out)| {
                 for head in 0..h {
                     let base = (b * h + head) * m * n;

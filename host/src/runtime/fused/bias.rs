@@ -2,7 +2,7 @@
 //! forward; backward hands the gradient through and sums its columns for the bias (candle's
 //! broadcast add reduces over the leading dimensions with a strided walk per column).
 
-use super::{column_sums, same_dtype, slice, Real};
+use super::{column_sums, output_buffer, same_dtype, slice, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -74,7 +74,7 @@ impl CustomOp3 for BiasDeltaAdd {
             let [y, b, d] = s.map(|(s, l)| slice::<T>("bias_delta_add", s, l));
             let (y, b, d) = (y?, b?, d?);
             let n = b.len();
-            let mut out = vec![T::of(0.0); y.len()];
+            let mut out = output_buffer(y.len());
             out.par_chunks_mut(n).zip(y.par_chunks(n).zip(d.par_chunks(n))).for_each(|(o, (y, d))| {
                 for j in 0..n {
                     o[j] = y[j] + b[j] + d[j];

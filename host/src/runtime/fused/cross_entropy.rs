@@ -2,7 +2,7 @@
 //! InfoNCE): one kernel forward and one backward, where the composed loss is a log-softmax,
 //! a gather, a negation and a mean, each with its own backward.
 
-use super::{slice, Real};
+use super::{output_buffer, slice, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -75,7 +75,7 @@ impl CustomOp3 for CrossEntropyBackward {
             let x = slice::<T>("cross_entropy_backward", s1, l1)?;
             let labels = labels("cross_entropy_backward", s2, l2, classes)?;
             let g = slice::<T>("cross_entropy_backward", s3, l3)?[0] / T::of(labels.len() as f64);
-            let mut dx = vec![T::of(0.0); x.len()];
+            let mut dx = output_buffer(x.len());
             dx.par_chunks_mut(classes).zip(x.par_chunks(classes).zip(labels.par_iter())).for_each(|(dx, (row, &c))| {
                 let (_, lse) = max_and_lse(row);
                 for j in 0..classes {

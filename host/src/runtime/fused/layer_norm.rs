@@ -1,7 +1,7 @@
 //! Layer norm over the last dimension: one kernel forward, one backward that also gives the
 //! weight and bias gradients (composed, about 10 candle ops forward and 55 backward).
 
-use super::{same_dtype, slice, Real};
+use super::{output_buffer, same_dtype, slice, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -21,7 +21,7 @@ fn row_stats<T: Real>(row: &[T], eps: f64) -> (f64, f64) {
 
 fn layer_norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64) -> CpuStorage {
     let n = w.len();
-    let mut y = vec![T::of(0.0); x.len()];
+    let mut y = output_buffer(x.len());
     y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(out, row)| {
         let (mean, rstd) = row_stats(row, eps);
         for i in 0..n {
@@ -82,7 +82,7 @@ struct LayerNormBackward {
 fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> CpuStorage {
     let n = w.len();
     let rows = x.len() / n;
-    let mut out = vec![T::of(0.0); (rows + 2) * n];
+    let mut out = output_buffer((rows + 2) * n);
     let (dx, params) = out.split_at_mut(rows * n);
     // dx per row; the weight and bias gradients are column sums, gathered per thread.
     let (dw, db) = dx

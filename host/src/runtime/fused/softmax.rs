@@ -1,7 +1,7 @@
 //! Softmaxes over the last dimension: attention's scaled (and optionally causal) softmax, and
 //! log-softmax; each one kernel forward and one backward, max-subtracted.
 
-use super::{same_dtype, slice, Real};
+use super::{output_buffer, same_dtype, slice, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -34,7 +34,7 @@ impl ScaledSoftmax {
 }
 
 fn softmax_fwd<T: Real>(op: &ScaledSoftmax, x: &[T], (rows_per_batch, lq, lk): (usize, usize, usize)) -> CpuStorage {
-    let mut y = vec![T::of(0.0); x.len()];
+    let mut y = output_buffer(x.len());
     let scale = T::of(op.scale);
     y.par_chunks_mut(lk).zip(x.par_chunks(lk)).enumerate().for_each(|(r, (out, row))| {
         let keep = op.keys(r, lq, lk);
@@ -42,9 +42,10 @@ fn softmax_fwd<T: Real>(op: &ScaledSoftmax, x: &[T], (rows_per_batch, lq, lk): (
         let attends = |j: usize| padding.is_none_or(|p| p[j] != 0);
         let max = (0..keep).filter(|&j| attends(j)).fold(T::of(f64::NEG_INFINITY), |m, j| Real::max(m, row[j] * scale));
         let mut sum = T::of(0.0);
-        for j in (0..keep).filter(|&j| attends(j)) {
-            let e = (row[j] * scale - max).exp();
-            out[j] = e;
+        for (j, o) in out.iter_mut().enumerate() {
+            // Keys past the causal limit or padded out get an explicit 0.
+            let e = if j < keep && attends(j) { (row[j] * scale - max).exp() } else { T::of(0.0) };
+            *o = e;
             sum += e;
         }
         if sum > T::of(0.0) {
@@ -83,7 +84,7 @@ struct SoftmaxBackward {
 }
 
 fn softmax_bwd<T: Real>(y: &[T], g: &[T], lk: usize, scale: f64) -> CpuStorage {
-    let mut dx = vec![T::of(0.0); y.len()];
+    let mut dx = output_buffer(y.len());
     dx.par_chunks_mut(lk).zip(y.par_chunks(lk).zip(g.par_chunks(lk))).for_each(|(dx, (y, g))| {
         let dot: f64 = y.iter().zip(g).map(|(y, g)| y.to_f64() * g.to_f64()).sum();
         for j in 0..lk {
@@ -146,7 +147,7 @@ pub fn masked_softmax(x: &Tensor, scale: f64, causal: bool, padding: Option<&Ten
 struct LogSoftmax;
 
 fn log_softmax_fwd<T: Real>(x: &[T], n: usize) -> CpuStorage {
-    let mut y = vec![T::of(0.0); x.len()];
+    let mut y = output_buffer(x.len());
     y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(out, row)| {
         let max = row.iter().fold(T::of(f64::NEG_INFINITY), |m, &v| Real::max(m, v));
         let sum = row.iter().fold(T::of(0.0), |s, &v| s + (v - max).exp());
@@ -187,7 +188,7 @@ impl CustomOp2 for LogSoftmaxBackward {
         fn go<T: Real>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<CpuStorage> {
             let n = l1.dims().last().copied().unwrap_or(1).max(1);
             let (y, g) = (slice::<T>("log_softmax_backward", s1, l1)?, slice::<T>("log_softmax_backward", s2, l2)?);
-            let mut dx = vec![T::of(0.0); y.len()];
+            let mut dx = output_buffer(y.len());
             dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(dx, (y, g))| {
                 let total = g.iter().fold(T::of(0.0), |s, &v| s + v);
                 for j in 0..n {
