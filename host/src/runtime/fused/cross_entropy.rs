@@ -78,9 +78,7 @@ impl CustomOp3 for CrossEntropyBackward {
             let mut dx = output_buffer(x.len());
             dx.par_chunks_mut(classes).zip(x.par_chunks(classes).zip(labels.par_iter())).for_each(|(dx, (row, &c))| {
                 let (_, lse) = max_and_lse(row);
-                for j in 0..classes {
-                    dx[j] = g * (row[j] - lse).exp();
-                }
+                dx.iter_mut().zip(row).for_each(|(dx, &v)| *dx = g * (v - lse).exp());
                 dx[c as usize] -= g;
             });
             Ok(T::to_cpu_storage_owned(dx))

@@ -25,6 +25,7 @@ mod activation;
 mod attention;
 mod bias;
 mod cross_entropy;
+mod exp;
 mod layer_norm;
 mod softmax;
 
@@ -63,13 +64,14 @@ pub(crate) trait Real:
 }
 
 macro_rules! real {
-    ($t:ty, $erf:path) => {
+    ($t:ty, $exp:path, $erf:path) => {
         impl Real for $t {
             fn of(v: f64) -> Self {
                 v as $t
             }
+            #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             fn ln(self) -> Self {
                 <$t>::ln(self)
@@ -86,8 +88,9 @@ macro_rules! real {
         }
     };
 }
-real!(f32, candle_core::cpu::erf::erf_f32);
-real!(f64, candle_core::cpu::erf::erf_f64);
+// f32's exp is the inlinable, vectorisable one; f64 (the gradient checks) keeps libm's.
+real!(f32, exp::exp_f32, candle_core::cpu::erf::erf_f32);
+real!(f64, f64::exp, candle_core::cpu::erf::erf_f64);
 
 /// Whether fused ops are used at all: yes unless `RECALL_FUSED=0` (which measures the
 /// composed ops against them, e.g. under `recall bench`).

@@ -41,17 +41,19 @@ fn softmax_fwd<T: Real>(op: &ScaledSoftmax, x: &[T], (rows_per_batch, lq, lk): (
         let padding = op.padding_of(r, rows_per_batch, lk);
         let attends = |j: usize| padding.is_none_or(|p| p[j] != 0);
         let max = (0..keep).filter(|&j| attends(j)).fold(T::of(f64::NEG_INFINITY), |m, j| Real::max(m, row[j] * scale));
-        let mut sum = T::of(0.0);
-        for (j, o) in out.iter_mut().enumerate() {
-            // Keys past the causal limit or padded out get an explicit 0.
-            let e = if j < keep && attends(j) { (row[j] * scale - max).exp() } else { T::of(0.0) };
-            *o = e;
-            sum += e;
+        // Every key's exp first (one loop the compiler vectorises), then the keys past the
+        // causal limit or padded out set to 0, before the sum sees them.
+        out.iter_mut().zip(row).for_each(|(o, &v)| *o = (v * scale - max).exp());
+        out[keep..].iter_mut().for_each(|o| *o = T::of(0.0));
+        if let Some(p) = padding {
+            out.iter_mut().zip(p).filter(|(_, &p)| p == 0).for_each(|(o, _)| *o = T::of(0.0));
         }
+        let sum = out[..keep].iter().fold(T::of(0.0), |s, &e| s + e);
         if sum > T::of(0.0) {
-            for o in &mut out[..keep] {
-                *o /= sum;
-            }
+            out[..keep].iter_mut().for_each(|o| *o /= sum);
+        } else {
+            // No key attends (a fully padded row): all zeros, never 0/0.
+            out.iter_mut().for_each(|o| *o = T::of(0.0));
         }
     });
     T::to_cpu_storage_owned(y)
@@ -191,9 +193,7 @@ impl CustomOp2 for LogSoftmaxBackward {
             let mut dx = output_buffer(y.len());
             dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(dx, (y, g))| {
                 let total = g.iter().fold(T::of(0.0), |s, &v| s + v);
-                for j in 0..n {
-                    dx[j] = g[j] - y[j].exp() * total;
-                }
+                dx.iter_mut().zip(y).zip(g).for_each(|((dx, &y), &g)| *dx = g - y.exp() * total);
             });
             Ok(T::to_cpu_storage_owned(dx))
         }
