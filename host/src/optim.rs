@@ -172,13 +172,18 @@ impl AdamW {
         })
     }
 
-    /// Global L2 norm of the gradients of the optimized parameters: one sum of squares per
-    /// tensor on the device, one reduction over them, and a single read back to the host.
+    /// Global L2 norm of the gradients of the optimized parameters. On the CPU (with the fused
+    /// kernels on) one pass over the gradients' storages, accumulated in f64; elsewhere one sum
+    /// of squares per tensor on the device, one reduction over them, and a single read back.
     pub fn grad_norm(&self, grads: &GradStore) -> candle_core::Result<f64> {
-        let squares = self
-            .slots
+        let present: Vec<&Tensor> = self.slots.iter().filter_map(|s| grads.get(s.var.as_tensor())).collect();
+        if self.fused {
+            if let Some(total) = crate::runtime::adamw::sum_of_squares(&present) {
+                return Ok(total.sqrt());
+            }
+        }
+        let squares = present
             .iter()
-            .filter_map(|s| grads.get(s.var.as_tensor()))
             .map(|g| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?;
         if squares.is_empty() {

@@ -70,3 +70,20 @@ fn matmul_outputs_are_written_in_full_without_being_zeroed_first() {
         .matmul(&Tensor::zeros((0, 2), DType::F32, &Device::Cpu).unwrap());
     assert_eq!(z.unwrap().to_vec2::<f32>().unwrap(), vec![vec![0.0; 2]; 3]);
 }
+
+#[test]
+fn gradients_are_computed_untracked_and_so_are_not_detached_into_second_tensors() {
+    // y = sum((x W)^2): every gradient backward makes is a plain value (no recorded op), so
+    // its detach is the same tensor, and the forward's tensors are not kept alive by it.
+    let w = Var::from_tensor(&t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2])).unwrap();
+    let x = Var::from_tensor(&t(&[0.5, -1.0, 2.0, 1.0, 0.0, -0.5], &[2, 3])).unwrap();
+    let y = x.as_tensor().matmul(w.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap();
+    let grads = y.backward().unwrap();
+    for v in [&x, &w] {
+        let g = grads.get(v.as_tensor()).unwrap();
+        assert_eq!(g.detach().id(), g.id(), "a gradient carries the op that made it");
+    }
+    // After backward, ops on tracked tensors record again.
+    let z = x.as_tensor().affine(2.0, 0.0).unwrap();
+    assert_ne!(z.detach().id(), z.id(), "tracking stayed paused after backward");
+}

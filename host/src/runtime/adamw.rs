@@ -39,6 +39,52 @@ pub fn step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: AdamWStep) -> Res
     p.inplace_op3(m, v, &Update { c })
 }
 
+/// The sum of the squares of every element of `grads`, accumulated in f64 straight from
+/// their CPU storages, in parallel and in a fixed order: no tensor is created (the composed
+/// norm made about four per parameter tensor: a square, a sum, a reshape and a stack entry)
+/// and nothing waits on a device. `None` when any gradient is not a contiguous f32 or f64
+/// CPU tensor; the caller composes the norm then.
+pub fn sum_of_squares(grads: &[&Tensor]) -> Option<f64> {
+    use rayon::prelude::*;
+    fn squares<T: Real>(v: &[T]) -> f64 {
+        // Eight running sums: a sum with no serial chain of adds, which vectorises.
+        let mut acc = [0f64; 8];
+        let chunks = v.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, x) in acc.iter_mut().zip(c) {
+                *a += x.to_f64() * x.to_f64();
+            }
+        }
+        rest.iter().map(|x| x.to_f64() * x.to_f64()).sum::<f64>() + acc.iter().sum::<f64>()
+    }
+    const BLOCK: usize = 1 << 15;
+    let guards: Vec<_> = grads.iter().map(|g| g.storage_and_layout()).collect();
+    let mut blocks = Vec::new();
+    for (storage, layout) in &guards {
+        let (a, b) = layout.contiguous_offsets()?;
+        match &**storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => blocks.extend(v[a..b].chunks(BLOCK).map(Block::F32)),
+            candle_core::Storage::Cpu(CpuStorage::F64(v)) => blocks.extend(v[a..b].chunks(BLOCK).map(Block::F64)),
+            _ => return None,
+        }
+    }
+    enum Block<'a> {
+        F32(&'a [f32]),
+        F64(&'a [f64]),
+    }
+    // Blocks are summed in parallel, their sums then added in order: the same value for any
+    // number of threads.
+    let sums: Vec<f64> = blocks
+        .par_iter()
+        .map(|b| match b {
+            Block::F32(v) => squares(v),
+            Block::F64(v) => squares(v),
+        })
+        .collect();
+    Some(sums.iter().sum())
+}
+
 /// The contiguous elements of a target the kernel writes.
 fn target<'a, T>(op: &str, v: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
     match l.contiguous_offsets() {
@@ -187,6 +233,21 @@ mod tests {
             v.into_iter().map(|r| r.into_iter().map(f32::to_bits).collect::<Vec<_>>()).collect::<Vec<_>>()
         };
         assert_eq!(bits(run(true)), bits(run(false)));
+    }
+
+    #[test]
+    fn the_sum_of_squares_is_the_composed_one_and_declines_what_it_cannot_read() {
+        let a = randt(&[300, 257], 3).to_dtype(DType::F32).unwrap();
+        let b = randt(&[7], 4);
+        let composed: f64 = [&a, &b]
+            .iter()
+            .map(|t| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap())
+            .sum();
+        let fused = super::sum_of_squares(&[&a, &b]).unwrap();
+        assert!((fused - composed).abs() <= 1e-12 * composed, "{fused} against {composed}");
+        assert_eq!(super::sum_of_squares(&[]), Some(0.0));
+        assert_eq!(super::sum_of_squares(&[&a.t().unwrap()]), None);
+        assert_eq!(super::sum_of_squares(&[&a.to_dtype(DType::BF16).unwrap()]), None);
     }
 
     #[test]

@@ -112,7 +112,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// [`linear`] plus adapter deltas (each broadcast to the output): the bias and one delta
 /// are added in one fused pass where a kernel serves them.
 pub fn linear_plus(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, deltas: &[Tensor]) -> Result<Tensor> {
-    let y = matmul(x, &weight.t()?)?;
+    let y = if super::fused::linear::applies(x, weight) {
+        super::fused::matmul_nt(x, weight)?
+    } else {
+        matmul(x, &weight.t()?)?
+    };
     let fused = |t: &Tensor| super::fused::applies(&y) && t.dtype() == y.dtype();
     let mut y = match (bias, deltas) {
         (Some(b), [d]) if fused(b) && fused(d) && d.dims() == y.dims() => {
@@ -133,6 +137,12 @@ pub fn linear_plus(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, deltas: &
 /// broadcasting the matrix instead would run one small GEMM per leading index forward and
 /// sum a broadcast gradient backward.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    // A matrix on the right that is a transposed row-major one (`x.matmul(&w.t())`, as a
+    // LoRA factor is applied) is read in place by the fused product.
+    let reads_in_place = |a: &Tensor| super::fused::applies(a) && a.is_contiguous() && a.dtype() == b.dtype();
+    if b.rank() == 2 && a.rank() >= 1 && !b.is_contiguous() && transpose_is_contiguous(b) && reads_in_place(a) {
+        return super::fused::matmul_nt(a, &b.t()?);
+    }
     if a.rank() > 2 && b.rank() == 2 {
         let (lead, k) = a.dims().split_at(a.rank() - 1);
         let rows = lead.iter().product::<usize>();
@@ -147,11 +157,24 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// candle's matmul takes row-major operands and transposes of row-major ones; anything else
 /// (e.g. heads split by a transpose) is copied into a contiguous layout first.
 fn matmul_ready(x: &Tensor) -> Result<Tensor> {
-    if x.is_contiguous() || (x.rank() >= 2 && x.t()?.is_contiguous()) {
+    if x.is_contiguous() || transpose_is_contiguous(x) {
         Ok(x.clone())
     } else {
         x.contiguous()
     }
+}
+
+/// Whether `x.t()` would be contiguous, read off the layout: building the transpose to ask
+/// created a tensor per matmul (a tenth of a step's tensors).
+fn transpose_is_contiguous(x: &Tensor) -> bool {
+    let r = x.rank();
+    if r < 2 {
+        return false;
+    }
+    let (mut dims, mut stride) = (x.dims().to_vec(), x.stride().to_vec());
+    dims.swap(r - 2, r - 1);
+    stride.swap(r - 2, r - 1);
+    candle_core::Shape::from(dims).is_contiguous(&stride)
 }
 
 /// Non-overlapping patch embedding: [B, C, H, W] x [D, C, P, P] -> [B, N, D], a stride-P
@@ -532,6 +555,25 @@ pub fn device_from_name(name: &str) -> std::result::Result<Device, String> {
 pub(crate) mod tests {
     use super::*;
     use candle_core::Var;
+
+    #[test]
+    fn transpose_contiguity_is_read_off_the_layout_as_the_transpose_would_say() {
+        let x = randt(&[2, 3, 4], 1);
+        let views = [
+            x.clone(),
+            x.t().unwrap(),
+            x.transpose(0, 1).unwrap(),
+            x.permute((2, 0, 1)).unwrap(),
+            x.narrow(2, 1, 2).unwrap().t().unwrap(),
+            randt(&[3, 1], 2).t().unwrap(),
+            randt(&[1, 5], 3),
+            randt(&[5], 4),
+        ];
+        for v in &views {
+            let expected = v.rank() >= 2 && v.t().unwrap().is_contiguous();
+            assert_eq!(transpose_is_contiguous(v), expected, "{:?} {:?}", v.dims(), v.stride());
+        }
+    }
 
     /// Deterministic pseudo-random values (no rand dependency in tests).
     pub fn values(n: usize, seed: u64) -> Vec<f64> {

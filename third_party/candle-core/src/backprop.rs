@@ -167,6 +167,9 @@ impl Tensor {
         // Recall: the nodes on a path to a variable. An input outside this set (a constant,
         // a frozen weight) gets no gradient: none is computed for a matmul, none is stored.
         let tracked: std::collections::HashSet<TensorId> = sorted_nodes.iter().map(|n| n.id()).collect();
+        // Recall: gradients are computed untracked (the detach below is then a plain clone)
+        // unless CANDLE_GRAD_DO_NOT_DETACH asks for their graph.
+        let _untracked = (!CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b)).then(crate::op::PauseTracking::new);
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {

@@ -1092,13 +1092,40 @@ impl UnaryOpT for Relu {
 #[derive(Clone)]
 pub struct BackpropOp(Option<Op>);
 
+thread_local! {
+    /// Recall patch: set on this thread while `Tensor::backward` runs (PATCH.md).
+    static TRACKING_PAUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Recall patch: while alive, ops on this thread record no inputs, so their results are
+/// plain values. `Tensor::backward` holds one: the gradients it computes would otherwise
+/// each record their op (keeping forward tensors alive) and then be detached into a second
+/// tensor.
+pub(crate) struct PauseTracking(bool);
+
+impl PauseTracking {
+    pub(crate) fn new() -> Self {
+        PauseTracking(TRACKING_PAUSED.with(|p| p.replace(true)))
+    }
+}
+
+impl Drop for PauseTracking {
+    fn drop(&mut self) {
+        TRACKING_PAUSED.with(|p| p.set(self.0));
+    }
+}
+
+fn tracking_paused() -> bool {
+    TRACKING_PAUSED.with(|p| p.get())
+}
+
 impl BackpropOp {
     pub fn none() -> Self {
         BackpropOp(None)
     }
 
     pub(crate) fn new1(arg: &Tensor, f: impl Fn(Tensor) -> Op) -> Self {
-        let op = if arg.track_op() {
+        let op = if arg.track_op() && !tracking_paused() {
             Some(f(arg.clone()))
         } else {
             None
@@ -1107,7 +1134,7 @@ impl BackpropOp {
     }
 
     pub(crate) fn new2(arg1: &Tensor, arg2: &Tensor, f: impl Fn(Tensor, Tensor) -> Op) -> Self {
-        let op = if arg1.track_op() || arg2.track_op() {
+        let op = if (arg1.track_op() || arg2.track_op()) && !tracking_paused() {
             Some(f(arg1.clone(), arg2.clone()))
         } else {
             None
@@ -1121,7 +1148,7 @@ impl BackpropOp {
         arg3: &Tensor,
         f: impl Fn(Tensor, Tensor, Tensor) -> Op,
     ) -> Self {
-        let op = if arg1.track_op() || arg2.track_op() || arg3.track_op() {
+        let op = if (arg1.track_op() || arg2.track_op() || arg3.track_op()) && !tracking_paused() {
             Some(f(arg1.clone(), arg2.clone(), arg3.clone()))
         } else {
             None
@@ -1130,7 +1157,7 @@ impl BackpropOp {
     }
 
     pub(crate) fn new<A: AsRef<Tensor>>(args: &[A], f: impl Fn(Vec<Tensor>) -> Op) -> Self {
-        let op = if args.iter().any(|arg| arg.as_ref().track_op()) {
+        let op = if args.iter().any(|arg| arg.as_ref().track_op()) && !tracking_paused() {
             let args: Vec<Tensor> = args.iter().map(|arg| arg.as_ref().clone()).collect();
             Some(f(args))
         } else {

@@ -12,73 +12,11 @@
 //! backward is the one softmax-backward kernel. The batch rows run in parallel; each GEMM
 //! is small (L x L x Dh) and runs on its thread.
 
+use super::gemm::{gemm_into, Strided};
 use super::{output_buffer, same_dtype, slice, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// A strided matrix inside a slice: element (i, j) at `offset + i * rs + j * cs`.
-#[derive(Clone, Copy)]
-struct Strided {
-    offset: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl Strided {
-    /// The largest index a `rows` x `cols` matrix reads, for the bounds check.
-    fn last(&self, rows: usize, cols: usize) -> usize {
-        self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs
-    }
-}
-
-/// `dst = lhs (m x k) rhs (k x n)`, single-threaded (the caller parallelises over matrices).
-fn gemm_into<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: (&mut [T], Strided),
-    lhs: (&[T], Strided),
-    rhs: (&[T], Strided),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let ((dst, d), (a, ls), (b, rs)) = (dst, lhs, rhs);
-    if k == 0 {
-        for i in 0..m {
-            for j in 0..n {
-                dst[d.offset + i * d.rs + j * d.cs] = T::of(0.0);
-            }
-        }
-        return;
-    }
-    assert!(d.last(m, n) < dst.len() && ls.last(m, k) < a.len() && rs.last(k, n) < b.len(), "gemm_into bounds");
-    // SAFETY: the assert above keeps every element the three strided matrices address inside
-    // its slice; `dst` is borrowed mutably, so nothing else reads or writes it meanwhile, and
-    // it does not overlap the inputs (distinct borrows). gemm reads lhs and rhs only.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().add(d.offset),
-            d.cs as isize,
-            d.rs as isize,
-            false,
-            a.as_ptr().add(ls.offset),
-            ls.cs as isize,
-            ls.rs as isize,
-            b.as_ptr().add(rs.offset),
-            rs.cs as isize,
-            rs.rs as isize,
-            T::of(0.0),
-            T::of(1.0),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
 
 /// The [B, L, W] dims of a head-packed input, W divisible by `heads`.
 fn packed_dims(op: &str, l: &Layout, heads: usize) -> Result<(usize, usize, usize)> {
@@ -121,6 +59,7 @@ impl CustomOp2 for HeadScores {
                         (out, Strided { offset: head * m * n, rs: n, cs: 1 }),
                         (x, Strided { offset: b * m * w + head * dh, rs: w, cs: 1 }),
                         (y, Strided { offset: b * n * w + head * dh, rs: 1, cs: w }),
+                        false,
                     );
                 }
             });
@@ -186,6 +125,7 @@ impl CustomOp2 for HeadsApply {
                         (out, Strided { offset: head * dh, rs: w, cs: 1 }),
                         (a, a_bh),
                         (x, Strided { offset: b * inner * w + head * dh, rs: w, cs: 1 }),
+                        false,
                     );
                 }
             });

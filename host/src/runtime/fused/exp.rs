@@ -26,7 +26,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
     // n as an integer, read off t's mantissa (t = 1.5 * 2^23 + n) rather than by a float to
     // int cast, whose saturating semantics keep the loop from vectorising. A NaN input gives

@@ -26,7 +26,9 @@ mod attention;
 mod bias;
 mod cross_entropy;
 mod exp;
+mod gemm;
 mod layer_norm;
+pub(crate) mod linear;
 mod softmax;
 
 pub use activation::{gelu, quick_gelu};
@@ -34,6 +36,7 @@ pub use attention::attention_heads;
 pub use bias::{bias_add, bias_delta_add};
 pub use cross_entropy::cross_entropy;
 pub use layer_norm::layer_norm;
+pub use linear::matmul_nt;
 pub use softmax::{log_softmax, masked_softmax, scaled_softmax};
 
 /// A vector of `len` elements that the calling kernel writes in full before anything reads
