@@ -179,7 +179,9 @@ impl AdamW {
         let present: Vec<&Tensor> = self.slots.iter().filter_map(|s| grads.get(s.var.as_tensor())).collect();
         if self.fused {
             if let Some(total) = crate::runtime::adamw::sum_of_squares(&present) {
-                return Ok(total.sqrt());
+                // The composed norm (and so every device) sums in f32: a total beyond f32's
+                // range is the overflow it reports, not a finite norm only the CPU could see.
+                return Ok(if total > f64::from(f32::MAX) { f64::INFINITY } else { total.sqrt() });
             }
         }
         let squares = present
