@@ -87,3 +87,21 @@ fn gradients_are_computed_untracked_and_so_are_not_detached_into_second_tensors(
     let z = x.as_tensor().affine(2.0, 0.0).unwrap();
     assert_ne!(z.detach().id(), z.id(), "tracking stayed paused after backward");
 }
+
+#[test]
+fn the_thread_count_is_computed_once_not_read_from_proc_on_every_call() {
+    // /proc/self/io's rchar counts the bytes this process has read. Uncached, the default
+    // thread count (RAYON_NUM_THREADS unset) parsed /proc/cpuinfo on every call.
+    let rchar = || -> u64 {
+        let io = std::fs::read_to_string("/proc/self/io").unwrap();
+        io.lines().find_map(|l| l.strip_prefix("rchar: ")).unwrap().trim().parse().unwrap()
+    };
+    let n = candle_core::utils::get_num_threads();
+    let (r1, r2) = (rchar(), rchar());
+    for _ in 0..100 {
+        assert_eq!(candle_core::utils::get_num_threads(), n);
+    }
+    let r3 = rchar();
+    // One read of /proc/self/io is the baseline; 100 parses of /proc/cpuinfo would be far more.
+    assert!(r3 - r2 <= (r2 - r1) + 4096, "100 calls read {} bytes", r3 - r2 - (r2 - r1));
+}

@@ -418,7 +418,10 @@ fn candle_num_threads() -> usize {
 
 pub fn get_num_threads() -> usize {
     // Respond to the same environment variable as rayon.
-    rayon_num_threads()
+    // Recall patch (PATCH.md): computed once. Without RAYON_NUM_THREADS the default counts
+    // physical cores by parsing /proc/cpuinfo, and every CPU matmul asks.
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(rayon_num_threads)
 }
 
 /// On Apple Silicon: P-core count via `hw.perflevel0.logicalcpu`.

@@ -64,8 +64,8 @@ pub(super) fn gemm_into<T: Real>(
             false,
             false,
             false,
-            match candle_core::utils::get_num_threads() {
-                n if parallel && n > 1 => gemm::Parallelism::Rayon(n),
+            match parallel.then(candle_core::utils::get_num_threads) {
+                Some(n) if n > 1 => gemm::Parallelism::Rayon(n),
                 _ => gemm::Parallelism::None,
             },
         );
