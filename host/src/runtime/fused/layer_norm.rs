@@ -84,13 +84,15 @@ fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> CpuStorage {
     let rows = x.len() / n;
     let mut out = output_buffer((rows + 2) * n);
     let (dx, params) = out.split_at_mut(rows * n);
-    // dx per row; the weight and bias gradients are column sums, gathered per thread.
-    let (dw, db) = dx
-        .par_chunks_mut(n)
-        .zip(x.par_chunks(n).zip(g.par_chunks(n)))
-        .fold(
-            || (vec![0f64; n], vec![0f64; n]),
-            |(mut dw, mut db), (dx, (row, grow))| {
+    // dx per row; the weight and bias gradients are column sums, gathered per block of rows
+    // and the blocks' sums added in order (the same bits for any number of threads).
+    let block = super::ROWS_PER_BLOCK * n;
+    let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+        .map(|(dx, (x, g))| {
+            let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
+            for (dx, (row, grow)) in dx.chunks_mut(n).zip(x.chunks(n).zip(g.chunks(n))) {
                 let (mean, rstd) = row_stats(row, eps);
                 let (mut sum_gw, mut sum_gwh) = (0.0, 0.0);
                 for i in 0..n {
@@ -107,17 +109,15 @@ fn layer_norm_bwd<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> CpuStorage {
                     let h = (row[i].to_f64() - mean) * rstd;
                     dx[i] = T::of(rstd * (grow[i].to_f64() * w[i].to_f64() - mean_gw - h * mean_gwh));
                 }
-                (dw, db)
-            },
-        )
-        .reduce(
-            || (vec![0f64; n], vec![0f64; n]),
-            |(mut a, mut b), (c, d)| {
-                a.iter_mut().zip(c).for_each(|(a, c)| *a += c);
-                b.iter_mut().zip(d).for_each(|(b, d)| *b += d);
-                (a, b)
-            },
-        );
+            }
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
+    for (pw, pb) in partial {
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
     for i in 0..n {
         params[i] = T::of(dw[i]);
         params[n + i] = T::of(db[i]);

@@ -122,25 +122,29 @@ fn same_dtype(op: &str, a: &CpuStorage, b: &CpuStorage) -> Result<()> {
     Ok(())
 }
 
-/// Column sums of a [rows, n] block, gathered per thread in f64 (a bias's or a norm weight's
-/// gradient: one pass over the rows, where a strided reduction walks them per column).
+/// Rows per parallel task of a column sum: the tasks' partial sums are added in task order,
+/// so a sum has the same bits for any number of threads and any scheduling.
+const ROWS_PER_BLOCK: usize = 64;
+
+/// Column sums of a [rows, n] block in f64 (a bias's or a norm weight's gradient: one pass
+/// over the rows, where a strided reduction walks them per column), in a fixed order.
 fn column_sums<T: Real>(rows: &[T], n: usize) -> Vec<f64> {
     use rayon::prelude::*;
-    rows.par_chunks(n)
-        .fold(
-            || vec![0f64; n],
-            |mut acc, row| {
+    let partial: Vec<Vec<f64>> = rows
+        .par_chunks(ROWS_PER_BLOCK * n)
+        .map(|block| {
+            let mut acc = vec![0f64; n];
+            for row in block.chunks(n) {
                 acc.iter_mut().zip(row).for_each(|(a, v)| *a += v.to_f64());
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f64; n],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f64; n];
+    for p in partial {
+        total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    total
 }
 
 #[cfg(test)]
@@ -189,7 +193,47 @@ mod testing {
 #[cfg(test)]
 mod tests {
     use crate::runtime::ops::{self, tests::randt};
-    use candle_core::DType;
+    use candle_core::{DType, Tensor, Var};
+
+    /// Runs `f` on a rayon pool of `threads` workers.
+    fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    }
+
+    #[test]
+    fn column_sums_have_the_same_bits_for_any_number_of_threads() {
+        // Each column mixes magnitudes from 1e-12 to 1e12, beyond what f64 sums exactly, so a
+        // different summation order changes low bits.
+        let rows: Vec<f32> = (0..1000 * 7).map(|i| (i as f32 * 0.37).sin() * 10f32.powi((i / 7) % 25 - 12)).collect();
+        let one = on_threads(1, || super::column_sums(&rows, 7));
+        for threads in [2, 3, 8] {
+            let many = on_threads(threads, || super::column_sums(&rows, 7));
+            let same = one.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{threads} threads: {many:?} against {one:?}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_parameter_gradients_have_the_same_bits_for_any_number_of_threads() {
+        // In f64, so that no rounding to f32 hides a different order; the upstream gradient's
+        // rows range over 1e-8..1e8, so the order of the column sums shows in the low bits.
+        let (x, w, b) = (randt(&[700, 24], 11), randt(&[24], 12), randt(&[24], 13));
+        let scale: Vec<f64> = (0..700).map(|r| 10f64.powi(r % 17 - 8)).collect();
+        let r = randt(&[700, 24], 14).broadcast_mul(&Tensor::from_vec(scale, (700, 1), x.device()).unwrap()).unwrap();
+        let grads = || {
+            let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+            let y = super::layer_norm(&x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
+            let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            let bits = |v: &Var| -> Vec<u64> {
+                g.get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap().iter().map(|v| v.to_bits()).collect()
+            };
+            (bits(&wv), bits(&bv))
+        };
+        let one = on_threads(1, grads);
+        for threads in [2, 5] {
+            assert_eq!(on_threads(threads, grads), one, "{threads} threads");
+        }
+    }
 
     #[test]
     fn a_shape_or_dtype_mismatch_is_an_error_naming_the_op() {
