@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Run every method of the mini-vlcl comparison (one seed) and print the table.
 #   experiments/mini-vlcl/run-all.sh [SEED]
+#   METHODS="finetune c-clip" EPOCHS=10 experiments/mini-vlcl/run-all.sh 1
 # Each method is the fine-tuning baseline of mini-vlcl.toml plus `--set` overrides; runs go
-# to runs/mini-vlcl/METHOD-seedS. Finished runs are skipped; killed ones are resumed.
+# to runs/mini-vlcl/METHOD-seedS (METHOD-e10-seedS with EPOCHS=10). Finished runs are
+# skipped; killed ones are resumed. METHODS picks some of the methods (default: all);
+# EPOCHS sets the epochs per task (default: the file's 3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seed="${1:-0}"
@@ -30,16 +33,28 @@ declare -A methods=(
   [c-clip-code]="adapter={plugin=\"lora\",rank=16,alpha=32,dropout=0.1,targets=[\"vision.*.mlp.*\",\"text.*.mlp.*\"],merge_after_task=true,merge_scope=\"trained\",merge_schedule=\"c-clip-code\"}|strategy=[{plugin=\"ckc\",dim=128,batch_norm=\"per-modality\",normalize_inputs=false,fresh_per_task=true}]|train.old_model_on_first_task=true"
 )
 order=(finetune lora lora-merge ewc lwf zscl wise-ft c-clip c-clip-code)
+if [ -n "${METHODS:-}" ]; then
+  read -ra order <<< "$METHODS"
+  for m in "${order[@]}"; do
+    [ -n "${methods[$m]+set}" ] || { echo "unknown method \`$m\`; known: ${!methods[*]}" >&2; exit 2; }
+  done
+fi
+epochs_tag=""
+epochs_set=()
+if [ -n "${EPOCHS:-}" ]; then
+  epochs_tag="-e$EPOCHS"
+  epochs_set=(--set "train.epochs=$EPOCHS")
+fi
 dirs=()
 for m in "${order[@]}"; do
-  dir="runs/mini-vlcl/$m-seed$seed"
+  dir="runs/mini-vlcl/$m$epochs_tag-seed$seed"
   dirs+=("$dir")
   if [ -f "$dir/summary.json" ]; then continue; fi
   if [ -f "$dir/progress.json" ]; then
     "$recall" run -q --resume "$dir"
     continue
   fi
-  args=(--set "experiment.seed=$seed")
+  args=(--set "experiment.seed=$seed" "${epochs_set[@]}")
   IFS='|' read -ra sets <<< "${methods[$m]}"
   for s in "${sets[@]}"; do [ -n "$s" ] && args+=(--set "$s"); done
   echo "== $m"
@@ -47,4 +62,4 @@ for m in "${order[@]}"; do
   "$recall" run -q experiments/mini-vlcl/mini-vlcl.toml "${args[@]}" --run-dir "$dir"
   echo "   $(( $(date +%s) - start )) s"
 done
-"$recall" compare "${dirs[@]}" --baseline finetune --out runs/mini-vlcl
+"$recall" compare "${dirs[@]}" --baseline "finetune$epochs_tag" --out runs/mini-vlcl

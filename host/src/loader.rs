@@ -116,6 +116,7 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
             detail,
         )
     };
+    seed_layout_registry();
     let module = match header.init_root_module::<PluginModuleRef>() {
         Ok(m) => m,
         Err(LibraryError::AbiInstability(stock)) => {
@@ -165,6 +166,19 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, LoadError> {
         sdk_version: info.sdk_version.to_string(),
         module,
     })
+}
+
+/// abi_stable keeps one process-wide record of each prefix type's longest layout seen, and
+/// checks every later library against it. Were an older plugin (shorter tables) checked
+/// first, that record would be its tables, and every plugin of the host's own version loaded
+/// after it would be refused. Checking the host's tables against themselves first makes the
+/// record the host's own.
+fn seed_layout_registry() {
+    static SEEDED: std::sync::Once = std::sync::Once::new();
+    SEEDED.call_once(|| {
+        let host = <PluginModuleRef as StableAbi>::LAYOUT;
+        check_layout_compatibility(host, host).expect("the host's plugin tables are compatible with themselves");
+    });
 }
 
 /// Check that an ELF shared library's headers parse and that the file holds every byte its

@@ -74,9 +74,12 @@ enum Command {
     /// Load one library and print what it is as JSON (what `recall plugins` runs per file).
     #[command(hide = true)]
     ProbePlugin { path: PathBuf },
-    /// Run the conformance suite of a plugin's kind against a cdylib.
+    /// Run the conformance suite of each plugin's kind against its cdylib.
     CheckPlugin {
-        path: PathBuf,
+        /// One or more plugin libraries; all are loaded into this process before the checks,
+        /// as a run loads them (plugins built against different SDK minor versions included).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
         /// TOML options for the plugin (default: none, so the plugin's defaults).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -409,15 +412,25 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string(&loader::ProbedPlugin::from(&plugin))?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckPlugin { path, config } => {
+        Command::CheckPlugin { paths, config } => {
             let options = match config {
                 Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
                 None => String::new(),
             };
-            let plugin = loader::load_plugin(path).map_err(|e| load_error(e, cli.verbose))?;
-            let report = recall_host::conformance::check(&plugin, &options);
-            print!("{report}");
-            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            let plugins = paths
+                .iter()
+                .map(|path| loader::load_plugin(path).map_err(|e| load_error(e, cli.verbose)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut passed = true;
+            for plugin in &plugins {
+                if plugins.len() > 1 {
+                    println!("{}", plugin.path.display());
+                }
+                let report = recall_host::conformance::check(plugin, &options);
+                print!("{report}");
+                passed &= report.passed();
+            }
+            Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Embed { model, images, texts, out, batch } => {
             let reg = registry(cli, &[]);

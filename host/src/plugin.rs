@@ -307,6 +307,19 @@ impl StrategyInstance {
         }
     }
 
+    /// When the strategy's gradient pass runs (plugins older than SDK 1.6: after the task).
+    pub fn gradient_pass(&self) -> Result<recall_sdk::GradientPass, PluginFailure> {
+        let Some(f) = self.fns.gradient_pass() else { return Ok(recall_sdk::GradientPass::AfterTask) };
+        let code = lift(&self.plugin, "gradient_pass", f(self.state))?;
+        recall_sdk::GradientPass::from_code(code).ok_or_else(|| {
+            host_failure(
+                &self.plugin,
+                "gradient_pass",
+                format!("returned {code}, which is no GRADIENT_PASS_* code of SDK 1.6"),
+            )
+        })
+    }
+
     pub fn on_gradients(&self, task: &TaskInfo, batch: u64) -> Result<(), PluginFailure> {
         match self.fns.on_gradients() {
             Some(f) => lift(&self.plugin, "on_gradients", f(self.state, self.ctx.handle(), task.clone(), batch)),

@@ -487,7 +487,18 @@ pub struct StrategyFns {
     /// (the model being trained) and `initial_image_features` / `initial_text_features` /
     /// `initial_logit_scale` (the frozen initial model) on the same batch.
     pub wants_initial_model: extern "C" fn(StatePtr) -> PluginResult<bool>,
+    // ---- appended in 1.6 ----
+    /// When the gradient pass of `gradient_batches` runs, as a `GRADIENT_PASS_*` code:
+    /// after the task on its training data (the default, and what older plugins get), or
+    /// before the task, on the model the task starts from and the task's held-out split.
+    pub gradient_pass: extern "C" fn(StatePtr) -> PluginResult<u32>,
 }
+
+/// `StrategyFns::gradient_pass`: after the task, the trained model on the task's training data.
+pub const GRADIENT_PASS_AFTER_TASK: u32 = 0;
+/// `StrategyFns::gradient_pass`: before the task trains, the model it starts from (the old
+/// model) on the task's held-out split, as C-CLIP's code estimates EWC's Fisher.
+pub const GRADIENT_PASS_BEFORE_TASK: u32 = 1;
 
 /// Functions of an evaluator plugin.
 #[repr(C)]
@@ -500,6 +511,10 @@ pub struct EvaluatorFns {
     /// Inputs by name (e.g. `image_embeds`, `text_embeds`, `text_image_index`) -> metrics.
     #[sabi(last_prefix_field)]
     pub evaluate: extern "C" fn(StatePtr, HostHandle, RSlice<NamedTensor>) -> PluginResult<RVec<Metric>>,
+    #[cfg(feature = "abi-next")]
+    /// Appended only in SDK builds with the `abi-next` feature: a plugin table longer than
+    /// the in-tree plugins', to test loading plugins of two SDK versions into one process.
+    pub next_probe: extern "C" fn() -> u64,
 }
 
 /// The root module every Recall plugin exports. A module implements exactly one kind; the

@@ -54,6 +54,33 @@ pub trait Adapter: Sized + 'static {
     fn reset(&mut self, host: &Host) -> Result<()>;
 }
 
+/// When a strategy's gradient pass runs (see [`Strategy::gradient_pass`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradientPass {
+    /// After the task: the trained model, on the task's training data.
+    AfterTask,
+    /// Before the task trains: the model it starts from, on the task's held-out split.
+    BeforeTask,
+}
+
+impl GradientPass {
+    /// The ABI code (`GRADIENT_PASS_*`).
+    pub fn code(self) -> u32 {
+        match self {
+            GradientPass::AfterTask => GRADIENT_PASS_AFTER_TASK,
+            GradientPass::BeforeTask => GRADIENT_PASS_BEFORE_TASK,
+        }
+    }
+    /// The pass of an ABI code; `None` for a code this SDK does not know.
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            GRADIENT_PASS_AFTER_TASK => Some(GradientPass::AfterTask),
+            GRADIENT_PASS_BEFORE_TASK => Some(GradientPass::BeforeTask),
+            _ => None,
+        }
+    }
+}
+
 /// A consolidation strategy. Every hook has a no-op default; override what you need.
 pub trait Strategy: Sized + 'static {
     type Config: DeserializeOwned;
@@ -78,11 +105,17 @@ pub trait Strategy: Sized + 'static {
     fn after_task(&mut self, _host: &Host, _task: &TaskInfo) -> Result<()> {
         Ok(())
     }
-    /// How many batches of a finished task's training data to compute gradients of (the
-    /// task loss only), before `after_task`; each is followed by `on_gradients`. EWC uses it
-    /// for the Fisher information.
+    /// How many batches to compute gradients of (the task loss only, parameters unchanged);
+    /// each is followed by `on_gradients`. When, and on which data, is [`Self::gradient_pass`].
+    /// EWC uses it for the Fisher information.
     fn gradient_batches(&self) -> usize {
         0
+    }
+    /// When the gradient pass runs: by default after the task (the trained model, the task's
+    /// training data, before `after_task`); [`GradientPass::BeforeTask`]: after
+    /// `before_task`, on the model the task starts from and the task's held-out split.
+    fn gradient_pass(&self) -> GradientPass {
+        GradientPass::AfterTask
     }
     /// Called after each backward pass requested by `gradient_batches`; read gradients with
     /// `Host::grad`.
@@ -358,6 +391,11 @@ extern "C" fn strategy_gradient_batches<T: Strategy>(s: StatePtr) -> PluginResul
     guard("gradient_batches", || Ok(unsafe { state::<T>(s) }.borrow().gradient_batches() as u64))
 }
 
+extern "C" fn strategy_gradient_pass<T: Strategy>(s: StatePtr) -> PluginResult<u32> {
+    // SAFETY: `s` came from strategy_create::<T>.
+    guard("gradient_pass", || Ok(unsafe { state::<T>(s) }.borrow().gradient_pass().code()))
+}
+
 extern "C" fn strategy_on_gradients<T: Strategy>(
     s: StatePtr,
     h: HostHandle,
@@ -395,6 +433,7 @@ pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo) -> Plug
         gradient_batches: strategy_gradient_batches::<T>,
         on_gradients: strategy_on_gradients::<T>,
         wants_initial_model: strategy_wants_initial_model::<T>,
+        gradient_pass: strategy_gradient_pass::<T>,
     }
     .leak_into_prefix();
     PluginModule { info, tokenizer: RNone, encoder: RNone, adapter: RNone, strategy: RSome(fns), evaluator: RNone }
@@ -418,10 +457,21 @@ extern "C" fn evaluator_evaluate<T: Evaluator>(
     })
 }
 
+#[cfg(feature = "abi-next")]
+extern "C" fn next_probe() -> u64 {
+    1
+}
+
 #[doc(hidden)]
 pub fn evaluator_module<T: Evaluator>(info: extern "C" fn() -> PluginInfo) -> PluginModuleRef {
-    let fns = EvaluatorFns { create: evaluator_create::<T>, destroy: destroy::<T>, evaluate: evaluator_evaluate::<T> }
-        .leak_into_prefix();
+    let fns = EvaluatorFns {
+        create: evaluator_create::<T>,
+        destroy: destroy::<T>,
+        evaluate: evaluator_evaluate::<T>,
+        #[cfg(feature = "abi-next")]
+        next_probe,
+    }
+    .leak_into_prefix();
     PluginModule { info, tokenizer: RNone, encoder: RNone, adapter: RNone, strategy: RNone, evaluator: RSome(fns) }
         .leak_into_prefix()
 }

@@ -45,15 +45,15 @@ mod tensor;
 pub use abi::{DType, EncoderSpec, NamedTensor, ParamInit, SiteInfo, TaskInfo, TokenBatch};
 pub use config::parse_config;
 pub use error::{panic_message, Error, Result};
-pub use kinds::{Adapter, Encoder, Evaluator, Strategy, Tokenizer};
+pub use kinds::{Adapter, Encoder, Evaluator, GradientPass, Strategy, Tokenizer};
 pub use tensor::{named, Host, LogLevel, Site, Tensor};
 
 /// What most plugins import.
 pub mod prelude {
     pub use crate::abi::modality;
     pub use crate::{
-        bail, Adapter, DType, Encoder, EncoderSpec, Error, Evaluator, Host, NamedTensor, ParamInit, Result, Site,
-        SiteInfo, Strategy, TaskInfo, Tensor, TokenBatch, Tokenizer,
+        bail, Adapter, DType, Encoder, EncoderSpec, Error, Evaluator, GradientPass, Host, NamedTensor, ParamInit,
+        Result, Site, SiteInfo, Strategy, TaskInfo, Tensor, TokenBatch, Tokenizer,
     };
 }
 

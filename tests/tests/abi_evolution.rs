@@ -107,6 +107,20 @@ fn abi_evolution_in_both_directions() {
     }
     let (ok, out) = check(&next_probe, Some("call_new = true"));
     assert!(ok, "the newer probe on the newer host:\n{out}");
+
+    // Both generations in one process, the older first, as a run may load them: abi_stable
+    // records the first layout it checks process-wide, which must not make the newer plugin
+    // (whose evaluator table is longer under `abi-next`) fail to load after the older ones.
+    let out = Command::new(&next_host)
+        .arg("check-plugin")
+        .arg(cdylib("recall-plugin-retrieval"))
+        .arg(cdylib("recall-plugin-lwf"))
+        .arg(&next_probe)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "older plugins, then a newer one, in one process:\n{text}");
+    assert!(text.contains(&next_probe.display().to_string()), "{text}");
 }
 
 #[test]

@@ -122,7 +122,9 @@ fn a_fresh_ckc_projector_is_reinitialised_each_task_and_a_kept_one_is_not() {
 fn lwf_value_and_gradients_match_pytorch() {
     let fx = fixture("lwf.safetensors");
     let plugin = load_plugin(&cdylib("recall-plugin-lwf")).unwrap();
-    for (case, config) in [("zscl", ""), ("cclip", "temperature = 1.0\naverage_directions = true\nweight = 2.0\n")] {
+    let cclip = "temperature = 1.0\naverage_directions = true\nweight = 2.0\n";
+    let cclip_table = format!("{cclip}teacher_scale = \"student\"\n");
+    for (case, config) in [("zscl", ""), ("cclip", cclip), ("cclip_table", cclip_table.as_str())] {
         let rt = Runtime::new(Device::Cpu, DType::F64, 0);
         let s = StrategyInstance::create(&plugin, &rt, "strategy.", config).unwrap();
         let vars = variables(
@@ -235,6 +237,36 @@ fn consolidate_two_tasks(rt: &Runtime, s: &StrategyInstance, fx: &std::collectio
     }
 }
 
+/// Drive an EWC whose Fisher is taken before each task, as the engine does: the weights the
+/// task starts from, the gradient pass on them (the fixture's gradients), then the task's
+/// first loss. The penalty is active from the first task.
+fn consolidate_before_each_task(rt: &Runtime, s: &StrategyInstance, fx: &std::collections::HashMap<String, Tensor>) {
+    assert_eq!(s.gradient_pass().unwrap(), recall_sdk::GradientPass::BeforeTask);
+    for (k, batches) in [(1u64, 2), (2, 3)] {
+        set_params(rt, fx, &format!("task{k}.star."));
+        s.before_task(&task(k - 1)).unwrap();
+        for b in 0..batches {
+            let mut loss: Option<Tensor> = None;
+            for (name, _) in EWC_PARAMS {
+                let p = rt.params().get(name).unwrap().var.as_tensor().clone();
+                let term = (p * &fx[&format!("task{k}.grad{b}.{name}")]).unwrap().sum_all().unwrap();
+                loss = Some(match loss {
+                    Some(l) => (l + term).unwrap(),
+                    None => term,
+                });
+            }
+            rt.set_grads(Some(loss.unwrap().backward().unwrap()));
+            s.on_gradients(&task(k - 1), b as u64).unwrap();
+            rt.set_grads(None);
+        }
+        // At the task's start the weights are theta*: the penalty is there, and zero.
+        let terms = s.loss_terms(&[]).unwrap();
+        assert_eq!(terms.len(), 1, "task {k}: the penalty is active from the first task");
+        assert_eq!(terms[0].1.to_scalar::<f64>().unwrap(), 0.0);
+        s.after_task(&task(k - 1)).unwrap();
+    }
+}
+
 fn check_ewc_penalty(rt: &Runtime, s: &StrategyInstance, fx: &std::collections::HashMap<String, Tensor>, case: &str) {
     set_params(rt, fx, "theta.");
     let terms = s.loss_terms(&[]).unwrap();
@@ -275,10 +307,32 @@ fn ewc_penalty_and_gradients_match_pytorch_in_both_modes() {
 }
 
 #[test]
+fn ewc_as_c_clip_runs_it_takes_the_fisher_before_each_task_and_keeps_the_previous_task_only() {
+    let fx = fixture("ewc.safetensors");
+    let plugin = load_plugin(&cdylib("recall-plugin-ewc")).unwrap();
+    let config = "lambda = 0.4\nmode = \"online\"\ngamma = 0.0\nfisher = \"before-task\"\nfisher_batches = 3\n";
+    let rt = ewc_runtime();
+    let s = StrategyInstance::create(&plugin, &rt, "strategy.0.", config).unwrap();
+    consolidate_before_each_task(&rt, &s, &fx);
+    check_ewc_penalty(&rt, &s, &fx, "latest_half");
+    let fresh = StrategyInstance::create(&plugin, &rt, "strategy.1.", config).unwrap();
+    fresh.load_state(&s.save_state().unwrap()).unwrap();
+    check_ewc_penalty(&rt, &fresh, &fx, "latest_half");
+    // The default takes it after the task, as before.
+    let after = StrategyInstance::create(&plugin, &rt, "strategy.2.", "").unwrap();
+    assert_eq!(after.gradient_pass().unwrap(), recall_sdk::GradientPass::AfterTask);
+}
+
+#[test]
 fn ewc_rejects_bad_options() {
     let plugin = load_plugin(&cdylib("recall-plugin-ewc")).unwrap();
     let rt = ewc_runtime();
-    for (config, key) in [("lambda = -1.0", "lambda"), ("gamma = 1.5", "gamma"), ("mode = \"onlin\"", "mode")] {
+    for (config, key) in [
+        ("lambda = -1.0", "lambda"),
+        ("gamma = 1.5", "gamma"),
+        ("mode = \"onlin\"", "mode"),
+        ("fisher = \"after\"", "fisher"),
+    ] {
         let e = match StrategyInstance::create(&plugin, &rt, "strategy.0.", config) {
             Ok(_) => panic!("`{config}` was accepted"),
             Err(e) => e.to_string(),

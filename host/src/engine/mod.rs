@@ -24,6 +24,7 @@ use recall_sdk::TaskInfo;
 use serde::{Deserialize, Serialize};
 
 pub use evaluate::{class_embeddings, evaluate, evaluate_zeroshot, retrieval_texts};
+use recall_sdk::GradientPass;
 pub use session::{load_tasks, Session};
 pub(crate) use step::batches;
 pub use step::steps_in_task;
@@ -393,7 +394,8 @@ impl<'a> Run<'a> {
         let (rt, task) = (s.runtime(), &s.tasks[t_idx]);
         let n_steps = steps_in_task(task.train.len(), &c.train);
         let info = task_info(t_idx, task, n_steps);
-        gradient_pass(&s.model, &s.strategies, task, &info, c.train.batch_size, c.experiment.seed)?;
+        let after = GradientPass::AfterTask;
+        gradient_pass(&s.model, &s.strategies, after, &task.train, &info, c.train.batch_size, c.experiment.seed)?;
         rt.set_training(false);
         if let (Some(a), Some(inst)) = (&c.adapter, &s.model.adapter) {
             if a.merge_after_task {
@@ -514,6 +516,8 @@ pub fn begin_task<'a>(
     for st in &s.strategies {
         st.before_task(&info)?;
     }
+    let before = GradientPass::BeforeTask;
+    gradient_pass(&s.model, &s.strategies, before, &task.test, &info, c.train.batch_size, c.experiment.seed)?;
     let opt = AdamW::new(&s.runtime().params(), &c.optimizer).map_err(|e| s.cfg.error_at(&e.key(), e.message))?;
     if t_idx == 0 {
         for g in opt.summary() {
@@ -531,7 +535,8 @@ pub fn begin_task<'a>(
 pub fn end_task_untrained(s: &Session, t_idx: usize, n_steps: usize) -> anyhow::Result<()> {
     let c = &s.cfg.config;
     let (task, info) = (&s.tasks[t_idx], task_info(t_idx, &s.tasks[t_idx], n_steps));
-    gradient_pass(&s.model, &s.strategies, task, &info, c.train.batch_size, c.experiment.seed)?;
+    let after = GradientPass::AfterTask;
+    gradient_pass(&s.model, &s.strategies, after, &task.train, &info, c.train.batch_size, c.experiment.seed)?;
     s.runtime().set_training(false);
     for st in &s.strategies {
         st.after_task(&info)?;

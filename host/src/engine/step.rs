@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use recall_sdk::TaskInfo;
+use recall_sdk::{GradientPass, TaskInfo};
 
 use super::session::Session;
 use crate::data::{self, TaskData};
@@ -132,29 +132,31 @@ pub(crate) fn reference_features(
     ])
 }
 
-/// Gradients of the task loss on batches of the finished task, for strategies that ask
-/// (EWC's Fisher). Parameters are not updated.
+/// Gradients of the task loss on batches of `examples`, for the strategies whose gradient
+/// pass is `when` (EWC's Fisher): after a task on its training data, or before it on its
+/// held-out split. Parameters are not updated.
 pub(crate) fn gradient_pass(
     model: &Model,
     strategies: &[StrategyInstance],
-    task: &TaskData,
+    when: GradientPass,
+    examples: &[data::Example],
     info: &TaskInfo,
     bs: usize,
     seed: u64,
 ) -> anyhow::Result<()> {
-    let wanted: Vec<(usize, &StrategyInstance)> = strategies
-        .iter()
-        .map(|s| s.gradient_batches().map(|n| (n, s)))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .filter(|(n, _)| *n > 0)
-        .collect();
+    let mut wanted: Vec<(usize, &StrategyInstance)> = Vec::new();
+    for s in strategies {
+        let n = s.gradient_batches()?;
+        if n > 0 && s.gradient_pass()? == when {
+            wanted.push((n, s));
+        }
+    }
     let Some(most) = wanted.iter().map(|(n, _)| *n).max() else { return Ok(()) };
     let rt = &model.runtime;
     // Evaluation mode: no dropout, so the gradients are those of the trained function.
     rt.set_training(false);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6772_6164 ^ info.index);
-    for (b, (examples, captions)) in batches(&task.train, bs, &mut rng).into_iter().take(most).enumerate() {
+    for (b, (examples, captions)) in batches(examples, bs, &mut rng).into_iter().take(most).enumerate() {
         let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
         let (ids, mask) = model.tokenize(&captions)?;
         let img = model.encode_images(&pixels)?;

@@ -8,8 +8,17 @@
 //! - `mode = "online"`: `F <- gamma * F + F_new`, and the penalty pulls towards the latest
 //!   theta* only (Schwarz et al.'s online EWC).
 //!
-//! The host computes the gradients (`gradient_batches` / `on_gradients`, SDK 1.3); this plugin
-//! only reads parameters and gradients through the SDK.
+//! When the Fisher is estimated (`fisher`):
+//! - `"after-task"` (the default, as the reference code): the trained model, on the finished
+//!   task's training data; the penalty starts with the second task.
+//! - `"before-task"` (C-CLIP's code): at the start of each task, the model the task starts
+//!   from, on the task's held-out split (C-CLIP's code uses its validation split; Recall's
+//!   tasks have a train/test split only, so this reads the test split's pairs). theta* is
+//!   that start, so the penalty is active from the first task. With `mode = "online"` and
+//!   `gamma = 0` only the latest (F, theta*) counts: "previous task only".
+//!
+//! The host computes the gradients (`gradient_batches` / `on_gradients`, SDK 1.3, and
+//! `gradient_pass`, SDK 1.6); this plugin only reads parameters and gradients through the SDK.
 
 use recall_sdk::config::glob_match;
 use recall_sdk::prelude::*;
@@ -31,6 +40,14 @@ pub enum Convention {
     Full,
 }
 
+/// When the Fisher and theta* are taken.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FisherAt {
+    AfterTask,
+    BeforeTask,
+}
+
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -44,9 +61,11 @@ pub struct Config {
     pub gamma: f64,
     #[serde(default = "d::convention")]
     pub convention: Convention,
-    /// Batches of each finished task's training data the Fisher is estimated on.
+    /// Batches the Fisher is estimated on.
     #[serde(default = "d::fisher_batches")]
     pub fisher_batches: usize,
+    #[serde(default = "d::fisher")]
+    pub fisher: FisherAt,
     /// Parameters to protect (globs over full names, `*` any characters); trainable ones only.
     #[serde(default = "d::params")]
     pub params: Vec<String>,
@@ -68,6 +87,9 @@ mod d {
     pub fn fisher_batches() -> usize {
         16
     }
+    pub fn fisher() -> super::FisherAt {
+        super::FisherAt::AfterTask
+    }
     pub fn params() -> Vec<String> {
         vec!["*".into()]
     }
@@ -87,6 +109,8 @@ pub struct Ewc {
     /// Squared gradients summed over the batches of the current gradient pass.
     accumulating: Vec<(String, Tensor)>,
     batches_seen: usize,
+    /// The task whose before-task gradient pass is under way (`fisher = "before-task"`).
+    awaiting_pass: Option<String>,
 }
 
 impl Ewc {
@@ -161,15 +185,41 @@ impl Strategy for Ewc {
         if cfg.params.is_empty() {
             return Err(Error::config("params", "params must list at least one pattern (\"*\": every parameter)"));
         }
-        Ok(Ewc { cfg, anchors: Vec::new(), accumulating: Vec::new(), batches_seen: 0 })
+        Ok(Ewc { cfg, anchors: Vec::new(), accumulating: Vec::new(), batches_seen: 0, awaiting_pass: None })
     }
 
     fn loss_terms(&mut self, host: &Host, _inputs: &[NamedTensor]) -> Result<Vec<(String, Tensor)>> {
+        // A before-task pass has ended when the task's first step asks for the loss.
+        if let Some(task) = self.awaiting_pass.take() {
+            if self.batches_seen == 0 {
+                host.log(
+                    recall_sdk::LogLevel::Warn,
+                    &format!("ewc: task `{task}` has no held-out batches for the Fisher; nothing consolidated"),
+                );
+            } else {
+                self.consolidate(host)?;
+            }
+        }
         Ok(self.penalty(host)?.map(|p| vec![("ewc".to_string(), p)]).unwrap_or_default())
+    }
+
+    fn before_task(&mut self, _host: &Host, task: &TaskInfo) -> Result<()> {
+        if self.cfg.fisher == FisherAt::BeforeTask {
+            self.batches_seen = 0;
+            self.awaiting_pass = Some(task.name.to_string());
+        }
+        Ok(())
     }
 
     fn gradient_batches(&self) -> usize {
         self.cfg.fisher_batches
+    }
+
+    fn gradient_pass(&self) -> GradientPass {
+        match self.cfg.fisher {
+            FisherAt::AfterTask => GradientPass::AfterTask,
+            FisherAt::BeforeTask => GradientPass::BeforeTask,
+        }
     }
 
     fn on_gradients(&mut self, host: &Host, _task: &TaskInfo, batch: u64) -> Result<()> {
@@ -197,6 +247,9 @@ impl Strategy for Ewc {
     }
 
     fn after_task(&mut self, host: &Host, task: &TaskInfo) -> Result<()> {
+        if self.cfg.fisher == FisherAt::BeforeTask {
+            return Ok(());
+        }
         if self.batches_seen == 0 {
             host.log(
                 recall_sdk::LogLevel::Warn,

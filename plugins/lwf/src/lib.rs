@@ -6,8 +6,11 @@
 //! both directions: `KL(softmax(t / T) || softmax(s / T)) * T^2` (batch mean), image->text on
 //! the rows and text->image on the columns.
 //!
-//! ZSCL's form (the default): T = 2, the two directions summed. C-CLIP's variant: T = 1,
-//! `average_directions = true` (0.5 each), `weight = 2`.
+//! ZSCL's form (the default): T = 2, the two directions summed. The "ZSCL" row of C-CLIP's
+//! table, as its code runs it: T = 1, `average_directions = true` (0.5 each), `weight = 2`,
+//! `teacher_scale = "student"` (the teacher's similarities times the student's logit scale,
+//! taken as a constant, as the teacher is a target), and the old model from the first task
+//! on (`[train] old_model_on_first_task = true`).
 //!
 //! Inputs: `image_features`, `text_features`, `logit_scale`, and from the host's frozen
 //! snapshot `old_image_features`, `old_text_features`, `old_logit_scale`.
@@ -26,6 +29,17 @@ pub struct Config {
     /// 0.5 per direction instead of their sum.
     #[serde(default)]
     pub average_directions: bool,
+    /// The logit scale of the teacher's logits: its own (`"own"`, the default) or the
+    /// student's (`"student"`, C-CLIP's code).
+    #[serde(default = "d::teacher_scale")]
+    pub teacher_scale: TeacherScale,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TeacherScale {
+    Own,
+    Student,
 }
 
 mod d {
@@ -34,6 +48,9 @@ mod d {
     }
     pub fn weight() -> f64 {
         1.0
+    }
+    pub fn teacher_scale() -> super::TeacherScale {
+        super::TeacherScale::Own
     }
 }
 
@@ -66,9 +83,9 @@ impl Strategy for Lwf {
             return Ok(Vec::new());
         };
         let scale = host.input(inputs, "logit_scale")?;
-        let old_scale = match host.find_input(inputs, "old_logit_scale")? {
-            Some(s) => s,
-            None => scale.detach()?,
+        let old_scale = match (self.cfg.teacher_scale, host.find_input(inputs, "old_logit_scale")?) {
+            (TeacherScale::Own, Some(s)) => s,
+            _ => scale.detach()?,
         };
         let student =
             clip_logits(&host.input(inputs, "image_features")?, &host.input(inputs, "text_features")?, &scale)?;
