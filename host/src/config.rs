@@ -298,6 +298,27 @@ pub struct ParamGroup {
     pub weight_decay: Option<f64>,
 }
 
+/// What the lr schedule counts (see [`OptimizerSection::schedule_unit`]).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleUnit {
+    #[default]
+    Step,
+    Epoch,
+}
+
+impl OptimizerSection {
+    /// The lr factor at `step` (0-based, within the task) of `epoch`, for a task of
+    /// `n_steps` steps over `epochs` epochs.
+    pub fn lr_factor(&self, step: usize, epoch: usize, n_steps: usize, epochs: usize) -> f64 {
+        let (at, warmup, total) = match self.schedule_unit {
+            ScheduleUnit::Step => (step, self.warmup_steps, n_steps),
+            ScheduleUnit::Epoch => (epoch, self.warmup_epochs, epochs),
+        };
+        crate::optim::lr_factor(at, warmup, total, self.min_lr_ratio, self.warmup_start_ratio)
+    }
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSection {
@@ -316,6 +337,18 @@ pub struct OptimizerSection {
     /// Learning rate at the end of the cosine schedule, as a fraction of each group's lr.
     #[serde(default)]
     pub min_lr_ratio: f64,
+    /// What the schedule counts: `step` (the default: the lr changes every step) or `epoch`
+    /// (it changes once per epoch, as C-CLIP's code steps its scheduler; warmup is then
+    /// `warmup_epochs`).
+    #[serde(default)]
+    pub schedule_unit: ScheduleUnit,
+    /// Linear warmup epochs at the start of each task (with `schedule_unit = "epoch"`).
+    #[serde(default)]
+    pub warmup_epochs: usize,
+    /// The lr factor warmup starts from, rising linearly to 1 (C-CLIP: 0.01). Unset: the
+    /// k-th warmup unit (0-based) has factor (k + 1) / warmup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_start_ratio: Option<f64>,
     /// Clip the global gradient norm to this value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_clip: Option<f64>,
@@ -1076,6 +1109,27 @@ fn validate_ranges(c: &LoadedConfig) -> Result<(), ConfigError> {
             "min_lr_ratio must be in [0, 1]".into(),
         ),
         (
+            "optimizer.warmup_start_ratio".into(),
+            o.warmup_start_ratio.is_none_or(|r| (0.0..=1.0).contains(&r)),
+            "warmup_start_ratio must be in [0, 1] (the lr factor warmup starts from)".into(),
+        ),
+        (
+            "optimizer.warmup_epochs".into(),
+            o.warmup_epochs == 0 || o.schedule_unit == ScheduleUnit::Epoch,
+            "warmup_epochs counts epochs of a per-epoch schedule: set schedule_unit = \"epoch\", or use warmup_steps"
+                .into(),
+        ),
+        (
+            "optimizer.warmup_steps".into(),
+            o.warmup_steps == 0 || o.schedule_unit == ScheduleUnit::Step,
+            "with schedule_unit = \"epoch\" the warmup is counted in epochs: use warmup_epochs instead".into(),
+        ),
+        (
+            "optimizer.warmup_start_ratio".into(),
+            o.warmup_start_ratio.is_none() || o.warmup_steps > 0 || o.warmup_epochs > 0,
+            "warmup_start_ratio applies to a warmup: set warmup_steps or warmup_epochs, or remove it".into(),
+        ),
+        (
             "model.logit_scale_init".into(),
             c.config.model.logit_scale_init.is_finite(),
             "logit_scale_init must be a finite number (CLIP: ln(1/0.07) = 2.659)".into(),
@@ -1296,6 +1350,50 @@ plugin = "retrieval"
         let src = format!("{MINIMAL}\n[adapter]\nplugin = \"lora\"\nmerge_coefficient = 2.5\n");
         let e = parse(&src, "x.toml").unwrap_err();
         assert!(e.message.contains("merge_coefficient must be in (0, 1]"), "{e}");
+    }
+
+    #[test]
+    fn a_per_epoch_schedule_warms_up_from_its_start_ratio_and_holds_within_an_epoch() {
+        // C-CLIP's code: 5 warmup epochs from 0.01 lr, then cosine to 0.01 lr, over 40 epochs.
+        let sets = [
+            "optimizer.schedule_unit=\"epoch\"",
+            "optimizer.warmup_epochs=5",
+            "optimizer.warmup_start_ratio=0.01",
+            "optimizer.min_lr_ratio=0.01",
+        ]
+        .map(String::from);
+        let src = apply_overrides(MINIMAL, "x.toml", &sets).unwrap();
+        let o = parse(&src, "x.toml").unwrap().config.optimizer;
+        let (steps_per_epoch, epochs) = (7, 40);
+        let at = |epoch: usize, step_in_epoch: usize| {
+            o.lr_factor(epoch * steps_per_epoch + step_in_epoch, epoch, steps_per_epoch * epochs, epochs)
+        };
+        assert!((at(0, 0) - 0.01).abs() < 1e-12);
+        assert_eq!(at(0, 0), at(0, 6), "constant within an epoch");
+        assert!((at(4, 3) - (0.01 + 0.99 * 4.0 / 5.0)).abs() < 1e-12);
+        assert!((at(5, 0) - 1.0).abs() < 1e-12);
+        let mid = 0.01 + 0.99 * 0.5 * (1.0 + (std::f64::consts::PI * 17.5 / 35.0).cos());
+        assert!((at(22, 1) - 0.01 - 0.99 * 0.5 * (1.0 + (std::f64::consts::PI * 17.0 / 35.0).cos())).abs() < 1e-12);
+        assert!(mid > 0.4 && mid < 0.6);
+        // The default counts steps, as before.
+        let d = parse(MINIMAL, "x.toml").unwrap().config.optimizer;
+        assert_eq!(d.lr_factor(3, 0, 100, 1), crate::optim::lr_factor(3, 0, 100, 0.0, None));
+
+        for (set, key, message) in [
+            ("optimizer.warmup_epochs=2", "warmup_epochs", "set schedule_unit = \"epoch\""),
+            ("optimizer.warmup_start_ratio=1.5", "warmup_start_ratio", "must be in [0, 1]"),
+            ("optimizer.warmup_start_ratio=0.1", "warmup_start_ratio", "applies to a warmup"),
+            ("optimizer.schedule_unit=\"epochs\"", "schedule_unit", "unknown variant `epochs`"),
+        ] {
+            let src = apply_overrides(MINIMAL, "x.toml", &[set.to_string()]).unwrap();
+            let e = parse(&src, "x.toml").unwrap_err();
+            assert!(e.message.contains(message), "{set}: {e}");
+            assert_eq!(e.line, src.lines().position(|l| l.starts_with(key)).unwrap() + 1, "{set}: {e}");
+        }
+        let sets = ["optimizer.schedule_unit=\"epoch\"", "optimizer.warmup_steps=10"].map(String::from);
+        let src = apply_overrides(MINIMAL, "x.toml", &sets).unwrap();
+        let e = parse(&src, "x.toml").unwrap_err();
+        assert!(e.message.contains("use warmup_epochs instead"), "{e}");
     }
 
     #[test]

@@ -247,11 +247,16 @@ impl AdamW {
     }
 }
 
-/// Linear warmup for `warmup` steps, then cosine decay to `min_ratio` at `total` steps:
-/// the factor multiplying each group's lr at `step` (0-based).
-pub fn lr_factor(step: usize, warmup: usize, total: usize, min_ratio: f64) -> f64 {
+/// Linear warmup for `warmup` units (steps or epochs), then cosine decay to `min_ratio` at
+/// `total` units: the factor multiplying each group's lr at unit `step` (0-based). Warmup
+/// rises from `start` to 1 (`start + (1 - start) k / warmup`), or without a start as
+/// `(k + 1) / warmup`.
+pub fn lr_factor(step: usize, warmup: usize, total: usize, min_ratio: f64, start: Option<f64>) -> f64 {
     if step < warmup {
-        return (step + 1) as f64 / warmup as f64;
+        return match start {
+            Some(s) => s + (1.0 - s) * step as f64 / warmup as f64,
+            None => (step + 1) as f64 / warmup as f64,
+        };
     }
     let span = total.saturating_sub(warmup).max(1);
     let progress = ((step - warmup) as f64 / span as f64).min(1.0);
@@ -273,11 +278,11 @@ mod tests {
 
     #[test]
     fn schedule_shape() {
-        assert!((lr_factor(0, 10, 100, 0.0) - 0.1).abs() < 1e-12);
-        assert!((lr_factor(9, 10, 100, 0.0) - 1.0).abs() < 1e-12);
-        assert!((lr_factor(10, 10, 100, 0.0) - 1.0).abs() < 1e-12);
-        assert!((lr_factor(55, 10, 100, 0.0) - 0.5).abs() < 1e-12);
-        assert!((lr_factor(100, 10, 100, 0.1) - 0.1).abs() < 1e-12);
+        assert!((lr_factor(0, 10, 100, 0.0, None) - 0.1).abs() < 1e-12);
+        assert!((lr_factor(9, 10, 100, 0.0, None) - 1.0).abs() < 1e-12);
+        assert!((lr_factor(10, 10, 100, 0.0, None) - 1.0).abs() < 1e-12);
+        assert!((lr_factor(55, 10, 100, 0.0, None) - 0.5).abs() < 1e-12);
+        assert!((lr_factor(100, 10, 100, 0.1, None) - 0.1).abs() < 1e-12);
         assert_eq!(clip_factor(0.5, Some(1.0)), 1.0);
         assert!((clip_factor(4.0, Some(1.0)) - 0.25).abs() < 1e-6);
     }
@@ -302,6 +307,9 @@ mod tests {
             eps: 1e-8,
             warmup_steps: 0,
             min_lr_ratio: 0.0,
+            schedule_unit: Default::default(),
+            warmup_epochs: 0,
+            warmup_start_ratio: None,
             grad_clip: None,
             groups: vec![],
         };

@@ -29,7 +29,7 @@ use crate::engine::{
 use crate::fsutil::write_atomic;
 use crate::loader::Registry;
 use crate::model::Tower;
-use crate::optim::{clip_factor, lr_factor, AdamW};
+use crate::optim::{clip_factor, AdamW};
 use crate::runtime::{ops, Runtime};
 
 /// Scores of the tokenizer on a set of images.
@@ -137,7 +137,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             let grads = loss.backward()?;
             peak_memory = peak_memory.max(crate::runtime::device_memory_in_use(rt.device()));
             let scale = clip_factor(opt.grad_norm(&grads)?, c.optimizer.grad_clip);
-            opt.step(&grads, lr_factor(step, c.optimizer.warmup_steps, n_steps, c.optimizer.min_lr_ratio), scale)?;
+            opt.step(&grads, c.optimizer.lr_factor(step, epoch, n_steps, c.train.epochs), scale)?;
             sum += value;
             n += 1;
             step += 1;

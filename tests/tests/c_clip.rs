@@ -154,3 +154,48 @@ fn a_trained_scope_merge_averages_every_model_parameter_with_the_tasks_start() {
     assert!(moved("logit_scale") > 0.0 && trained.keys().any(|n| n.ends_with("q_proj.weight") && moved(n) > 0.0));
     assert!(checked > 10, "{checked} parameters compared");
 }
+
+#[test]
+fn the_papers_baselines_as_its_code_runs_them_are_active_from_the_first_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let second_task = "
+[[task]]
+name = \"b\"
+shapes = [\"cross\", \"ring\"]
+colors = [\"red\", \"blue\"]
+train_per_combo = 2
+";
+    // EWC: the Fisher of the model each task starts from, on the task's held-out split.
+    let ewc = format!(
+        "{SMALL_EXPERIMENT}{second_task}
+[[strategy]]
+plugin = \"ewc\"
+lambda = 0.4
+mode = \"online\"
+gamma = 0.0
+fisher = \"before-task\"
+fisher_batches = 2
+"
+    );
+    // "ZSCL" of C-CLIP's table: LwF at T = 1 against the old model, from the first task on.
+    let zscl = format!(
+        "{}{second_task}
+[[strategy]]
+plugin = \"lwf\"
+temperature = 1.0
+average_directions = true
+weight = 2.0
+teacher_scale = \"student\"
+",
+        SMALL_EXPERIMENT.replacen("[train]\n", "[train]\nold_model_on_first_task = true\n", 1)
+    );
+    for (name, text, term) in [("ewc", ewc, "ewc"), ("zscl", zscl, "lwf")] {
+        let run_dir = run(tmp.path(), name, &text);
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+        for task in 0..2 {
+            let v = summary["epoch_terms"][task][0][term].as_f64();
+            assert!(v.is_some_and(|v| v.is_finite() && v >= 0.0), "{name}: task {task} has no {term} term: {summary}");
+        }
+    }
+}

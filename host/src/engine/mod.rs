@@ -41,7 +41,7 @@ use crate::config::{LoadedConfig, MergeScope};
 use crate::data::{self, TaskData};
 use crate::fsutil::write_atomic;
 use crate::loader::Registry;
-use crate::optim::{lr_factor, AdamW};
+use crate::optim::AdamW;
 
 /// How the engine reports progress.
 #[derive(Clone, Debug, Default)]
@@ -344,7 +344,7 @@ impl<'a> Run<'a> {
             let mut term_sums: BTreeMap<String, f64> = BTreeMap::new();
             for (examples, captions) in batches(&task.train, bs, &mut rng) {
                 let step_started = Instant::now();
-                let factor = lr_factor(step_in_task, c.optimizer.warmup_steps, n_steps, c.optimizer.min_lr_ratio);
+                let factor = c.optimizer.lr_factor(step_in_task, epoch, n_steps, c.train.epochs);
                 let p = &mut self.progress;
                 let stats =
                     steps.step(&mut opt, (&examples, &captions), p.global_step, factor, &mut StepProbe::default())?;
