@@ -22,9 +22,15 @@ pub struct ClSummary {
     /// mean over i of (r[i][i] - random[i]): the score on a task just before training it,
     /// above the random baseline (present only when a baseline is given).
     pub fwt: Option<f64>,
-    /// MTIL "Transfer": for each task, the mean of r[t][i] over the stages t <= i before it
-    /// is trained (zero-shot on future tasks), averaged over tasks.
+    /// MTIL "Transfer", read with the initial model: for each task, the mean of r[t][i] over
+    /// the stages t <= i before it is trained (t = 0 included), averaged over all tasks. This
+    /// is the one Recall prints.
     pub transfer: f64,
+    /// MTIL "Transfer" as ZSCL's code computes it (its matrix has no row for the initial
+    /// model): for each task i >= 1, the mean of r[t][i] over stages 1..=i, averaged over
+    /// those tasks; the first task has none. `None` for a single task.
+    #[serde(default)]
+    pub transfer_zscl: Option<f64>,
 }
 
 fn mean(v: impl IntoIterator<Item = f64>) -> Option<f64> {
@@ -72,6 +78,7 @@ pub fn summarize(r: &[Vec<f64>], random: Option<&[f64]>) -> Result<ClSummary, Me
         })),
         fwt: random.and_then(|b| mean((0..tasks).map(|i| r[i][i] - b[i]))),
         transfer: mean((0..tasks).filter_map(|i| mean((0..=i).map(|t| r[t][i])))).unwrap_or(f64::NAN),
+        transfer_zscl: mean((1..tasks).filter_map(|i| mean((1..=i).map(|t| r[t][i])))),
     })
 }
 
@@ -114,6 +121,25 @@ mod tests {
         close(s.fwt.unwrap(), (5.0 + 20.0 + 30.0) / 3.0);
         // Transfer: task 0: r[0][0] = 10; task 1: (20 + 25) / 2; task 2: (30 + 30 + 35) / 3.
         close(s.transfer, (10.0 + 22.5 + 95.0 / 3.0) / 3.0);
+        // ZSCL's reading, without row 0: task 1: r[1][1] = 25; task 2: (30 + 35) / 2.
+        close(s.transfer_zscl.unwrap(), (25.0 + 32.5) / 2.0);
+    }
+
+    /// ZSCL's own statistics (mtil/results.ipynb, transcribed in
+    /// tests/fixtures/metrics/make_mtil.py) on a matrix of its layout, against ours on the
+    /// same matrix with the initial model's row in front.
+    #[test]
+    fn mtil_transfer_and_avg_match_zscls_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/metrics/mtil.json");
+        let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let rows = |k: &str| -> Vec<Vec<f64>> { serde_json::from_value(fx[k].clone()).unwrap() };
+        let mut r = rows("initial");
+        r.extend(rows("zscl_matrix"));
+        let s = summarize(&r, None).unwrap();
+        close(s.transfer_zscl.unwrap(), fx["zscl_transfer"].as_f64().unwrap());
+        close(s.avg_mtil, fx["zscl_avg"].as_f64().unwrap());
+        close(s.last, fx["zscl_last"].as_f64().unwrap());
+        close(s.transfer, fx["transfer_with_initial"].as_f64().unwrap());
     }
 
     #[test]
@@ -126,7 +152,7 @@ mod tests {
         assert_eq!(s.fwt, None);
         // One task: no earlier tasks, so no BWT or forgetting; t = 0 still counts for transfer.
         let s = summarize(&[vec![12.0], vec![80.0]], None).unwrap();
-        assert_eq!((s.bwt, s.forgetting), (None, None));
+        assert_eq!((s.bwt, s.forgetting, s.transfer_zscl), (None, None, None));
         close(s.transfer, 12.0);
         close(s.last, 80.0);
     }
