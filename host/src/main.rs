@@ -227,6 +227,10 @@ struct RunArgs {
     /// `plugin.NAME` for a rebuilt plugin); each change is recorded in run.json.
     #[arg(long, value_name = "KEY", num_args = 1.., requires = "resume")]
     allow_config_change: Vec<String>,
+    /// Resolve and check everything (config, plugins and their options, checkpoints, every
+    /// data manifest and image path), print the plan; train nothing, write nothing.
+    #[arg(long, conflicts_with_all = ["resume", "run_dir", "overwrite"])]
+    dry_run: bool,
 }
 #[derive(clap::Args)]
 struct SweepArgs {
@@ -498,7 +502,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
 
 /// `recall run`: a fresh run, a resumed one, or one into a given directory.
 fn run_command(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let RunArgs { file, set, run_dir, resume, overwrite, allow_config_change } = args;
+    let RunArgs { file, set, run_dir, resume, overwrite, allow_config_change, dry_run } = args;
     let (cfg, opts) = match (resume, file) {
         (Some(dir), _) => {
             let saved = dir.join("config.resolved.toml");
@@ -535,6 +539,10 @@ fn run_command(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     let used = recall_host::identity::plugins_used(&cfg.config);
     let reg = registry_for(cli, &cfg.config.plugins.search_path, Some(&used));
+    if *dry_run {
+        print!("{}", engine::dry_run(&cfg, &reg)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let summary = if cfg.config.train.objective == "reconstruction" {
         recall_host::reconstruction::run(&cfg, &reg, &opts)?
     } else {

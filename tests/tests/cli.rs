@@ -182,3 +182,53 @@ fn plugin_search_order_and_never_the_current_directory() {
     assert!(lora.contains(&env_dir.path().display().to_string()), "{stdout}");
     assert!(!stdout.lines().any(|l| l.starts_with("panicky")), "{stdout}");
 }
+
+/// A Karpathy-format set (COCO/Flickr `dataset_*.json`) of `n` images with five captions each,
+/// split `train` / `test` alternately, and its image files.
+fn karpathy_set(dir: &std::path::Path, n: usize) {
+    let images: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let sentences: Vec<serde_json::Value> =
+                (0..5).map(|k| serde_json::json!({ "raw": format!("picture {i}, caption {k}") })).collect();
+            let split = if i % 2 == 0 { "train" } else { "test" };
+            serde_json::json!({ "filename": format!("{i}.png"), "split": split, "sentences": sentences })
+        })
+        .collect();
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    for i in 0..n {
+        image::RgbImage::from_pixel(8, 8, image::Rgb([i as u8 * 20, 0, 0]))
+            .save(dir.join(format!("images/{i}.png")))
+            .unwrap();
+    }
+    std::fs::write(dir.join("dataset_flickr30k.json"), serde_json::json!({ "images": images }).to_string()).unwrap();
+}
+
+#[test]
+fn dry_run_checks_everything_prints_the_plan_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    karpathy_set(&dir.path().join("flickr"), 6);
+    let extra = "\n[[task]]\nname = \"flickr\"\nsource = \"karpathy\"\npath = \"flickr/dataset_flickr30k.json\"\nimages = \"flickr/images\"\n";
+    let out_dir = dir.path().join("out");
+    let text = SMALL_EXPERIMENT.replacen("[experiment]\n", &format!("[experiment]\noutput_dir = {:?}\n", out_dir), 1);
+    let exp = write_experiment(&dir, &format!("{text}{extra}"));
+    let (ok, out, err) = recall(&["run", "--dry-run", &exp]);
+    assert!(ok, "{err}");
+    for needle in
+        ["plan of", "a (shapes):", "flickr (karpathy): 3 train, 3 test (15 test captions)", "steps", "evaluators"]
+    {
+        assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
+    }
+    // Nothing is written: no output directory, no run directory.
+    assert!(!out_dir.exists(), "a dry run wrote {}", out_dir.display());
+
+    // A missing image is the error the run would stop on, naming the set and the file.
+    std::fs::remove_file(dir.path().join("flickr/images/3.png")).unwrap();
+    let (ok, _, err) = recall(&["run", "--dry-run", &exp]);
+    assert!(
+        !ok && err.contains("task[1] `flickr` names 1 image files that do not exist") && err.contains("3.png"),
+        "{err}"
+    );
+    // A bad plugin option is refused by the plugin, located, as a run would refuse it.
+    let (ok, _, err) = recall(&["run", "--dry-run", &exp, "--set", "evaluator[0].ks=[0]"]);
+    assert!(!ok && err.contains("exp.toml:") && err.contains("plugin `retrieval`: ks must be"), "{err}");
+}

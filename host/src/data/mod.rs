@@ -77,6 +77,34 @@ pub fn load(
     }
 }
 
+/// A task's or zero-shot set's split sizes without decoding its images (`recall run
+/// --dry-run`): shapes are generated at a tiny size to count them; parts are added up.
+pub fn inventory(t: &crate::config::TaskSection, seed: u64) -> Result<source::Inventory, source::DataError> {
+    if !t.parts.is_empty() {
+        let mut total = source::Inventory::default();
+        for part in &t.parts {
+            let p = inventory(part, seed)?;
+            total.train += p.train;
+            total.test += p.test;
+            total.classes += p.classes;
+            total.test_captions += p.test_captions;
+            total.missing.extend(p.missing);
+        }
+        return Ok(total);
+    }
+    if t.source == "shapes" {
+        let d = shapes::generate(t, 4, seed);
+        return Ok(source::Inventory {
+            train: d.train.len(),
+            test: d.test.len(),
+            classes: d.classes.len(),
+            test_captions: d.test.iter().map(|e| e.captions.len()).sum(),
+            missing: Vec::new(),
+        });
+    }
+    source::inventory(t)
+}
+
 /// Stack examples into a [B, 3, S, S] tensor normalised as `pre` says.
 pub fn pixel_batch(
     examples: &[&Example],

@@ -489,6 +489,36 @@ fn decode(
     Ok((out, skipped))
 }
 
+/// A task's data as its manifests describe it, read without decoding an image.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Inventory {
+    pub train: usize,
+    pub test: usize,
+    pub classes: usize,
+    /// Captions of the test split (more than `test` when images have several, as Flickr30K
+    /// and COCO have five).
+    pub test_captions: usize,
+    /// Image files the manifests name that do not exist.
+    pub missing: Vec<String>,
+}
+
+/// The split sizes and missing files of a task on disk, after its filters and caps.
+pub fn inventory(t: &TaskSection) -> Result<Inventory, DataError> {
+    let (records, _) = read_records(t)?;
+    let (train, test) = select(t, records);
+    let mut classes: Vec<&String> = train.iter().chain(&test).filter_map(|r| r.class.as_ref()).collect();
+    classes.sort();
+    classes.dedup();
+    let missing = train.iter().chain(&test).filter(|r| !r.image.is_file()).map(|r| r.image.display().to_string());
+    Ok(Inventory {
+        train: train.len(),
+        test: test.len(),
+        classes: classes.len(),
+        test_captions: test.iter().map(|r| r.captions.len().max(1)).sum(),
+        missing: missing.collect(),
+    })
+}
+
 /// Load a task from disk at the model's preprocessing.
 pub fn load(t: &TaskSection, pre: &Preprocess) -> Result<TaskData, DataError> {
     let (records, info) = read_records(t)?;

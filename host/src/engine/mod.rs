@@ -7,6 +7,7 @@
 
 mod evaluate;
 pub mod memory;
+mod plan;
 mod session;
 mod step;
 mod store;
@@ -24,8 +25,9 @@ use recall_sdk::TaskInfo;
 use serde::{Deserialize, Serialize};
 
 pub use evaluate::{class_embeddings, evaluate, evaluate_zeroshot, retrieval_texts};
+pub use plan::dry_run;
 use recall_sdk::GradientPass;
-pub use session::{load_tasks, Session};
+pub use session::{load_tasks, Parts, Session};
 pub(crate) use step::batches;
 pub use step::steps_in_task;
 pub use step::Precision;

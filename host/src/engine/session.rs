@@ -58,9 +58,23 @@ pub struct Session<'c> {
     pub heldout_sets: Vec<TaskData>,
 }
 
-impl<'c> Session<'c> {
-    /// Build the model, its plugins and the data; every error names the key at fault.
-    pub fn prepare(cfg: &'c LoadedConfig, registry: &Registry) -> anyhow::Result<Self> {
+/// The model with every plugin of the experiment created and checked against each other:
+/// what a run builds before it reads data (and all that `recall run --dry-run` builds).
+pub struct Parts {
+    pub model: Model,
+    pub strategies: Vec<StrategyInstance>,
+    pub task_evaluators: Vec<EvaluatorInstance>,
+    pub zeroshot_evaluators: Vec<EvaluatorInstance>,
+    /// A strategy compares against the old model (CKC, LwF).
+    pub wants_old: bool,
+    /// A strategy distils from the initial model (ZSCL).
+    pub wants_initial: bool,
+    pub teacher: Option<Teacher>,
+}
+
+impl Parts {
+    /// Build the model and its plugins; every error names the key at fault.
+    pub fn build(cfg: &LoadedConfig, registry: &Registry) -> anyhow::Result<Self> {
         let c = &cfg.config;
         let model = build_model(cfg, registry)?;
         let rt = model.runtime.clone();
@@ -90,13 +104,8 @@ impl<'c> Session<'c> {
         let any = |ask: fn(&StrategyInstance) -> Result<bool, crate::plugin::PluginFailure>| -> anyhow::Result<bool> {
             Ok(strategies.iter().map(ask).collect::<Result<Vec<_>, _>>()?.into_iter().any(|w| w))
         };
-        let frozen_copy = || -> anyhow::Result<Model> {
-            let m = Model::build(cfg, registry)?;
-            m.freeze_all();
-            Ok(m)
-        };
-        let old_model = if any(StrategyInstance::wants_old_model)? { Some(frozen_copy()?) } else { None };
-        if c.train.old_model_on_first_task && old_model.is_none() {
+        let wants_old = any(StrategyInstance::wants_old_model)?;
+        if c.train.old_model_on_first_task && !wants_old {
             return Err(cfg
                 .error_at(
                     "train.old_model_on_first_task",
@@ -105,18 +114,35 @@ impl<'c> Session<'c> {
                 )
                 .into());
         }
-        // Copied now, before a resumed run loads its checkpoint.
         let wants_initial = any(StrategyInstance::wants_initial_model)?;
+        let teacher = match &c.teacher {
+            Some(t) => Some(Teacher::build(t, &c.experiment, cfg, registry)?),
+            None => None,
+        };
+        Ok(Parts { model, strategies, task_evaluators, zeroshot_evaluators, wants_old, wants_initial, teacher })
+    }
+}
+
+impl<'c> Session<'c> {
+    /// Build the model, its plugins, the frozen copies and the data; every error names the
+    /// key at fault.
+    pub fn prepare(cfg: &'c LoadedConfig, registry: &Registry) -> anyhow::Result<Self> {
+        let c = &cfg.config;
+        let Parts { model, strategies, task_evaluators, zeroshot_evaluators, wants_old, wants_initial, teacher } =
+            Parts::build(cfg, registry)?;
+        let frozen_copy = || -> anyhow::Result<Model> {
+            let m = Model::build(cfg, registry)?;
+            m.freeze_all();
+            Ok(m)
+        };
+        let old_model = if wants_old { Some(frozen_copy()?) } else { None };
+        // Copied now, before a resumed run loads its checkpoint.
         let initial_model = if wants_initial {
             let m = frozen_copy()?;
             copy_parameters(&model, &m)?;
             Some(m)
         } else {
             None
-        };
-        let teacher = match &c.teacher {
-            Some(t) => Some(Teacher::build(t, &c.experiment, cfg, registry)?),
-            None => None,
         };
         let reference = match (&c.reference, wants_initial) {
             (Some(r), true) => {
