@@ -186,6 +186,10 @@ fn plugin_search_order_and_never_the_current_directory() {
 /// A Karpathy-format set (COCO/Flickr `dataset_*.json`) of `n` images with five captions each,
 /// split `train` / `test` alternately, and its image files.
 fn karpathy_set(dir: &std::path::Path, n: usize) {
+    karpathy_set_named(dir, "dataset_flickr30k.json", n)
+}
+
+fn karpathy_set_named(dir: &std::path::Path, file: &str, n: usize) {
     let images: Vec<serde_json::Value> = (0..n)
         .map(|i| {
             let sentences: Vec<serde_json::Value> =
@@ -200,7 +204,7 @@ fn karpathy_set(dir: &std::path::Path, n: usize) {
             .save(dir.join(format!("images/{i}.png")))
             .unwrap();
     }
-    std::fs::write(dir.join("dataset_flickr30k.json"), serde_json::json!({ "images": images }).to_string()).unwrap();
+    std::fs::write(dir.join(file), serde_json::json!({ "images": images }).to_string()).unwrap();
 }
 
 #[test]
@@ -231,4 +235,73 @@ fn dry_run_checks_everything_prints_the_plan_and_writes_nothing() {
     // A bad plugin option is refused by the plugin, located, as a run would refuse it.
     let (ok, _, err) = recall(&["run", "--dry-run", &exp, "--set", "evaluator[0].ks=[0]"]);
     assert!(!ok && err.contains("exp.toml:") && err.contains("plugin `retrieval`: ks must be"), "{err}");
+}
+
+/// A JSONL directory (`train.jsonl`, `test.jsonl`, `dataset.json`) of `n` images per split:
+/// captioned, or (`classes`) labelled with classes and prompt templates, as a zero-shot set.
+fn jsonl_set(dir: &std::path::Path, n: usize, classes: Option<&[&str]>) {
+    std::fs::create_dir_all(dir).unwrap();
+    for split in ["train", "test"] {
+        let mut lines = String::new();
+        for i in 0..n {
+            let file = format!("{split}-{i}.png");
+            image::RgbImage::from_pixel(8, 8, image::Rgb([0, i as u8 * 30, 0])).save(dir.join(&file)).unwrap();
+            let line = match classes {
+                Some(c) => serde_json::json!({ "image": file, "class": c[i % c.len()] }),
+                None => serde_json::json!({ "image": file, "captions": [format!("a picture numbered {i}")] }),
+            };
+            lines.push_str(&format!("{line}\n"));
+        }
+        std::fs::write(dir.join(format!("{split}.jsonl")), lines).unwrap();
+    }
+    let info = match classes {
+        Some(c) => {
+            serde_json::json!({ "name": "z", "classes": c, "templates": ["a photo of a {}.", "a bad photo of the {}."] })
+        }
+        None => serde_json::json!({ "name": "t" }),
+    };
+    std::fs::write(dir.join("dataset.json"), info.to_string()).unwrap();
+}
+
+#[test]
+fn the_vlcl_preset_resolves_on_data_laid_out_as_its_guide_says() {
+    // The preset and the layout of docs/vlcl.md, in miniature: a small open_clip checkpoint
+    // stands in for ViT-B/16, a few images for each dataset.
+    let root = tempfile::tempdir().unwrap();
+    let exp = root.path().join("experiments/c-clip/vlcl.toml");
+    std::fs::create_dir_all(exp.parent().unwrap()).unwrap();
+    std::fs::copy(workspace_root().join("experiments/c-clip/vlcl.toml"), &exp).unwrap();
+    let data = root.path().join("data/vlcl");
+    std::fs::create_dir_all(&data).unwrap();
+    let clip = workspace_root().join("tests/fixtures/clip/open_clip");
+    std::fs::copy(clip.join("model.safetensors"), data.join("ViT-B-16.safetensors")).unwrap();
+    std::fs::copy(clip.join("open_clip_config.json"), data.join("open_clip_config.json")).unwrap();
+    karpathy_set_named(&data.join("flickr30k"), "dataset_flickr30k.json", 4);
+    karpathy_set_named(&data.join("coco"), "dataset_coco.json", 4);
+    for t in ["pets", "lexica", "simpsons", "wikiart", "kream", "sketch"] {
+        jsonl_set(&data.join(t), 3, None);
+    }
+    for z in ["imagenet", "cifar100", "cars", "flowers", "dtd", "food101"] {
+        jsonl_set(&data.join("zeroshot").join(z), 4, Some(&["cat", "dog"]));
+    }
+    let exp = exp.display().to_string();
+    let sets = ["experiment.device=\"cpu\"", "strategy[0].dim=24", "train.precision=\"f32\""];
+    let mut args = vec!["run", "--dry-run", exp.as_str()];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let (ok, out, err) = recall(&args);
+    assert!(ok, "{err}");
+    for needle in [
+        "flickr30k (karpathy): 2 train, 2 test (10 test captions)",
+        "coco (karpathy)",
+        "sketch (jsonl): 3 train, 3 test",
+        "food101 (jsonl): 4 train, 4 test, 2 classes",
+        "trained scope, coefficients 1.000 0.500 0.333 0.333 0.333 0.333 0.333 0.333",
+        "old model: a frozen copy, from the first task",
+        "40 epochs each, batch 128",
+    ] {
+        assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
+    }
+    assert!(!root.path().join("experiments/c-clip/runs").exists(), "a dry run wrote results");
 }

@@ -113,4 +113,11 @@ fn mini_vlcl_smoke_pretrains_then_runs_c_clip_on_real_data() {
         serde_json::from_str(&std::fs::read_to_string(run.join("splits.json")).unwrap()).unwrap();
     assert_eq!(splits["tasks"]["digits"]["train"].as_array().unwrap().len(), 96);
     assert_eq!(splits["tasks"]["digits"]["test"].as_array().unwrap().len(), 48);
+
+    // The C-CLIP presets (the paper's description and the authors' code) resolve on the same
+    // data and base model.
+    for preset in ["paper", "authors-code"] {
+        let file = format!("experiments/c-clip/{preset}.toml");
+        recall(&["run", "--dry-run", &file, "--set", &format!("model.init={base_s:?}")]);
+    }
 }
