@@ -30,9 +30,19 @@ declare -A methods=(
   # C-CLIP as its released code runs it: LoRA r16 on the MLP layers (projections, embeddings
   # and norms train fully), CKC from the first task with a per-modality projector on raw
   # features made anew each task, the whole model averaged 1, 1/2, 1/3, ... after each task.
+  # The paper's baselines as C-CLIP's code runs them: its "ZSCL" row is LwF at T = 1
+  # (0.5 per direction, weight 2, the teacher at the student's logit scale) against the old
+  # model from the first task; its EWC takes the Fisher of the model each task starts from on
+  # that task's held-out split, lambda 0.4 in the lambda/2 form, previous task only.
+  [zscl-cclip-table]='strategy=[{plugin="lwf",temperature=1.0,average_directions=true,weight=2.0,teacher_scale="student"}]|train.old_model_on_first_task=true'
+  [ewc-cclip-code]='strategy=[{plugin="ewc",lambda=0.4,mode="online",gamma=0.0,fisher="before-task",fisher_batches=16}]'
+  # The presets of experiments/c-clip/ (their own optimizer and schedule), run as they are.
+  [c-clip-paper]="file:experiments/c-clip/paper.toml"
+  [c-clip-authors-code]="file:experiments/c-clip/authors-code.toml"
   [c-clip-code]="adapter={plugin=\"lora\",rank=16,alpha=32,dropout=0.1,targets=[\"vision.*.mlp.*\",\"text.*.mlp.*\"],merge_after_task=true,merge_scope=\"trained\",merge_schedule=\"c-clip-code\"}|strategy=[{plugin=\"ckc\",dim=128,batch_norm=\"per-modality\",normalize_inputs=false,fresh_per_task=true}]|train.old_model_on_first_task=true"
 )
-order=(finetune lora lora-merge ewc lwf zscl wise-ft c-clip c-clip-code)
+order=(finetune lora lora-merge ewc ewc-cclip-code lwf zscl zscl-cclip-table wise-ft c-clip c-clip-code c-clip-paper
+  c-clip-authors-code)
 if [ -n "${METHODS:-}" ]; then
   read -ra order <<< "$METHODS"
   for m in "${order[@]}"; do
@@ -55,11 +65,16 @@ for m in "${order[@]}"; do
     continue
   fi
   args=(--set "experiment.seed=$seed" "${epochs_set[@]}")
-  IFS='|' read -ra sets <<< "${methods[$m]}"
-  for s in "${sets[@]}"; do [ -n "$s" ] && args+=(--set "$s"); done
+  file=experiments/mini-vlcl/mini-vlcl.toml
+  if [[ "${methods[$m]}" == file:* ]]; then
+    file="${methods[$m]#file:}"
+  else
+    IFS='|' read -ra sets <<< "${methods[$m]}"
+    for s in "${sets[@]}"; do [ -n "$s" ] && args+=(--set "$s"); done
+  fi
   echo "== $m"
   start=$(date +%s)
-  "$recall" run -q experiments/mini-vlcl/mini-vlcl.toml "${args[@]}" --run-dir "$dir"
+  "$recall" run -q "$file" "${args[@]}" --run-dir "$dir"
   echo "   $(( $(date +%s) - start )) s"
 done
 "$recall" compare "${dirs[@]}" --baseline "finetune$epochs_tag" --out runs/mini-vlcl
