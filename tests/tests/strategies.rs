@@ -81,6 +81,14 @@ fn ckc_adds_nothing_without_an_old_model() {
     )
     .unwrap_err();
     assert_eq!(e.config_key.as_deref(), Some("projector"));
+    // A dim other than the features' width is a config error naming the width to set.
+    let s =
+        StrategyInstance::create(&load_plugin(&cdylib("recall-plugin-ckc")).unwrap(), &rt, "s3.", "dim = 8").unwrap();
+    s.before_task(&recall_sdk::TaskInfo { index: 1, name: "b".into(), n_steps: 1 }).unwrap();
+    let inputs = [("image_features", &x), ("text_features", &x), ("old_image_features", &x), ("old_text_features", &x)];
+    let e = s.loss_terms(&inputs).unwrap_err();
+    assert_eq!(e.config_key.as_deref(), Some("dim"));
+    assert!(e.message.contains("dim = 8 but the model's features are 4 wide; set dim = 4"), "{}", e.message);
 }
 
 #[test]

@@ -73,6 +73,8 @@ enum Projector {
 pub struct Ckc {
     /// Index of the task being trained (set by `before_task`).
     task: u64,
+    /// The feature width the projector was built for.
+    dim: usize,
     projector: Projector,
     temperature: Option<f64>,
     weight: f64,
@@ -194,6 +196,7 @@ impl Strategy for Ckc {
         let projector_params = projector.params(host)?;
         Ok(Ckc {
             task: 0,
+            dim: cfg.dim,
             projector,
             temperature: cfg.temperature,
             weight: cfg.weight,
@@ -225,6 +228,13 @@ impl Strategy for Ckc {
         };
         let img = host.input(inputs, "image_features")?;
         let txt = host.input(inputs, "text_features")?;
+        let width = img.shape()?.last().copied().unwrap_or(0);
+        if width != self.dim {
+            return Err(Error::config(
+                "dim",
+                format!("dim = {} but the model's features are {width} wide; set dim = {width}", self.dim),
+            ));
+        }
         let prepare = |x: Tensor| if self.normalize_inputs { x.l2_normalize(1e-12) } else { Ok(x) };
         let projected = if self.per_modality {
             let (img, txt) = (self.project(host, &prepare(img)?)?, self.project(host, &prepare(txt)?)?);
