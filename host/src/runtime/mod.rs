@@ -254,6 +254,21 @@ impl Runtime {
         Ok(())
     }
 
+    /// The full-precision master of `t` when `t` is a parameter's cast under mixed precision
+    /// (differentiable for a trainable parameter, constant for a frozen one); `None` for
+    /// anything else, the master itself included. Precision-sensitive ops (normalisation,
+    /// softmax, reductions) read the masters, as torch.autocast's ops read the f32 weights,
+    /// instead of a round trip through the low-precision cast.
+    pub fn master_of(&self, t: &Tensor) -> Option<Tensor> {
+        let params = self.params.borrow();
+        let p = params.by_tensor(t)?;
+        let master = p.var.as_tensor();
+        if master.id() == t.id() || t.dtype() == master.dtype() {
+            return None;
+        }
+        Some(if p.trainable { master.clone() } else { master.detach() })
+    }
+
     pub fn set_training(&self, training: bool) {
         self.training.set(training)
     }
@@ -557,6 +572,27 @@ mod tests {
         rt.set_compute_dtype(DType::F32).unwrap();
         assert_eq!(rt.get(hw).unwrap().id(), w.id(), "full precision hands out the master itself");
         assert!(rt.params().by_tensor(&w).is_some());
+    }
+
+    #[test]
+    fn precision_sensitive_ops_read_a_parameters_master_not_its_cast() {
+        let rt = Runtime::new(Device::Cpu, DType::F32, 0);
+        // 1 + 2^-10 is not a bf16 number: a round trip through the cast would make it 1.
+        let w = rt.param("ln.weight", &[4], ParamInit::zeros(), true).unwrap();
+        rt.params()
+            .get("ln.weight")
+            .unwrap()
+            .var
+            .set(&Tensor::full(1.0f32 + 1.0 / 1024.0, 4, &Device::Cpu).unwrap())
+            .unwrap();
+        let h = rt.insert(w.clone());
+        rt.set_compute_dtype(DType::BF16).unwrap();
+        let cast = rt.get(h).unwrap();
+        assert_eq!(cast.dtype(), DType::BF16);
+        let master = rt.master_of(&cast).expect("the cast stands for a parameter");
+        assert_eq!(master.id(), w.id(), "the trainable master itself, so its gradient is the master's");
+        assert_eq!(master.to_vec1::<f32>().unwrap(), [1.0 + 1.0 / 1024.0; 4]);
+        assert!(rt.master_of(&w).is_none() && rt.master_of(&cast.to_dtype(DType::F32).unwrap()).is_none());
     }
 
     #[test]

@@ -148,10 +148,17 @@ fn low(rt: &Runtime, id: TensorId) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `id` in the parameters' dtype (precision-sensitive ops).
+/// `id` in the parameters' dtype (precision-sensitive ops); a parameter's cast is replaced by
+/// its master, so layer-norm weights and biases keep every bit of their f32 values.
 fn high(rt: &Runtime, id: TensorId) -> candle_core::Result<Tensor> {
     let t = get(rt, id)?;
-    if rt.is_mixed() && t.dtype().is_float() && t.dtype() != rt.float_dtype() {
+    if !rt.is_mixed() {
+        return Ok(t);
+    }
+    if let Some(master) = rt.master_of(&t) {
+        return Ok(master);
+    }
+    if t.dtype().is_float() && t.dtype() != rt.float_dtype() {
         t.to_dtype(rt.float_dtype())
     } else {
         Ok(t)
