@@ -608,3 +608,46 @@ fn open_tracking(session: &Session, run_dir: &Path, trainable: usize) -> anyhow:
     })?;
     Ok(tracking)
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::config::AdapterSection;
+    use crate::runtime::Runtime;
+
+    /// C-CLIP's averaging after each task, against its code's formulas applied in torch
+    /// (tests/fixtures/merge/make_merge.py): the `c-clip-code` schedule and the trained-scope
+    /// average over four tasks, the LoRA delta merged in full first.
+    #[test]
+    fn the_trained_scope_average_on_the_c_clip_code_schedule_matches_the_authors_formulas() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/merge/merge.safetensors");
+        let fx = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let adapter: AdapterSection = toml::from_str(
+            "plugin = \"lora\"\nmerge_after_task = true\nmerge_scope = \"trained\"\nmerge_schedule = \"c-clip-code\"",
+        )
+        .unwrap();
+        let rt = Runtime::new(Device::Cpu, DType::F64, 0);
+        for name in ["w", "b"] {
+            rt.param(name, fx[&format!("start.{name}")].dims(), recall_sdk::ParamInit::zeros(), true).unwrap();
+        }
+        let set = |name: &str, v: &Tensor| rt.params().get(name).unwrap().var.set(v).unwrap();
+        let value = |name: &str| rt.params().get(name).unwrap().var.as_tensor().clone();
+        for name in ["w", "b"] {
+            set(name, &fx[&format!("start.{name}")]);
+        }
+        for t in 1..=4usize {
+            let start = super::model_snapshot(&rt).unwrap();
+            // The task trains the bias; then LoRA's delta (alpha / r) B A is merged in full.
+            set("b", &fx[&format!("trained{t}.b")]);
+            let delta = fx[&format!("trained{t}.B")].matmul(&fx[&format!("trained{t}.A")]).unwrap();
+            set("w", &(value("w") + (delta * 2.0).unwrap()).unwrap());
+            super::average_with_start(&rt, &start, adapter.merge_coefficient_for(t - 1)).unwrap();
+            for name in ["w", "b"] {
+                let want = &fx[&format!("after{t}.{name}")];
+                let diff = (value(name) - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(diff < 1e-12, "task {t}, {name}: off by {diff:e}");
+            }
+        }
+    }
+}
