@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
 use recall_sdk::abi::modality;
+use recall_sdk::inputs;
 use recall_sdk::{ParamInit, TaskInfo};
 
 use crate::loader::LoadedPlugin;
@@ -126,14 +127,17 @@ fn dummy_inputs(
     let n = spec.input_size as usize;
     if spec.modality == modality::IMAGE {
         let data: Vec<f32> = (0..batch * 3 * n * n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-        Ok(vec![("pixel_values", Tensor::from_vec(data, (batch, 3, n, n), rt.device())?.to_dtype(rt.float_dtype())?)])
+        Ok(vec![(
+            inputs::PIXEL_VALUES,
+            Tensor::from_vec(data, (batch, 3, n, n), rt.device())?.to_dtype(rt.float_dtype())?,
+        )])
     } else {
         let len = n.min(8);
         let ids: Vec<u32> = (0..batch * len).map(|i| (i % 5 + 1) as u32).collect();
         let mask = vec![1u32; batch * len];
         Ok(vec![
-            ("input_ids", Tensor::from_vec(ids, (batch, len), rt.device())?),
-            ("attention_mask", Tensor::from_vec(mask, (batch, len), rt.device())?),
+            (inputs::INPUT_IDS, Tensor::from_vec(ids, (batch, len), rt.device())?),
+            (inputs::ATTENTION_MASK, Tensor::from_vec(mask, (batch, len), rt.device())?),
         ])
     }
 }
@@ -196,7 +200,7 @@ fn encoder(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
                     // An image tokenizer's codes are constants; it trains through the loss it
                     // returns given `target_pixels` (reconstruction runs).
                     let mut with_target = refs.clone();
-                    with_target.push(("target_pixels", refs[0].1));
+                    with_target.push((inputs::TARGET_PIXELS, refs[0].1));
                     let loss = enc.forward(&with_target).map_err(|e| {
                         format!("its output carries no gradient, and given target_pixels it fails: {e}")
                     })?;
@@ -312,7 +316,7 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     let (img, txt, old_img, old_txt, teacher_img) = (feats(), feats(), feats(), feats(), feats());
     let tokens = || Tensor::randn(0f32, 1.0, (4, 3, 8), &Device::Cpu).unwrap();
     let (img_tokens, teacher_tokens) = (tokens(), tokens());
-    let scale = rt.param("logit_scale", &[1], ParamInit::constant(2.0), true).unwrap();
+    let scale = rt.param(inputs::LOGIT_SCALE, &[1], ParamInit::constant(2.0), true).unwrap();
     // A model parameter the features depend on, so strategies that read parameters and
     // gradients (EWC, WiSE-FT, ZSCL) have something to work on.
     let weight = rt.param("vision.proj.weight", &[8, 8], ParamInit::normal(0.0, 0.1), true).unwrap();
@@ -323,20 +327,20 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
         let img = img.matmul(&weight).map_err(err)?;
         let terms = s
             .loss_terms(&[
-                ("image_features", &img),
-                ("text_features", &txt),
-                ("logit_scale", &scale),
-                ("old_image_features", &old_img),
-                ("old_text_features", &old_txt),
-                ("old_logit_scale", &old_scale),
-                ("reference_image_features", &img),
-                ("reference_text_features", &txt),
-                ("initial_image_features", &old_img),
-                ("initial_text_features", &old_txt),
-                ("initial_logit_scale", &old_scale),
-                ("teacher_image_features", &teacher_img),
-                ("image_tokens", &img_tokens),
-                ("teacher_image_tokens", &teacher_tokens),
+                (inputs::IMAGE_FEATURES, &img),
+                (inputs::TEXT_FEATURES, &txt),
+                (inputs::LOGIT_SCALE, &scale),
+                (inputs::OLD_IMAGE_FEATURES, &old_img),
+                (inputs::OLD_TEXT_FEATURES, &old_txt),
+                (inputs::OLD_LOGIT_SCALE, &old_scale),
+                (inputs::REFERENCE_IMAGE_FEATURES, &img),
+                (inputs::REFERENCE_TEXT_FEATURES, &txt),
+                (inputs::INITIAL_IMAGE_FEATURES, &old_img),
+                (inputs::INITIAL_TEXT_FEATURES, &old_txt),
+                (inputs::INITIAL_LOGIT_SCALE, &old_scale),
+                (inputs::TEACHER_IMAGE_FEATURES, &teacher_img),
+                (inputs::IMAGE_TOKENS, &img_tokens),
+                (inputs::TEACHER_IMAGE_TOKENS, &teacher_tokens),
             ])
             .map_err(err)?;
         let mut total = img.sqr().and_then(|x| x.mean_all()).map_err(err)?;

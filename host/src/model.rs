@@ -14,6 +14,7 @@ use crate::loader::Registry;
 use crate::plugin::{host_failure, AdapterInstance, EncoderInstance, PluginFailure, TokenizerInstance};
 use crate::runtime::{ops, Runtime};
 use recall_sdk::abi::modality;
+use recall_sdk::inputs;
 use recall_sdk::ParamInit;
 
 /// Errors while assembling a model: a located config error or a plugin failure.
@@ -175,7 +176,7 @@ impl Teacher {
     /// The teacher's image features for pixels prepared with [`Teacher::preprocess`]; a
     /// constant (no graph behind it).
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
-        Ok(self.vision.forward(&self.runtime, &[("pixel_values", pixels)])?.detach())
+        Ok(self.vision.forward(&self.runtime, &[(inputs::PIXEL_VALUES, pixels)])?.detach())
     }
 
     /// The teacher's per-token features of the latest [`Teacher::encode_images`] [B, N, W], if
@@ -452,7 +453,7 @@ impl Model {
     /// Image features [B, D] for normalised pixels [B, 3, S, S].
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
         let codes = match &self.image_tokenizer {
-            Some(t) => Some(t.forward(&self.runtime, &[("pixel_values", pixels)])?.detach()),
+            Some(t) => Some(t.forward(&self.runtime, &[(inputs::PIXEL_VALUES, pixels)])?.detach()),
             None => None,
         };
         self.encode_codes(codes.as_ref(), pixels)
@@ -479,7 +480,7 @@ impl Model {
         if !missing.is_empty() {
             let rows = Tensor::new(missing.as_slice(), pixels.device()).map_err(fail)?;
             let subset = pixels.index_select(&rows, 0).map_err(fail)?;
-            let codes = tokenizer.forward(&self.runtime, &[("pixel_values", &subset)])?.detach();
+            let codes = tokenizer.forward(&self.runtime, &[(inputs::PIXEL_VALUES, &subset)])?.detach();
             let mut cache = cache.borrow_mut();
             for (j, &i) in missing.iter().enumerate() {
                 cache.insert(keys[i as usize], codes.get(j).map_err(fail)?);
@@ -495,10 +496,10 @@ impl Model {
     /// The vision tower on image codes (with an image tokenizer) or on pixels.
     fn encode_codes(&self, codes: Option<&Tensor>, pixels: &Tensor) -> Result<Tensor, PluginFailure> {
         let features = match codes {
-            Some(codes) => {
-                self.vision.forward(&self.runtime, &[("code_embeddings", codes), ("pixel_values", pixels)])?
-            }
-            None => self.vision.forward(&self.runtime, &[("pixel_values", pixels)])?,
+            Some(codes) => self
+                .vision
+                .forward(&self.runtime, &[(inputs::CODE_EMBEDDINGS, codes), (inputs::PIXEL_VALUES, pixels)])?,
+            None => self.vision.forward(&self.runtime, &[(inputs::PIXEL_VALUES, pixels)])?,
         };
         self.full_precision(features, "vision")
     }
@@ -517,7 +518,7 @@ impl Model {
 
     /// Text features [B, D] for token ids [B, L] (u32) and their attention mask.
     pub fn encode_texts(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, PluginFailure> {
-        let features = self.text.forward(&self.runtime, &[("input_ids", ids), ("attention_mask", mask)])?;
+        let features = self.text.forward(&self.runtime, &[(inputs::INPUT_IDS, ids), (inputs::ATTENTION_MASK, mask)])?;
         self.full_precision(features, "text")
     }
 

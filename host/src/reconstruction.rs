@@ -13,6 +13,7 @@
 //! weights in `checkpoints/task-01.safetensors` (what `vq-tokenizer`'s `checkpoint` loads),
 //! `summary.json`, `config.resolved.toml`, `run.json` and `log.txt`.
 
+use recall_sdk::inputs;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
@@ -46,10 +47,10 @@ fn score(
     for chunk in examples.chunks(batch.max(1)) {
         let refs: Vec<&data::Example> = chunk.iter().collect();
         let px = data::pixel_batch(&refs, pre, rt.device(), rt.float_dtype())?;
-        let l = tok.forward(rt, &[("pixel_values", &px), ("target_pixels", &px)])?;
+        let l = tok.forward(rt, &[(inputs::PIXEL_VALUES, &px), (inputs::TARGET_PIXELS, &px)])?;
         loss += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
         n += chunk.len();
-        let codes = tok.forward(rt, &[("pixel_values", &px)])?.to_dtype(candle_core::DType::F32)?;
+        let codes = tok.forward(rt, &[(inputs::PIXEL_VALUES, &px)])?.to_dtype(candle_core::DType::F32)?;
         let width = *codes.dims().last().unwrap_or(&1);
         let flat: Vec<f32> = codes.flatten_all()?.to_vec1()?;
         for row in flat.chunks(width.max(1)) {
@@ -120,7 +121,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             rt.set_training(true);
             precision.before_step(&rt)?;
             let px = data::pixel_batch(&examples, &pre, rt.device(), rt.float_dtype())?;
-            let loss = tok.forward(&rt, &[("pixel_values", &px), ("target_pixels", &px)])?;
+            let loss = tok.forward(&rt, &[(inputs::PIXEL_VALUES, &px), (inputs::TARGET_PIXELS, &px)])?;
             if loss.elem_count() != 1 {
                 bail!(
                     "`{}` returned a loss of shape {:?} for target_pixels; a tokenizer trained by reconstruction \

@@ -36,6 +36,7 @@ pub mod abi;
 pub mod checkpoint;
 pub mod config;
 mod error;
+pub mod inputs;
 mod kinds;
 pub mod losses;
 pub mod nn;
@@ -51,6 +52,7 @@ pub use tensor::{named, Host, LogLevel, Site, Tensor};
 /// What most plugins import.
 pub mod prelude {
     pub use crate::abi::modality;
+    pub use crate::inputs;
     pub use crate::{
         bail, Adapter, DType, Encoder, EncoderSpec, Error, Evaluator, GradientPass, Host, NamedTensor, ParamInit,
         Result, Site, SiteInfo, Strategy, TaskInfo, Tensor, TokenBatch, Tokenizer,

@@ -5,6 +5,7 @@
 
 use crate::abi::ParamInit;
 use crate::error::{Error, Result};
+use crate::inputs;
 use crate::tensor::{Host, Site, Tensor};
 
 /// Activation of a transformer MLP.
@@ -220,7 +221,7 @@ pub fn pixel_input(
     size: usize,
     plugin: &str,
 ) -> Result<(Tensor, usize)> {
-    let pixels = host.input(inputs, "pixel_values")?;
+    let pixels = host.input(inputs, inputs::PIXEL_VALUES)?;
     let shape = pixels.shape()?;
     if shape.len() != 4 || shape[1..] != [3, size, size] {
         return Err(Error::new(format!("{plugin} expects pixel_values [B, 3, {size}, {size}], got {shape:?}")));

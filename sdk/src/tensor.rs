@@ -8,6 +8,7 @@ use abi_stable::std_types::{RNone, ROption, RResult, RSlice, RSome, RStr, RStrin
 
 use crate::abi::{binary, reduce, unary, DType, HostApiRef, HostCtx, HostHandle, NamedTensor, ParamInit, TensorId};
 use crate::error::{Error, Result};
+use crate::inputs;
 
 /// The host as seen from a plugin: the function table plus this plugin instance's context.
 /// Cheap to copy; valid for the lifetime of the plugin instance it was given to.
@@ -251,7 +252,10 @@ impl Host {
     /// the second task on their absence is an error, since consolidating against nothing would
     /// silently turn the method into fine-tuning.
     pub fn old_features(&self, inputs: &[NamedTensor], task_index: u64) -> Result<Option<(Tensor, Tensor)>> {
-        match (self.find_input(inputs, "old_image_features")?, self.find_input(inputs, "old_text_features")?) {
+        match (
+            self.find_input(inputs, inputs::OLD_IMAGE_FEATURES)?,
+            self.find_input(inputs, inputs::OLD_TEXT_FEATURES)?,
+        ) {
             (Some(img), Some(txt)) => Ok(Some((img.detach()?, txt.detach()?))),
             _ if task_index == 0 => Ok(None),
             _ => Err(Error::new(format!(

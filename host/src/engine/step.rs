@@ -6,6 +6,7 @@ use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use recall_sdk::inputs;
 use recall_sdk::{GradientPass, TaskInfo};
 
 use super::session::Session;
@@ -190,6 +191,54 @@ pub(crate) fn clamp_logit_scale(model: &Model) -> anyhow::Result<()> {
     model.runtime.param_assign(&model.logit_scale, &v).map_err(anyhow::Error::msg)
 }
 
+/// The tensors a training step hands the strategies' `loss_terms`, each under its SDK name
+/// (`recall_sdk::inputs`).
+struct StrategyInputs<'t> {
+    named: Vec<(&'static str, &'t Tensor)>,
+}
+
+impl<'t> StrategyInputs<'t> {
+    /// The current batch: image and text features, the logit scale, pixels and token ids.
+    fn batch([img, txt, scale, pixels, ids]: [&'t Tensor; 5]) -> Self {
+        let named = vec![
+            (inputs::IMAGE_FEATURES, img),
+            (inputs::TEXT_FEATURES, txt),
+            (inputs::LOGIT_SCALE, scale),
+            (inputs::PIXEL_VALUES, pixels),
+            (inputs::INPUT_IDS, ids),
+        ];
+        StrategyInputs { named }
+    }
+
+    fn add(&mut self, name: &'static str, t: &'t Tensor) {
+        self.named.push((name, t));
+    }
+
+    /// The old model's image and text features on the batch and its logit scale.
+    fn old_model(&mut self, [img, txt, scale]: [&'t Tensor; 3]) {
+        self.named.extend([
+            (inputs::OLD_IMAGE_FEATURES, img),
+            (inputs::OLD_TEXT_FEATURES, txt),
+            (inputs::OLD_LOGIT_SCALE, scale),
+        ]);
+    }
+
+    /// A reference batch: the trained model's features, the initial model's, its logit scale.
+    fn reference(&mut self, [ri, rt, ii, it, is]: &'t [Tensor; 5]) {
+        self.named.extend([
+            (inputs::REFERENCE_IMAGE_FEATURES, ri),
+            (inputs::REFERENCE_TEXT_FEATURES, rt),
+            (inputs::INITIAL_IMAGE_FEATURES, ii),
+            (inputs::INITIAL_TEXT_FEATURES, it),
+            (inputs::INITIAL_LOGIT_SCALE, is),
+        ]);
+    }
+
+    fn as_slice(&self) -> &[(&'static str, &'t Tensor)] {
+        &self.named
+    }
+}
+
 /// What one task's training steps share.
 pub struct TaskSteps<'a> {
     pub session: &'a Session<'a>,
@@ -348,15 +397,9 @@ impl TaskSteps<'_> {
             )),
             None => None,
         };
-        let mut inputs: Vec<(&str, &Tensor)> = vec![
-            ("image_features", &img),
-            ("text_features", &txt),
-            ("logit_scale", &model.logit_scale),
-            ("pixel_values", &pixels),
-            ("input_ids", &ids),
-        ];
+        let mut inputs = StrategyInputs::batch([&img, &txt, &model.logit_scale, &pixels, &ids]);
         if let Some(tokens) = &image_tokens {
-            inputs.push(("image_tokens", tokens));
+            inputs.add(inputs::IMAGE_TOKENS, tokens);
         }
         let teacher_features = match &s.teacher {
             Some(t) => {
@@ -367,15 +410,13 @@ impl TaskSteps<'_> {
             None => None,
         };
         if let Some((features, tokens)) = &teacher_features {
-            inputs.push(("teacher_image_features", features));
+            inputs.add(inputs::TEACHER_IMAGE_FEATURES, features);
             if let Some(tokens) = tokens {
-                inputs.push(("teacher_image_tokens", tokens));
+                inputs.add(inputs::TEACHER_IMAGE_TOKENS, tokens);
             }
         }
         if let Some((oi, ot, os)) = &old_features {
-            inputs.push(("old_image_features", oi));
-            inputs.push(("old_text_features", ot));
-            inputs.push(("old_logit_scale", os));
+            inputs.old_model([oi, ot, os]);
         }
         let reference_features = match &s.initial_model {
             Some(im) => Some(reference_features(
@@ -388,18 +429,14 @@ impl TaskSteps<'_> {
             )?),
             None => None,
         };
-        if let Some([ri, rt_, ii, it, is]) = &reference_features {
-            inputs.push(("reference_image_features", ri));
-            inputs.push(("reference_text_features", rt_));
-            inputs.push(("initial_image_features", ii));
-            inputs.push(("initial_text_features", it));
-            inputs.push(("initial_logit_scale", is));
+        if let Some(features) = &reference_features {
+            inputs.reference(features);
         }
         let mut names = vec!["clip".to_string()];
         let mut values = vec![loss.to_dtype(candle_core::DType::F32)?];
         let mut total = loss.clone();
         for st in &s.strategies {
-            for (name, term) in st.loss_terms(&inputs)? {
+            for (name, term) in st.loss_terms(inputs.as_slice())? {
                 if term.elem_count() != 1 {
                     bail!(
                         "strategy `{}` returned loss term `{name}` with shape {:?}; loss terms must be scalars",

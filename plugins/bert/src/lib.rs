@@ -168,8 +168,8 @@ impl Encoder for Bert {
     }
 
     fn forward(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {
-        let ids = host.input(inputs, "input_ids")?;
-        let mask = host.input(inputs, "attention_mask")?;
+        let ids = host.input(inputs, inputs::INPUT_IDS)?;
+        let mask = host.input(inputs, inputs::ATTENTION_MASK)?;
         let shape = ids.shape()?;
         if shape.len() != 2 || shape[1] == 0 || shape[1] > self.position_embeddings.dim(0)? {
             bail!("bert expects input_ids [B, L] with L <= {}, got {shape:?}", self.position_embeddings.dim(0)?);

@@ -226,8 +226,8 @@ impl Strategy for Ckc {
             // The first task has no old model: nothing to consolidate.
             return Ok(Vec::new());
         };
-        let img = host.input(inputs, "image_features")?;
-        let txt = host.input(inputs, "text_features")?;
+        let img = host.input(inputs, inputs::IMAGE_FEATURES)?;
+        let txt = host.input(inputs, inputs::TEXT_FEATURES)?;
         let width = img.shape()?.last().copied().unwrap_or(0);
         if width != self.dim {
             return Err(Error::config(
@@ -247,7 +247,7 @@ impl Strategy for Ckc {
         let sims = p.matmul(&z.t()?)?;
         let logits = match self.temperature {
             Some(t) => sims.scale(1.0 / t)?,
-            None => sims.mul(&host.input(inputs, "logit_scale")?.exp()?)?,
+            None => sims.mul(&host.input(inputs, inputs::LOGIT_SCALE)?.exp()?)?,
         };
         Ok(vec![("ckc".to_string(), symmetric_ce(&logits, host)?.scale(self.weight)?)])
     }

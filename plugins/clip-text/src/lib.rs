@@ -200,7 +200,7 @@ impl Encoder for ClipText {
     }
 
     fn forward(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {
-        let ids = host.input(inputs, "input_ids")?;
+        let ids = host.input(inputs, inputs::INPUT_IDS)?;
         let shape = ids.shape()?;
         if shape.len() != 2 || shape[1] == 0 || shape[1] > self.cfg.context_length {
             bail!("clip-text expects input_ids [B, L] with 1 <= L <= {}, got {shape:?}", self.cfg.context_length);

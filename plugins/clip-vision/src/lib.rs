@@ -206,7 +206,7 @@ impl Encoder for ClipVision {
     }
 
     fn forward(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {
-        let pixels = host.input(inputs, "pixel_values")?;
+        let pixels = host.input(inputs, inputs::PIXEL_VALUES)?;
         let shape = pixels.shape()?;
         let expected = [3, self.cfg.image_size, self.cfg.image_size];
         if shape.len() != 4 || shape[1..] != expected {

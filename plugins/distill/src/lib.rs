@@ -63,13 +63,13 @@ impl Strategy for Distill {
     }
 
     fn loss_terms(&mut self, host: &Host, inputs: &[NamedTensor]) -> Result<Vec<(String, Tensor)>> {
-        let Some(teacher) = host.find_input(inputs, "teacher_image_features")? else {
+        let Some(teacher) = host.find_input(inputs, inputs::TEACHER_IMAGE_FEATURES)? else {
             return Err(Error::new(
                 "no `teacher_image_features`: distill needs a [teacher] model in the experiment (a vision tower in \
                  candle or an ONNX model) to distil from",
             ));
         };
-        let mut student = host.input(inputs, "image_features")?;
+        let mut student = host.input(inputs, inputs::IMAGE_FEATURES)?;
         let mut teacher = teacher;
         let (s, t) = (student.shape()?, teacher.shape()?);
         if s != t {
@@ -101,8 +101,8 @@ impl Distill {
                 ))
             })
         };
-        let student = tokens("image_tokens", "student's vision tower")?;
-        let teacher = tokens("teacher_image_tokens", "teacher's vision tower")?;
+        let student = tokens(inputs::IMAGE_TOKENS, "student's vision tower")?;
+        let teacher = tokens(inputs::TEACHER_IMAGE_TOKENS, "teacher's vision tower")?;
         let (s, t) = (student.shape()?, teacher.shape()?);
         if s != t {
             return Err(Error::new(format!(

@@ -524,7 +524,7 @@ impl Encoder for LlamaGenVq {
     fn forward(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {
         let (pixels, b) = pixel_input(host, inputs, self.cfg.image_size, "llamagen-vq")?;
         let q = self.quantize(host, &pixels)?;
-        match host.find_input(inputs, "target_pixels")? {
+        match host.find_input(inputs, inputs::TARGET_PIXELS)? {
             Some(target) => self.loss(host, &q, &target, b),
             None => q.output(self.cfg.output, b),
         }

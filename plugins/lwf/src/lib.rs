@@ -82,13 +82,16 @@ impl Strategy for Lwf {
         let Some((old_img, old_txt)) = host.old_features(inputs, self.task)? else {
             return Ok(Vec::new());
         };
-        let scale = host.input(inputs, "logit_scale")?;
-        let old_scale = match (self.cfg.teacher_scale, host.find_input(inputs, "old_logit_scale")?) {
+        let scale = host.input(inputs, inputs::LOGIT_SCALE)?;
+        let old_scale = match (self.cfg.teacher_scale, host.find_input(inputs, inputs::OLD_LOGIT_SCALE)?) {
             (TeacherScale::Own, Some(s)) => s,
             _ => scale.detach()?,
         };
-        let student =
-            clip_logits(&host.input(inputs, "image_features")?, &host.input(inputs, "text_features")?, &scale)?;
+        let student = clip_logits(
+            &host.input(inputs, inputs::IMAGE_FEATURES)?,
+            &host.input(inputs, inputs::TEXT_FEATURES)?,
+            &scale,
+        )?;
         let teacher = clip_logits(&old_img, &old_txt, &old_scale.detach()?)?;
         let loss = distill_both_ways(&student, &teacher, self.cfg.temperature, self.cfg.average_directions)?;
         Ok(vec![("lwf".to_string(), loss.scale(self.cfg.weight)?)])

@@ -174,7 +174,7 @@ impl Encoder for TokenEncoder {
     }
 
     fn forward(&self, host: &Host, inputs: &[NamedTensor]) -> Result<Tensor> {
-        let Some(codes) = host.find_input(inputs, "code_embeddings")? else {
+        let Some(codes) = host.find_input(inputs, inputs::CODE_EMBEDDINGS)? else {
             bail!(
                 "toklip-encoder reads `code_embeddings` [B, {}, {}]: give the model an `image_tokenizer` (e.g. \
                  vq-tokenizer) that turns pixels into image tokens",

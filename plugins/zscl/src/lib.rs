@@ -105,16 +105,16 @@ impl Strategy for Zscl {
     }
 
     fn loss_terms(&mut self, host: &Host, inputs: &[NamedTensor]) -> Result<Vec<(String, Tensor)>> {
-        let scale = host.input(inputs, "logit_scale")?;
+        let scale = host.input(inputs, inputs::LOGIT_SCALE)?;
         let student = clip_logits(
-            &host.input(inputs, "reference_image_features")?,
-            &host.input(inputs, "reference_text_features")?,
+            &host.input(inputs, inputs::REFERENCE_IMAGE_FEATURES)?,
+            &host.input(inputs, inputs::REFERENCE_TEXT_FEATURES)?,
             &scale,
         )?;
         let teacher = clip_logits(
-            &host.input(inputs, "initial_image_features")?.detach()?,
-            &host.input(inputs, "initial_text_features")?.detach()?,
-            &host.input(inputs, "initial_logit_scale")?.detach()?,
+            &host.input(inputs, inputs::INITIAL_IMAGE_FEATURES)?.detach()?,
+            &host.input(inputs, inputs::INITIAL_TEXT_FEATURES)?.detach()?,
+            &host.input(inputs, inputs::INITIAL_LOGIT_SCALE)?.detach()?,
         )?;
         let loss = distill_both_ways(&student, &teacher, self.cfg.temperature, false)?;
         let mut terms = vec![("zscl".to_string(), loss.scale(self.cfg.weight)?)];
