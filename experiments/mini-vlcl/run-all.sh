@@ -30,6 +30,8 @@ declare -A methods=(
   # C-CLIP as its released code runs it: LoRA r16 on the MLP layers (projections, embeddings
   # and norms train fully), CKC from the first task with a per-modality projector on raw
   # features made anew each task, the whole model averaged 1, 1/2, 1/3, ... after each task.
+  # c-clip-code without CKC: what the consolidation term adds (the paper's task-1 ablation).
+  [c-clip-code-no-ckc]="adapter={plugin=\"lora\",rank=16,alpha=32,dropout=0.1,targets=[\"vision.*.mlp.*\",\"text.*.mlp.*\"],merge_after_task=true,merge_scope=\"trained\",merge_schedule=\"c-clip-code\"}"
   # The paper's baselines as C-CLIP's code runs them: its "ZSCL" row is LwF at T = 1
   # (0.5 per direction, weight 2, the teacher at the student's logit scale) against the old
   # model from the first task; its EWC takes the Fisher of the model each task starts from on
@@ -41,8 +43,8 @@ declare -A methods=(
   [c-clip-authors-code]="file:experiments/c-clip/authors-code.toml"
   [c-clip-code]="adapter={plugin=\"lora\",rank=16,alpha=32,dropout=0.1,targets=[\"vision.*.mlp.*\",\"text.*.mlp.*\"],merge_after_task=true,merge_scope=\"trained\",merge_schedule=\"c-clip-code\"}|strategy=[{plugin=\"ckc\",dim=128,batch_norm=\"per-modality\",normalize_inputs=false,fresh_per_task=true}]|train.old_model_on_first_task=true"
 )
-order=(finetune lora lora-merge ewc ewc-cclip-code lwf zscl zscl-cclip-table wise-ft c-clip c-clip-code c-clip-paper
-  c-clip-authors-code)
+order=(finetune lora lora-merge ewc ewc-cclip-code lwf zscl zscl-cclip-table wise-ft c-clip c-clip-code
+  c-clip-code-no-ckc c-clip-paper c-clip-authors-code)
 if [ -n "${METHODS:-}" ]; then
   read -ra order <<< "$METHODS"
   for m in "${order[@]}"; do
