@@ -219,6 +219,31 @@ fn set_params(rt: &Runtime, fx: &std::collections::HashMap<String, Tensor>, pref
     }
 }
 
+/// The host's gradient pass of task `k` as the engine runs it, with the fixture's batch
+/// gradients (the loss sum(g * theta) has gradient g): `on_gradients` after each batch.
+fn gradient_pass(
+    rt: &Runtime,
+    s: &StrategyInstance,
+    fx: &std::collections::HashMap<String, Tensor>,
+    k: u64,
+    batches: usize,
+) {
+    for b in 0..batches {
+        let mut loss: Option<Tensor> = None;
+        for (name, _) in EWC_PARAMS {
+            let p = rt.params().get(name).unwrap().var.as_tensor().clone();
+            let term = (p * &fx[&format!("task{k}.grad{b}.{name}")]).unwrap().sum_all().unwrap();
+            loss = Some(match loss {
+                Some(l) => (l + term).unwrap(),
+                None => term,
+            });
+        }
+        rt.set_grads(Some(loss.unwrap().backward().unwrap()));
+        s.on_gradients(&task(k - 1), b as u64).unwrap();
+        rt.set_grads(None);
+    }
+}
+
 /// Drive a strategy through two tasks the way the engine does: the weights after each task,
 /// then the host's gradient pass, whose batch gradients are the fixture's (the loss
 /// sum(g * theta) has gradient g).
@@ -227,20 +252,7 @@ fn consolidate_two_tasks(rt: &Runtime, s: &StrategyInstance, fx: &std::collectio
         s.before_task(&task(k - 1)).unwrap();
         set_params(rt, fx, &format!("task{k}.star."));
         assert!(s.gradient_batches().unwrap() >= batches);
-        for b in 0..batches {
-            let mut loss: Option<Tensor> = None;
-            for (name, _) in EWC_PARAMS {
-                let p = rt.params().get(name).unwrap().var.as_tensor().clone();
-                let term = (p * &fx[&format!("task{k}.grad{b}.{name}")]).unwrap().sum_all().unwrap();
-                loss = Some(match loss {
-                    Some(l) => (l + term).unwrap(),
-                    None => term,
-                });
-            }
-            rt.set_grads(Some(loss.unwrap().backward().unwrap()));
-            s.on_gradients(&task(k - 1), b as u64).unwrap();
-            rt.set_grads(None);
-        }
+        gradient_pass(rt, s, fx, k, batches);
         s.after_task(&task(k - 1)).unwrap();
     }
 }
@@ -253,20 +265,7 @@ fn consolidate_before_each_task(rt: &Runtime, s: &StrategyInstance, fx: &std::co
     for (k, batches) in [(1u64, 2), (2, 3)] {
         set_params(rt, fx, &format!("task{k}.star."));
         s.before_task(&task(k - 1)).unwrap();
-        for b in 0..batches {
-            let mut loss: Option<Tensor> = None;
-            for (name, _) in EWC_PARAMS {
-                let p = rt.params().get(name).unwrap().var.as_tensor().clone();
-                let term = (p * &fx[&format!("task{k}.grad{b}.{name}")]).unwrap().sum_all().unwrap();
-                loss = Some(match loss {
-                    Some(l) => (l + term).unwrap(),
-                    None => term,
-                });
-            }
-            rt.set_grads(Some(loss.unwrap().backward().unwrap()));
-            s.on_gradients(&task(k - 1), b as u64).unwrap();
-            rt.set_grads(None);
-        }
+        gradient_pass(rt, s, fx, k, batches);
         // At the task's start the weights are theta*: the penalty is there, and zero.
         let terms = s.loss_terms(&[]).unwrap();
         assert_eq!(terms.len(), 1, "task {k}: the penalty is active from the first task");
