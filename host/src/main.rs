@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use recall_host::{config, engine, loader};
+use recall_host::{config, engine, loader, sweep};
 
 /// Tensors come and go by the hundred every training step; mimalloc reuses their pages where
 /// the system allocator unmaps them and the kernel zeroes fresh ones (a sixth of a CPU step).
@@ -565,7 +565,7 @@ fn run_command(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
 fn sweep_command(cli: &Cli, args: &SweepArgs) -> anyhow::Result<ExitCode> {
     let SweepArgs { file, set, dry_run, jobs, executor, partition, time, gpus_per_point, max_parallel, cancel } = args;
     let cfg = config::load(file, set)?;
-    let plan = recall_host::sweep::expand(&cfg)?;
+    let plan = sweep::expand(&cfg)?;
     if *dry_run {
         print!("{}", plan.table());
         return Ok(ExitCode::SUCCESS);
@@ -575,94 +575,18 @@ fn sweep_command(cli: &Cli, args: &SweepArgs) -> anyhow::Result<ExitCode> {
         println!("cancelled Slurm job {job} of sweep `{}`", plan.name);
         return Ok(ExitCode::SUCCESS);
     }
-    if !matches!(executor.as_str(), "local" | "slurm") {
-        anyhow::bail!("unknown executor `{executor}`; expected `local` or `slurm`");
-    }
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| (n.get() / 2).max(1)).unwrap_or(1));
-    let exe = std::env::current_exe()?;
-    // With MLflow: one parent run for the sweep (its events live in the sweep
-    // directory, like a run's), every point a nested child.
-    let mut env = Vec::new();
-    let mut tracking = None;
-    if let Some(t) = &cfg.config.tracking {
-        use recall_host::tracking::{self, Event, Tracking};
-        std::fs::create_dir_all(&plan.dir)?;
-        let mut tr = Tracking::open(&plan.dir, Some(t))?;
-        if !tr.is_started() {
-            let experiment = t.experiment.clone().unwrap_or_else(|| plan.name.clone());
-            let tags = vec![
-                ("sweep".to_string(), plan.name.clone()),
-                ("points".into(), plan.points.len().to_string()),
-                ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
-            ];
-            tr.record(Event::Start {
-                experiment,
-                name: plan.name.clone(),
-                tags,
-                params: Vec::new(),
-                time_ms: tracking::now_ms(),
-            })?;
-        }
-        tr.flush();
-        if let Some(id) = tracking::run_id(&plan.dir) {
-            env.push(("RECALL_MLFLOW_PARENT_RUN_ID".to_string(), id));
-        }
-        tracking = Some(tr);
-    }
-    let out = if executor == "slurm" {
-        use recall_host::slurm;
-        let opts = slurm::SlurmOptions {
+    let executor = match executor.as_str() {
+        "local" => sweep::Executor::Local { jobs },
+        "slurm" => sweep::Executor::Slurm(recall_host::slurm::SlurmOptions {
             partition: partition.clone(),
             time: time.clone(),
             gpus_per_point: *gpus_per_point,
             max_parallel: *max_parallel,
-        };
-        std::fs::create_dir_all(&plan.dir)?;
-        plan.write_manifest(file)?;
-        let skipped: Vec<String> = plan
-            .points
-            .iter()
-            .filter(|p| plan.status(p) == recall_host::sweep::Status::Done)
-            .map(|p| p.id.clone())
-            .collect();
-        let mut out = recall_host::sweep::Outcome { finished: Vec::new(), skipped, failed: Vec::new() };
-        if let Some(job) = slurm::submit(&plan, file, set, &exe, &opts, &env)? {
-            if !cli.quiet {
-                println!("submitted Slurm array job {} ({} points)", job.job_id, job.points.len());
-            }
-            for (i, (id, state)) in slurm::follow(&job, cli.quiet)?.into_iter().enumerate() {
-                let done = plan.dir.join(&id).join("summary.json").is_file();
-                if state == "COMPLETED" && done {
-                    out.finished.push(id);
-                } else {
-                    eprintln!("point {id} ended {state}; log: {}", slurm::log_path(&plan, i).display());
-                    out.failed.push((id, slurm::log_path(&plan, i)));
-                }
-            }
-        }
-        out
-    } else {
-        recall_host::sweep::run_local(&plan, file, set, &exe, jobs, cli.quiet, &env)?
+        }),
+        other => anyhow::bail!("unknown executor `{other}`; expected `local` or `slurm`"),
     };
-    // The comparison of what finished, beside the manifest (and on the parent run).
-    let report = recall_host::report::compare(std::slice::from_ref(&plan.dir), None).ok();
-    if let Some(c) = &report {
-        use recall_host::fsutil::write_atomic;
-        write_atomic(&plan.dir.join("compare.md"), c.markdown().as_bytes())?;
-        write_atomic(&plan.dir.join("compare.csv"), c.csv().as_bytes())?;
-        let html = recall_host::report_html::render(c, &format!("sweep {}", plan.name));
-        write_atomic(&plan.dir.join("compare.html"), html.as_bytes())?;
-    }
-    if let Some(tr) = &mut tracking {
-        use recall_host::tracking::{self, Event};
-        if report.is_some() {
-            for f in ["sweep.json", "compare.md", "compare.csv", "compare.html"] {
-                tr.record(Event::Artifact { path: f.into() })?;
-            }
-        }
-        let status = if out.failed.is_empty() { "FINISHED" } else { "FAILED" };
-        tr.log(Event::End { status: status.into(), time_ms: tracking::now_ms() })?;
-    }
+    let out = sweep::execute(&plan, &cfg, file, set, &std::env::current_exe()?, &executor, cli.quiet)?;
     println!(
         "sweep `{}`: {} finished, {} already done, {} failed; runs in {}",
         plan.name,

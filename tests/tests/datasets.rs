@@ -4,8 +4,8 @@
 
 use std::process::Command;
 
-use recall_host::config::TaskSection;
 use recall_host::data::preprocess::Preprocess;
+use recall_host::data::TaskSection;
 use recall_tests::recall_bin;
 
 fn prepare(name: &str) -> std::path::PathBuf {

@@ -3,8 +3,11 @@
 pub mod convert;
 pub mod pickle;
 pub mod preprocess;
+mod section;
 pub mod shapes;
 pub mod source;
+
+pub use section::{OnError, TaskSection};
 
 use candle_core::{Device, Tensor};
 
@@ -40,7 +43,7 @@ pub struct TaskData {
 
 /// Load a task or zero-shot set from its source at the model's preprocessing.
 pub fn load(
-    t: &crate::config::TaskSection,
+    t: &crate::data::TaskSection,
     pre: &preprocess::Preprocess,
     seed: u64,
 ) -> Result<TaskData, source::DataError> {
@@ -79,7 +82,7 @@ pub fn load(
 
 /// A task's or zero-shot set's split sizes without decoding its images (`recall run
 /// --dry-run`): shapes are generated at a tiny size to count them; parts are added up.
-pub fn inventory(t: &crate::config::TaskSection, seed: u64) -> Result<source::Inventory, source::DataError> {
+pub fn inventory(t: &crate::data::TaskSection, seed: u64) -> Result<source::Inventory, source::DataError> {
     if !t.parts.is_empty() {
         let mut total = source::Inventory::default();
         for part in &t.parts {

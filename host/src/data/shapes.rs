@@ -10,8 +10,8 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::TaskSection;
 use super::{Example, TaskData};
-use crate::config::TaskSection;
 
 /// Shape names the generator draws.
 pub const SHAPES: [&str; 8] = ["circle", "square", "triangle", "cross", "ring", "diamond", "star", "heart"];

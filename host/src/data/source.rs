@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::preprocess::Preprocess;
 use super::{Example, TaskData};
-use crate::config::{OnError, TaskSection};
+use super::{OnError, TaskSection};
 
 /// Sources that read from disk.
 pub const SOURCES: [&str; 5] = ["shapes", "jsonl", "csv", "folders", "karpathy"];

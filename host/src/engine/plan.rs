@@ -9,8 +9,9 @@ use anyhow::bail;
 
 use super::session::Parts;
 use super::steps_in_task;
-use crate::config::{LoadedConfig, OnError, TaskSection};
+use crate::config::LoadedConfig;
 use crate::data::{self, source::Inventory};
+use crate::data::{OnError, TaskSection};
 use crate::loader::Registry;
 use crate::optim::AdamW;
 

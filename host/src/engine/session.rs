@@ -18,7 +18,7 @@ pub fn load_tasks(cfg: &LoadedConfig, pre: &crate::data::preprocess::Preprocess)
 
 fn load_sets(
     cfg: &LoadedConfig,
-    sets: &[crate::config::TaskSection],
+    sets: &[crate::data::TaskSection],
     key: &str,
     pre: &crate::data::preprocess::Preprocess,
 ) -> anyhow::Result<Vec<TaskData>> {

@@ -21,31 +21,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use crate::config::SweepSection;
 use crate::config::{self, ConfigError, LoadedConfig};
 
-/// The `[sweep]` section.
-#[derive(Deserialize, Serialize, Clone, Debug, Default)]
-#[serde(deny_unknown_fields)]
-pub struct SweepSection {
-    /// Directory name under `output_dir` (default: the experiment's name).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Seeds: every point runs once per seed (`experiment.seed`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub seeds: Vec<u64>,
-    /// Dotted config key (`task[1].max_train` reaches into arrays of tables) -> values.
-    #[serde(default)]
-    pub axes: toml::Table,
-    /// Extra points: overrides of the base experiment (run for every seed).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub include: Vec<toml::Table>,
-    /// Partial assignments: grid points that match every key of a row are dropped.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub exclude: Vec<toml::Table>,
-}
+mod execute;
+pub use execute::{execute, run_local, Executor, Outcome};
 
 /// One point of a sweep.
 #[derive(Clone, Debug, Serialize)]
@@ -206,7 +189,8 @@ pub fn expand(cfg: &LoadedConfig) -> Result<Plan, ConfigError> {
             overrides.push(("experiment.seed".into(), seed.to_string()));
             let sets: Vec<String> = overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let src = config::apply_overrides(&cfg.source, &cfg.file, &sets)?;
-            config::parse(&src, &cfg.file).map_err(|e| ConfigError {
+            // Each point is checked as a run would load it: parsed, then its paths resolved.
+            config::parse(&src, &cfg.file).and_then(config::resolve).map_err(|e| ConfigError {
                 message: format!("sweep point `{label}` (seed {seed}): {}", e.message),
                 ..e
             })?;
@@ -293,103 +277,6 @@ impl Plan {
         });
         crate::fsutil::write_atomic(&self.dir.join("sweep.json"), serde_json::to_string_pretty(&m)?.as_bytes())
     }
-}
-
-/// Outcome of a local sweep.
-pub struct Outcome {
-    pub finished: Vec<String>,
-    pub skipped: Vec<String>,
-    /// (point id, log file)
-    pub failed: Vec<(String, PathBuf)>,
-}
-
-/// Run every unfinished point with at most `jobs` `recall run` processes at once (the same
-/// binary; `base_sets` are the command line's own overrides, applied before each point's);
-/// a partial run is resumed. Each point's output goes to `RUN_DIR/stdout.txt` and
-/// `stderr.txt`.
-pub fn run_local(
-    plan: &Plan,
-    experiment: &Path,
-    base_sets: &[String],
-    recall: &Path,
-    jobs: usize,
-    quiet: bool,
-    env: &[(String, String)],
-) -> anyhow::Result<Outcome> {
-    use std::process::{Command, Stdio};
-    std::fs::create_dir_all(&plan.dir)?;
-    plan.write_manifest(experiment)?;
-    let mut out = Outcome { finished: Vec::new(), skipped: Vec::new(), failed: Vec::new() };
-    let mut queue: std::collections::VecDeque<&Point> = std::collections::VecDeque::new();
-    for p in &plan.points {
-        if plan.status(p) == Status::Done {
-            out.skipped.push(p.id.clone());
-        } else {
-            queue.push_back(p);
-        }
-    }
-    let mut running: Vec<(&Point, std::process::Child)> = Vec::new();
-    loop {
-        while running.len() < jobs.max(1) {
-            let Some(p) = queue.pop_front() else { break };
-            let dir = plan.run_dir(p);
-            std::fs::create_dir_all(&dir)?;
-            let mut cmd = Command::new(recall);
-            cmd.arg("run").arg("-q");
-            if plan.status(p) == Status::Partial {
-                cmd.arg("--resume").arg(&dir);
-            } else {
-                cmd.arg(experiment).arg("--run-dir").arg(&dir);
-                // A pending point finished no task: what an earlier attempt left is replaced.
-                if crate::rundir::holds_run(&dir) {
-                    cmd.arg("--overwrite");
-                }
-                for s in base_sets {
-                    cmd.arg("--set").arg(s);
-                }
-                for (k, v) in &p.overrides {
-                    cmd.arg("--set").arg(format!("{k}={v}"));
-                }
-            }
-            cmd.stdout(std::fs::File::create(dir.join("stdout.txt"))?);
-            cmd.stderr(std::fs::File::create(dir.join("stderr.txt"))?);
-            cmd.stdin(Stdio::null());
-            // Trackers name the sweep and the point (see `tracking`).
-            cmd.env("RECALL_SWEEP_NAME", &plan.name).env("RECALL_SWEEP_LABEL", &p.label);
-            for (k, v) in env {
-                cmd.env(k, v);
-            }
-            if !quiet {
-                println!("start  {}  seed {}  {}", p.id, p.seed, p.label);
-            }
-            running.push((p, cmd.spawn()?));
-        }
-        if running.is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut i = 0;
-        while i < running.len() {
-            if let Some(status) = running[i].1.try_wait()? {
-                let (p, _) = running.remove(i);
-                if status.success() {
-                    if !quiet {
-                        println!("done   {}", p.id);
-                    }
-                    out.finished.push(p.id.clone());
-                } else {
-                    let log = plan.run_dir(p).join("stderr.txt");
-                    if !quiet {
-                        println!("FAILED {}  ({status}); log: {}", p.id, log.display());
-                    }
-                    out.failed.push((p.id.clone(), log));
-                }
-            } else {
-                i += 1;
-            }
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
