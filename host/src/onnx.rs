@@ -25,6 +25,7 @@ use candle_core::{Device, Tensor};
 use ort::session::builder::SessionBuilder;
 use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
+use recall_sdk::inputs;
 
 /// The oldest ONNX Runtime this build speaks to (`ort`'s API level).
 pub fn needed_version() -> String {
@@ -446,7 +447,8 @@ impl OnnxTower {
         let host_name = |p: &Port| config.inputs.get(&p.name).cloned().unwrap_or_else(|| p.name.clone());
         for p in &model.inputs {
             let n = host_name(p);
-            let known = if image { n == "pixel_values" } else { n == "input_ids" || n == "attention_mask" };
+            let known =
+                if image { n == inputs::PIXEL_VALUES } else { n == inputs::INPUT_IDS || n == inputs::ATTENTION_MASK };
             if !known && !config.zeros.contains(&p.name) {
                 let offer = if image { "pixel_values" } else { "input_ids, attention_mask" };
                 return Err((
@@ -458,8 +460,8 @@ impl OnnxTower {
         let fixed = model.inputs.iter().find_map(|p| {
             let n = host_name(p);
             match (image, n.as_str(), p.shape.as_slice()) {
-                (true, "pixel_values", [_, _, s, _]) if *s > 0 => Some(*s as u64),
-                (false, "input_ids", [_, l]) if *l > 0 => Some(*l as u64),
+                (true, inputs::PIXEL_VALUES, [_, _, s, _]) if *s > 0 => Some(*s as u64),
+                (false, inputs::INPUT_IDS, [_, l]) if *l > 0 => Some(*l as u64),
                 _ => None,
             }
         });
@@ -490,7 +492,7 @@ impl OnnxTower {
         let err = |m: String| OnnxError::Model { model: self.model.path.clone(), message: m };
         let mut zeros = Vec::new();
         if !self.config.zeros.is_empty() {
-            let ids = inputs.iter().find(|(n, _)| *n == "input_ids").map(|(_, t)| *t);
+            let ids = inputs.iter().find(|(n, _)| *n == inputs::INPUT_IDS).map(|(_, t)| *t);
             let like = ids.or(inputs.first().map(|(_, t)| *t)).ok_or_else(|| err("no inputs".into()))?;
             for z in &self.config.zeros {
                 zeros.push((z.as_str(), like.zeros_like().map_err(|e| err(e.to_string()))?));
@@ -508,7 +510,7 @@ impl OnnxTower {
             }
         }
         let out = self.model.run(&given, &[self.config.output.as_str()], device)?.remove(0);
-        let mask = inputs.iter().find(|(n, _)| *n == "attention_mask").map(|(_, t)| *t);
+        let mask = inputs.iter().find(|(n, _)| *n == inputs::ATTENTION_MASK).map(|(_, t)| *t);
         let pooled = pool(&out, mask, self.config.pooling)
             .map_err(|e| err(format!("pooling {:?}: {e}", self.config.pooling)))?;
         if pooled.rank() != 2 {

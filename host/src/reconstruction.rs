@@ -24,10 +24,9 @@ use rand::SeedableRng;
 use crate::config::LoadedConfig;
 use crate::data::{self, preprocess::Preprocess};
 use crate::engine::{
-    batches, checkpoint_path, load_tasks, open_run_dir, progress, record_provenance, DataCounts, Performance,
-    Precision, ResultMatrix, RunOptions, RunSummary,
+    batches, load_tasks, open_run_dir, progress, DataCounts, Performance, Precision, ResultMatrix, RunOptions,
+    RunSummary,
 };
-use crate::fsutil::write_atomic;
 use crate::loader::Registry;
 use crate::model::Tower;
 use crate::optim::{clip_factor, AdamW};
@@ -89,14 +88,12 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     if train.len() < 2 {
         bail!("{}: the tasks have {} training images; at least 2 are needed", cfg.file, train.len());
     }
-    let owned_dir = open_run_dir(opts, &c.experiment)?;
-    let run_dir = owned_dir.path.clone();
-    record_provenance(&run_dir, c.experiment.seed, false, &[])?;
-    if let Err(e) = crate::runlog::open(&run_dir.join("log.txt")) {
-        tracing::warn!("cannot write {}: {e}", run_dir.join("log.txt").display());
+    let dir = open_run_dir(opts, &c.experiment)?;
+    dir.record_provenance(c.experiment.seed, false, &[])?;
+    if let Err(e) = crate::runlog::open(&dir.log_file()) {
+        tracing::warn!("cannot write {}: {e}", dir.log_file().display());
     }
-    // No credentials on disk: a tracking URI's password is redacted.
-    write_atomic(&run_dir.join("config.resolved.toml"), crate::tracking::redact(&toml::to_string(c)?).as_bytes())?;
+    dir.write_config(c)?;
 
     let precision = Precision::start(&c.train, &rt)?;
     let eval = |stage: &str| -> anyhow::Result<Vec<BTreeMap<String, f64>>> {
@@ -150,11 +147,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     }
     pb.finish_and_clear();
     let train_seconds = started.elapsed().as_secs_f64();
-    let ckpt = checkpoint_path(&run_dir, 1, "safetensors");
-    if let Some(dir) = ckpt.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    rt.params().save(&ckpt)?;
+    dir.save_checkpoint(1, &rt.params(), &[])?;
     let after = eval("after training")?;
     if !opts.quiet {
         for (i, t) in tasks.iter().enumerate() {
@@ -175,7 +168,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let summary = RunSummary {
         name: c.experiment.name.clone(),
         seed: c.experiment.seed,
-        run_dir: run_dir.clone(),
+        run_dir: dir.path().to_path_buf(),
         trainable_parameters: params.trainable_count(),
         total_parameters: params.iter().map(|p| p.var.elem_count()).sum(),
         batch_size: bs,
@@ -203,7 +196,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         },
     };
     drop(params);
-    write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    dir.write_summary(&summary)?;
     crate::runlog::close();
     Ok(summary)
 }

@@ -8,6 +8,7 @@
 mod evaluate;
 pub mod memory;
 mod plan;
+mod reporter;
 mod session;
 mod step;
 mod store;
@@ -15,7 +16,7 @@ mod summary;
 mod terminal;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -27,21 +28,21 @@ use serde::{Deserialize, Serialize};
 pub use evaluate::{class_embeddings, evaluate, evaluate_zeroshot, retrieval_texts};
 pub use plan::dry_run;
 use recall_sdk::GradientPass;
+use reporter::Reporter;
 pub use session::{load_tasks, Parts, Session};
 pub(crate) use step::batches;
 pub use step::steps_in_task;
 pub use step::Precision;
 use step::{copy_parameters, gradient_pass};
 pub use step::{GraphSize, PhaseClock, StepProbe, StepStats, TaskSteps, PHASES};
-pub(crate) use store::{checkpoint_path, open_run_dir, record_provenance};
-use store::{metrics_lines, Progress, PROGRESS_FILE};
+pub(crate) use store::open_run_dir;
+use store::{metrics_lines, Progress};
 pub use terminal::format_table;
 pub(crate) use terminal::progress;
-use terminal::{format_heldout, stage_label};
+use terminal::stage_label;
 
 use crate::config::{LoadedConfig, MergeScope};
 use crate::data::{self, TaskData};
-use crate::fsutil::write_atomic;
 use crate::loader::Registry;
 use crate::optim::AdamW;
 
@@ -148,24 +149,76 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     run.summarize()
 }
 
-/// A run in progress: the session it trains, the run directory it owns, its tracking and
+/// A run in progress: the session it trains, the run directory it owns, its reporter and
 /// what it has finished.
 struct Run<'a> {
     session: &'a Session<'a>,
-    opts: &'a RunOptions,
     dir: crate::rundir::RunDir,
-    tracking: crate::tracking::Tracking,
+    report: Reporter,
     progress: Progress,
     precision: Precision,
     /// Peak device memory sampled in the steps (CUDA).
     peak_memory: Option<u64>,
-    /// The metrics shown in the terminal tables.
-    shown: Vec<String>,
     /// Live handles after a step must not grow within a task: a plugin that keeps handles
     /// it no longer needs leaks memory every step.
-    leak_reported: bool,
+    leaks: LeakWatch,
     /// Under `merge_scope = "trained"`, the model's parameters as the current task started.
     task_start: Vec<(String, candle_core::Tensor)>,
+}
+
+/// Sums over one epoch's steps.
+#[derive(Default)]
+struct EpochTotals {
+    loss: f64,
+    steps: usize,
+    terms: BTreeMap<String, f64>,
+}
+
+impl EpochTotals {
+    fn add(&mut self, stats: StepStats) {
+        self.loss += stats.loss;
+        self.steps += 1;
+        for (name, v) in stats.terms {
+            *self.terms.entry(name).or_default() += v;
+        }
+    }
+
+    /// The epoch's mean loss and mean loss terms.
+    fn means(self) -> (f64, BTreeMap<String, f64>) {
+        let n = self.steps.max(1) as f64;
+        (self.loss / n, self.terms.into_iter().map(|(k, v)| (k, v / n)).collect())
+    }
+}
+
+/// Live tensor handles after each step of a task. Strategies may keep new tensors between
+/// tasks (EWC's Fisher, snapshots); a leak is growth from step to step within a task,
+/// reported once per run.
+#[derive(Default)]
+struct LeakWatch {
+    after_first_step: Option<usize>,
+    reported: bool,
+}
+
+impl LeakWatch {
+    fn new_task(&mut self) {
+        self.after_first_step = None;
+    }
+
+    fn after_step(&mut self, live: usize, step: usize) {
+        match self.after_first_step {
+            None => self.after_first_step = Some(live),
+            Some(first) if live > first && !self.reported => {
+                tracing::warn!(
+                    step,
+                    live,
+                    first,
+                    "live tensor handles grow from step to step: a plugin keeps handles it does not release"
+                );
+                self.reported = true;
+            }
+            _ => {}
+        }
+    }
 }
 
 impl<'a> Run<'a> {
@@ -174,32 +227,35 @@ impl<'a> Run<'a> {
     fn open(session: &'a Session<'a>, registry: &Registry, opts: &'a RunOptions) -> anyhow::Result<Self> {
         let c = &session.cfg.config;
         let dir = open_run_dir(opts, &c.experiment)?;
-        let run_dir = dir.path.clone();
+        let run_dir = dir.path().to_path_buf();
         let identity = crate::identity::of(c, registry)?;
         let config_changes = if opts.resume {
             crate::identity::check_resume(&run_dir, &identity, &opts.allow_config_change)?
         } else {
             Vec::new()
         };
-        let previous = if opts.resume { Progress::read(&run_dir)? } else { None };
-        record_provenance(&run_dir, c.experiment.seed, opts.resume, &config_changes)?;
+        let previous: Option<Progress> = if opts.resume { dir.read_progress()? } else { None };
+        dir.record_provenance(c.experiment.seed, opts.resume, &config_changes)?;
         if !opts.resume || !config_changes.is_empty() {
-            write_atomic(&run_dir.join(crate::identity::FILE), serde_json::to_string_pretty(&identity)?.as_bytes())?;
+            dir.write_identity(&identity)?;
         }
         for change in &config_changes {
             tracing::warn!("resumed with a changed configuration (--allow-config-change): {change}");
         }
-        if let Err(e) = crate::runlog::open(&run_dir.join("log.txt")) {
-            tracing::warn!("cannot write {}: {e}", run_dir.join("log.txt").display());
+        if let Err(e) = crate::runlog::open(&dir.log_file()) {
+            tracing::warn!("cannot write {}: {e}", dir.log_file().display());
         }
         if !opts.resume {
-            write_run_record(&run_dir, session, registry)?;
+            // The records a fresh run writes once: the resolved config, the plugins, the splits.
+            dir.write_config(c)?;
+            dir.write_plugins(registry)?;
+            dir.write_splits(&session.tasks, &session.heldout_sets)?;
         }
         let rt = session.runtime();
         let trainable = session.model.trainable_parameters();
         let total = rt.params().iter().map(|p| p.var.elem_count()).sum::<usize>();
         tracing::info!(run_dir = %run_dir.display(), trainable, total, "run started");
-        let tracking = open_tracking(session, &run_dir, trainable)?;
+        let report = Reporter::open(session, &run_dir, opts.quiet)?;
         let progress = match previous {
             Some(p) => p,
             None => Progress::new(&session.tasks, &session.heldout_sets),
@@ -208,62 +264,38 @@ impl<'a> Run<'a> {
         if !same_tasks || progress.finished_tasks > session.tasks.len() {
             bail!(
                 "{} does not belong to this experiment's tasks; start a fresh run instead",
-                run_dir.join(PROGRESS_FILE).display()
+                run_dir.join(crate::rundir::PROGRESS_FILE).display()
             );
         }
         if progress.finished_tasks > 0 {
             // Continue from the last finished task: its parameters and each strategy's state.
             let k = progress.finished_tasks;
-            rt.params().load(&checkpoint_path(&run_dir, k, "safetensors"))?;
-            for (i, s) in session.strategies.iter().enumerate() {
-                let f = checkpoint_path(&run_dir, k, &format!("strategy-{i}.bin"));
-                let bytes = std::fs::read(&f).with_context(|| format!("cannot read strategy state {}", f.display()))?;
+            let states = dir.load_checkpoint(k, &rt.params(), session.strategies.len())?;
+            for (s, bytes) in session.strategies.iter().zip(states) {
                 s.load_state(&bytes)?;
             }
-            if !opts.quiet {
-                println!("resuming {} after task {k} of {}", run_dir.display(), session.tasks.len());
-            }
+            report.resumed(&run_dir, k, session.tasks.len());
         }
         let precision = Precision::start(&c.train, rt)?;
         Ok(Run {
             session,
-            opts,
             dir,
-            tracking,
+            report,
             progress,
             precision,
             peak_memory: None,
-            shown: Vec::new(),
-            leak_reported: false,
+            leaks: LeakWatch::default(),
             task_start: Vec::new(),
         })
     }
 
-    fn run_dir(&self) -> &Path {
-        &self.dir.path
-    }
-
-    /// Stage 0, once per run: the model before any training. Then the stage metrics the
-    /// event log lacks (a run killed between its checkpoint and its event) are logged.
+    /// Stage 0, once per run: the model before any training.
     fn evaluate_initial_model(&mut self) -> anyhow::Result<()> {
         if self.progress.results.rows.is_empty() {
             self.evaluate_stage()?;
-            self.progress.write(self.run_dir())?;
+            self.dir.write_progress(&self.progress)?;
         }
-        for stage in self.tracking.stages_logged()?..self.progress.results.rows.len() {
-            self.tracking.log(self.progress.stage_event(stage))?;
-        }
-        self.shown = self
-            .progress
-            .results
-            .metric_names()
-            .into_iter()
-            .filter(|m| m.ends_with("_r1") || m.ends_with("_r5") || m.ends_with("mean_recall"))
-            .collect();
-        if !self.opts.quiet && self.progress.finished_tasks == 0 {
-            self.print_stage(0);
-        }
-        Ok(())
+        self.report.initial_stage(&self.progress)
     }
 
     /// Every task's test split and every zero-shot set, at the evaluation precision; the
@@ -272,9 +304,8 @@ impl<'a> Run<'a> {
         let s = self.session;
         let batch = s.cfg.config.train.eval_batch_size;
         let p = &mut self.progress;
-        let quiet = self.opts.quiet;
+        let pb = self.report.bar(s.tasks.len() + s.heldout_sets.len(), "evaluating".into(), "sets");
         self.precision.evaluating(s.runtime(), || {
-            let pb = progress(quiet, (s.tasks.len() + s.heldout_sets.len()) as u64, "evaluating".into(), "sets");
             let stage = p.results.rows.len();
             let mut row = Vec::new();
             for t in &s.tasks {
@@ -293,33 +324,22 @@ impl<'a> Run<'a> {
                 pb.inc(1);
             }
             p.heldout.rows.push(row);
-            pb.finish_and_clear();
             Ok(())
         })?;
-        write_atomic(&self.dir.path.join("metrics.jsonl"), metrics_lines(&p.results, &p.heldout)?.as_bytes())?;
+        pb.finish_and_clear();
+        self.dir.write_metrics(&metrics_lines(&p.results, &p.heldout)?)?;
         Ok(())
-    }
-
-    fn print_stage(&self, stage: usize) {
-        print!(
-            "{}",
-            format_table(&self.progress.results, stage, &self.shown.iter().map(String::as_str).collect::<Vec<_>>())
-        );
-        if !self.session.heldout_sets.is_empty() {
-            print!("{}", format_heldout(&self.progress.heldout, stage));
-        }
     }
 
     /// Every epoch of task `t_idx`; its losses are recorded in the progress.
     fn train_task(&mut self, t_idx: usize) -> anyhow::Result<()> {
         let s = self.session;
         let c = &s.cfg.config;
-        let (rt, task) = (s.runtime(), &s.tasks[t_idx]);
+        let task = &s.tasks[t_idx];
         let started = Instant::now();
         if task.train.len() < 2 {
             bail!("task `{}` has {} training examples; at least 2 are needed", task.name, task.train.len());
         }
-        let bs = c.train.batch_size;
         let n_steps = steps_in_task(task.train.len(), &c.train);
         let (mut steps, mut opt) = begin_task(s, self.precision, t_idx, n_steps)?;
         self.task_start = match &c.adapter {
@@ -329,63 +349,54 @@ impl<'a> Run<'a> {
                     && a.merge_scope == MergeScope::Trained
                     && a.merge_coefficient_for(t_idx) < 1.0 =>
             {
-                model_snapshot(rt)?
+                model_snapshot(s.runtime())?
             }
             _ => Vec::new(),
         };
-        let pb = progress(self.opts.quiet, n_steps as u64, format!("task {} {}", t_idx + 1, task.name), "steps");
-        // Strategies may keep new tensors between tasks (EWC's Fisher, snapshots); a leak is
-        // growth from step to step within a task.
-        let mut handles_after_first_step: Option<usize> = None;
+        let pb = self.report.bar(n_steps, format!("task {} {}", t_idx + 1, task.name), "steps");
+        self.leaks.new_task();
         let (mut losses, mut terms) = (Vec::new(), Vec::new());
         let mut step_in_task = 0usize;
         for epoch in 0..c.train.epochs {
             // Captions: each training image is paired with one of its captions per epoch.
             let mut rng = StdRng::seed_from_u64(c.experiment.seed ^ ((t_idx as u64) << 32) ^ epoch as u64);
-            let (mut epoch_loss, mut n_batches) = (0.0, 0);
-            let mut term_sums: BTreeMap<String, f64> = BTreeMap::new();
-            for (examples, captions) in batches(&task.train, bs, &mut rng) {
-                let step_started = Instant::now();
-                let factor = c.optimizer.lr_factor(step_in_task, epoch, n_steps, c.train.epochs);
-                let p = &mut self.progress;
-                let stats =
-                    steps.step(&mut opt, (&examples, &captions), p.global_step, factor, &mut StepProbe::default())?;
-                self.peak_memory = self.peak_memory.max(stats.peak_memory);
-                for (name, v) in stats.terms {
-                    *term_sums.entry(name).or_default() += v;
-                }
-                let live = rt.live_handles();
-                match handles_after_first_step {
-                    None => handles_after_first_step = Some(live),
-                    Some(first) if live > first && !self.leak_reported => {
-                        tracing::warn!(
-                            step = p.global_step,
-                            live,
-                            first,
-                            "live tensor handles grow from step to step: a plugin keeps handles it does not release"
-                        );
-                        self.leak_reported = true;
-                    }
-                    _ => {}
-                }
-                epoch_loss += stats.loss;
-                n_batches += 1;
+            let mut totals = EpochTotals::default();
+            for batch in batches(&task.train, c.train.batch_size, &mut rng) {
+                let lr_factor = c.optimizer.lr_factor(step_in_task, epoch, n_steps, c.train.epochs);
+                totals.add(self.train_step(&mut steps, &mut opt, batch, lr_factor)?);
                 step_in_task += 1;
-                p.global_step += 1;
-                p.step_seconds += step_started.elapsed().as_secs_f64();
-                p.images_seen += examples.len();
                 pb.inc(1);
             }
-            let mean = epoch_loss / n_batches.max(1) as f64;
-            tracing::info!(task = %task.name, epoch, loss = mean, live_handles = rt.live_handles(), "epoch done");
+            let (mean, epoch_terms) = totals.means();
+            tracing::info!(task = %task.name, epoch, loss = mean, live_handles = s.runtime().live_handles(), "epoch done");
             losses.push(mean);
-            terms.push(term_sums.into_iter().map(|(k, v)| (k, v / n_batches.max(1) as f64)).collect());
+            terms.push(epoch_terms);
         }
         pb.finish_and_clear();
         self.progress.epoch_losses.push(losses);
         self.progress.epoch_terms.push(terms);
         self.progress.train_seconds += started.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// One optimizer step on one batch of examples with their captions; the global step, the
+    /// step time and the images seen advance.
+    fn train_step(
+        &mut self,
+        steps: &mut TaskSteps,
+        opt: &mut AdamW,
+        (examples, captions): (Vec<&data::Example>, Vec<String>),
+        lr_factor: f64,
+    ) -> anyhow::Result<StepStats> {
+        let started = Instant::now();
+        let p = &mut self.progress;
+        let stats = steps.step(opt, (&examples, &captions), p.global_step, lr_factor, &mut StepProbe::default())?;
+        self.peak_memory = self.peak_memory.max(stats.peak_memory);
+        self.leaks.after_step(self.session.runtime().live_handles(), p.global_step);
+        p.global_step += 1;
+        p.step_seconds += started.elapsed().as_secs_f64();
+        p.images_seen += examples.len();
+        Ok(stats)
     }
 
     /// After a task's last step: the strategies' gradient pass, the adapter merge, the
@@ -399,22 +410,7 @@ impl<'a> Run<'a> {
         let after = GradientPass::AfterTask;
         gradient_pass(&s.model, &s.strategies, after, &task.train, &info, c.train.batch_size, c.experiment.seed)?;
         rt.set_training(false);
-        if let (Some(a), Some(inst)) = (&c.adapter, &s.model.adapter) {
-            if a.merge_after_task {
-                let coefficient = a.merge_coefficient_for(t_idx);
-                match a.merge_scope {
-                    MergeScope::Adapter => inst.merge(coefficient)?,
-                    MergeScope::Trained => {
-                        inst.merge(1.0)?;
-                        average_with_start(rt, &std::mem::take(&mut self.task_start), coefficient)?;
-                    }
-                }
-                tracing::info!(task = %task.name, coefficient, scope = ?a.merge_scope, "merged");
-                // The merged delta now lives in the base weights: start the adapter afresh so
-                // it is not counted twice.
-                inst.reset()?;
-            }
-        }
+        self.merge_adapter(t_idx)?;
         for st in &s.strategies {
             st.after_task(&info)?;
         }
@@ -433,33 +429,45 @@ impl<'a> Run<'a> {
             );
         }
         // Checkpoint first, progress last: progress.json names only finished checkpoints.
-        rt.params().save(&checkpoint_path(self.run_dir(), t_idx + 1, "safetensors"))?;
-        for (i, st) in s.strategies.iter().enumerate() {
-            write_atomic(&checkpoint_path(self.run_dir(), t_idx + 1, &format!("strategy-{i}.bin")), &st.save_state()?)?;
-        }
+        let states = s.strategies.iter().map(|st| st.save_state()).collect::<Result<Vec<_>, _>>()?;
+        self.dir.save_checkpoint(t_idx + 1, &rt.params(), &states)?;
         self.evaluate_stage()?;
         self.progress.finished_tasks = t_idx + 1;
-        self.progress.write(self.run_dir())?;
+        self.dir.write_progress(&self.progress)?;
         tracing::info!(task = %task.name, stage = t_idx + 1, steps = self.progress.global_step, "task finished and checkpointed");
-        self.tracking.log(self.progress.stage_event(t_idx + 1))?;
-        if !self.opts.quiet {
-            self.print_stage(t_idx + 1);
-            println!(
-                "  loss per epoch: {}",
-                self.progress.epoch_losses[t_idx].iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" ")
-            );
+        self.report.task_finished(&self.progress, t_idx)
+    }
+
+    /// `[adapter] merge_after_task`: the delta merged into the base weights with this task's
+    /// coefficient (or, with `merge_scope = "trained"`, merged whole and the trained
+    /// parameters averaged with their values at the task's start), then the adapter reset.
+    fn merge_adapter(&mut self, t_idx: usize) -> anyhow::Result<()> {
+        let s = self.session;
+        let (Some(a), Some(inst)) = (&s.cfg.config.adapter, &s.model.adapter) else { return Ok(()) };
+        if !a.merge_after_task {
+            return Ok(());
         }
+        let coefficient = a.merge_coefficient_for(t_idx);
+        match a.merge_scope {
+            MergeScope::Adapter => inst.merge(coefficient)?,
+            MergeScope::Trained => {
+                inst.merge(1.0)?;
+                average_with_start(s.runtime(), &std::mem::take(&mut self.task_start), coefficient)?;
+            }
+        }
+        tracing::info!(task = %s.tasks[t_idx].name, coefficient, scope = ?a.merge_scope, "merged");
+        // The merged delta now lives in the base weights: start the adapter afresh so it is
+        // not counted twice.
+        inst.reset()?;
         Ok(())
     }
 
     /// The continual-learning summaries, summary.json, the R-matrix CSVs, the last events.
     fn summarize(mut self) -> anyhow::Result<RunSummary> {
         let summary =
-            summary::build(self.session, std::mem::take(&mut self.progress), self.run_dir(), self.peak_memory)?;
-        if !self.opts.quiet {
-            summary::print(&summary, &self.shown);
-        }
-        summary::write(&summary, &self.dir.path, &mut self.tracking)?;
+            summary::build(self.session, std::mem::take(&mut self.progress), self.dir.path(), self.peak_memory)?;
+        let artifacts = summary::write(&summary, &self.dir)?;
+        self.report.finished(&summary, artifacts)?;
         tracing::info!(steps = summary.steps, train_seconds = summary.train_seconds, "run finished");
         crate::runlog::close();
         drop(self.dir);
@@ -548,65 +556,6 @@ pub fn end_task_untrained(s: &Session, t_idx: usize, n_steps: usize) -> anyhow::
 
 fn task_info(t_idx: usize, task: &TaskData, n_steps: usize) -> TaskInfo {
     TaskInfo { index: t_idx as u64, name: task.name.as_str().into(), n_steps: n_steps as u64 }
-}
-
-/// The records a fresh run writes once: the resolved config, the plugins, the splits.
-fn write_run_record(run_dir: &Path, session: &Session, registry: &Registry) -> anyhow::Result<()> {
-    // No credentials on disk: a tracking URI's password is redacted.
-    let resolved = crate::tracking::redact(&toml::to_string(&session.cfg.config)?);
-    write_atomic(&run_dir.join("config.resolved.toml"), resolved.as_bytes())?;
-    let plugins: Vec<serde_json::Value> = registry
-        .plugins
-        .iter()
-        .map(|p| serde_json::json!({"name": p.name, "kind": p.kind, "version": p.version, "sdk": p.sdk_version, "path": p.path}))
-        .collect();
-    write_atomic(&run_dir.join("plugins.json"), serde_json::to_string_pretty(&plugins)?.as_bytes())?;
-    let splits = serde_json::json!({
-        "tasks": data::source::split_record(&session.tasks),
-        "zeroshot": data::source::split_record(&session.heldout_sets),
-    });
-    write_atomic(&run_dir.join("splits.json"), serde_json::to_string(&splits)?.as_bytes())?;
-    Ok(())
-}
-
-/// The event log (always) and the `[tracking]` backend; a fresh run logs its start.
-fn open_tracking(session: &Session, run_dir: &Path, trainable: usize) -> anyhow::Result<crate::tracking::Tracking> {
-    let (cfg, c) = (session.cfg, &session.cfg.config);
-    let mut tracking = crate::tracking::Tracking::open(run_dir, c.tracking.as_ref())
-        .map_err(|e| cfg.error_at("tracking", format!("{e:#}")))?;
-    if tracking.is_started() {
-        return Ok(tracking);
-    }
-    let mut params = crate::tracking::config_params(c)?;
-    params.push(("trainable_parameters".into(), trainable.to_string()));
-    let mut tags: Vec<(String, String)> = vec![
-        ("method".into(), std::env::var("RECALL_SWEEP_LABEL").unwrap_or_else(|_| c.experiment.name.clone())),
-        ("seed".into(), c.experiment.seed.to_string()),
-        ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
-        ("recall_version".into(), env!("CARGO_PKG_VERSION").into()),
-        ("run_dir".into(), std::path::absolute(run_dir)?.display().to_string()),
-    ];
-    if let Ok(parent) = std::env::var("RECALL_MLFLOW_PARENT_RUN_ID") {
-        tags.push(("mlflow.parentRunId".into(), parent));
-    }
-    for (k, v) in c.tracking.iter().flat_map(|t| &t.tags) {
-        tags.push((k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())));
-    }
-    let experiment = c
-        .tracking
-        .as_ref()
-        .and_then(|t| t.experiment.clone())
-        .or_else(|| std::env::var("RECALL_SWEEP_NAME").ok())
-        .unwrap_or_else(|| c.experiment.name.clone());
-    let name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    tracking.log(crate::tracking::Event::Start {
-        experiment,
-        name,
-        tags,
-        params,
-        time_ms: crate::tracking::now_ms(),
-    })?;
-    Ok(tracking)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! The run directory's files as the engine writes them: which directory a run owns, its
-//! provenance record, checkpoint names and metrics.jsonl.
+//! What the engine keeps in its run directory: which directory a run owns, the progress
+//! record a resume continues from, and the lines of metrics.jsonl. `crate::rundir::RunDir`
+//! writes them.
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{ResultMatrix, RunOptions};
 use crate::data::TaskData;
-use crate::fsutil::write_atomic;
 
 /// The run directory, owned (locked) by this process: the one `--run-dir` names (created if
 /// needed; an existing run in it only with `--resume` or `--overwrite`), else a fresh one.
@@ -62,31 +62,12 @@ pub(crate) struct Progress {
     pub heldout: ResultMatrix,
 }
 
-/// The progress file's name in a run directory.
-pub(crate) const PROGRESS_FILE: &str = "progress.json";
-
 impl Progress {
     /// A run that has finished nothing yet.
     pub fn new(tasks: &[TaskData], heldout: &[TaskData]) -> Self {
         let empty =
             |sets: &[TaskData]| ResultMatrix { tasks: sets.iter().map(|t| t.name.clone()).collect(), rows: Vec::new() };
         Progress { results: empty(tasks), heldout: empty(heldout), ..Default::default() }
-    }
-
-    /// The progress a run directory records, if it has any.
-    pub fn read(run_dir: &Path) -> anyhow::Result<Option<Self>> {
-        let file = run_dir.join(PROGRESS_FILE);
-        if !file.is_file() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-        let p =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a Recall progress file", file.display()))?;
-        Ok(Some(p))
-    }
-
-    pub fn write(&self, run_dir: &Path) -> anyhow::Result<()> {
-        write_atomic(&run_dir.join(PROGRESS_FILE), serde_json::to_string(self)?.as_bytes())
     }
 
     /// The tracking event of one stage's scores.
@@ -103,47 +84,6 @@ impl Progress {
         }
         crate::tracking::Event::Metrics { metrics, time_ms: crate::tracking::now_ms() }
     }
-}
-
-/// run.json: which build ran (version, git commit), with which seed and command line, when;
-/// each resume is appended.
-pub(crate) fn record_provenance(
-    run_dir: &Path,
-    seed: u64,
-    resume: bool,
-    config_changes: &[crate::identity::Change],
-) -> anyhow::Result<()> {
-    let f = run_dir.join("run.json");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let mut event = serde_json::json!({
-        "unix_time": now,
-        "command": std::env::args().map(|a| crate::tracking::redact(&a)).collect::<Vec<_>>(),
-        "recall_version": env!("CARGO_PKG_VERSION"),
-        "git_commit": env!("RECALL_GIT_COMMIT"),
-    });
-    if !config_changes.is_empty() {
-        event["config_changes"] = serde_json::to_value(config_changes)?;
-    }
-    let mut record = match std::fs::read_to_string(&f).ok().and_then(|t| serde_json::from_str(&t).ok()) {
-        Some(serde_json::Value::Object(m)) if resume => m,
-        _ => serde_json::Map::new(),
-    };
-    if resume {
-        match record.get_mut("resumed") {
-            Some(serde_json::Value::Array(a)) => a.push(event),
-            _ => {
-                record.insert("resumed".into(), serde_json::json!([event]));
-            }
-        }
-    } else {
-        record.insert("seed".into(), seed.into());
-        record.insert("started".into(), event);
-    }
-    write_atomic(&f, serde_json::to_string_pretty(&serde_json::Value::Object(record))?.as_bytes())
-}
-
-pub(crate) fn checkpoint_path(run_dir: &Path, task: usize, what: &str) -> PathBuf {
-    run_dir.join("checkpoints").join(format!("task-{task:02}.{what}"))
 }
 
 #[derive(Serialize)]

@@ -1,5 +1,5 @@
 //! The end of a run: the continual-learning summaries of its result matrices, the table on
-//! the terminal, summary.json, the R-matrix CSVs and the last tracking events.
+//! the terminal, summary.json, the R-matrix CSVs and the metrics tracked once.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -7,8 +7,7 @@ use std::path::Path;
 use super::session::Session;
 use super::store::Progress;
 use super::{DataCounts, Performance, RunSummary};
-use crate::fsutil::write_atomic;
-use crate::tracking::{now_ms, Event, Tracking};
+use crate::rundir::RunDir;
 
 /// The summary of a finished run.
 pub(crate) fn build(
@@ -103,8 +102,8 @@ pub(crate) fn print(summary: &RunSummary, shown: &[String]) {
     }
 }
 
-/// The R-matrix CSVs and summary.json, then the final metrics, artifacts and end event.
-pub(crate) fn write(summary: &RunSummary, run_dir: &Path, tracking: &mut Tracking) -> anyhow::Result<()> {
+/// The R-matrix CSVs and summary.json; returns the files a tracker uploads.
+pub(crate) fn write(summary: &RunSummary, dir: &RunDir) -> anyhow::Result<Vec<String>> {
     for (suite, m) in [("", &summary.results), ("zeroshot__", &summary.heldout)] {
         for name in m.metric_names() {
             let values = m.metric(&name);
@@ -112,11 +111,18 @@ pub(crate) fn write(summary: &RunSummary, run_dir: &Path, tracking: &mut Trackin
             for (t, row) in values.iter().enumerate() {
                 csv.push_str(&format!("{t},{}\n", row.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(",")));
             }
-            let file = format!("{suite}{}.csv", name.replace('/', "__"));
-            write_atomic(&run_dir.join("r_matrix").join(file), csv.as_bytes())?;
+            dir.write_r_matrix(&format!("{suite}{}", name.replace('/', "__")), &csv)?;
         }
     }
-    write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(summary)?.as_bytes())?;
+    dir.write_summary(summary)?;
+    let mut files = vec!["config.resolved.toml".to_string(), "summary.json".into(), "splits.json".into()];
+    files.extend(dir.r_matrix_files()?);
+    Ok(files)
+}
+
+/// The metrics a finished run reports once (at step = the number of tasks): Last, Avg,
+/// BWT and forgetting per metric, PD per zero-shot set, the training time.
+pub(crate) fn final_metrics(summary: &RunSummary) -> Vec<(String, f64, u64)> {
     let t = summary.results.tasks.len() as u64;
     let mut metrics = Vec::new();
     for (m, s) in &summary.continual {
@@ -132,15 +138,5 @@ pub(crate) fn write(summary: &RunSummary, run_dir: &Path, tracking: &mut Trackin
         }
     }
     metrics.push(("train_seconds".into(), summary.train_seconds, t));
-    tracking.record(Event::Metrics { metrics, time_ms: now_ms() })?;
-    let mut files = vec!["config.resolved.toml".to_string(), "summary.json".into(), "splits.json".into()];
-    let mut csvs: Vec<String> = std::fs::read_dir(run_dir.join("r_matrix"))?
-        .filter_map(|e| e.ok().map(|e| format!("r_matrix/{}", e.file_name().to_string_lossy())))
-        .collect();
-    csvs.sort();
-    files.extend(csvs);
-    for f in files {
-        tracking.record(Event::Artifact { path: f })?;
-    }
-    tracking.log(Event::End { status: "FINISHED".into(), time_ms: now_ms() })
+    metrics
 }

@@ -55,9 +55,12 @@ pub fn execute(
     Ok(out)
 }
 
+/// Environment variables every point's process gets.
+type ChildEnv = Vec<(String, String)>;
+
 /// With `[tracking]`: the sweep's parent run (its events live in the sweep directory, like a
 /// run's), and the environment that makes each point its nested child.
-fn open_parent_run(plan: &Plan, cfg: &LoadedConfig) -> anyhow::Result<(Option<Tracking>, Vec<(String, String)>)> {
+fn open_parent_run(plan: &Plan, cfg: &LoadedConfig) -> anyhow::Result<(Option<Tracking>, ChildEnv)> {
     let Some(t) = &cfg.config.tracking else { return Ok((None, Vec::new())) };
     std::fs::create_dir_all(&plan.dir)?;
     let mut tr = Tracking::open(&plan.dir, Some(t))?;

@@ -1,4 +1,6 @@
-//! Run-directory ownership: one process at a time writes a run, an existing run is never
+//! Run directories: `RunDir` owns one (this file) and writes its records (`records.rs`).
+//!
+//! Ownership: one process at a time writes a run, an existing run is never
 //! overwritten by accident, and what a killed process left half-written is cleared.
 //!
 //! The lock is an advisory `flock` on `RUN_DIR/.lock`, held for the process's lifetime; the
@@ -9,6 +11,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+
+mod records;
+pub use records::{METRICS_FILE, PROGRESS_FILE, SUMMARY_FILE};
 
 /// What a run directory may hold that Recall wrote. `--overwrite` removes exactly these, so
 /// a user's own files beside them (and a sweep's `stdout.txt` / `stderr.txt`) survive.
@@ -44,7 +49,7 @@ pub enum Claim {
 /// A run directory this process owns until it is dropped.
 #[derive(Debug)]
 pub struct RunDir {
-    pub path: PathBuf,
+    path: PathBuf,
     _lock: File,
 }
 

@@ -1,0 +1,128 @@
+//! Everything a run tells the outside world, in one place: the terminal (progress bars, the
+//! table after each stage, the summary) and tracking (the event log, always, and the
+//! `[tracking]` backend). The engine's phases say what happened; the reporter decides how it
+//! is shown and recorded, so a new sink (a per-step metric, a dashboard) changes one file.
+
+use std::path::Path;
+
+use indicatif::ProgressBar;
+
+use super::store::Progress;
+use super::summary;
+use super::terminal::{format_heldout, format_table, progress};
+use super::{RunSummary, Session};
+use crate::tracking::{now_ms, Event, Tracking};
+
+pub(crate) struct Reporter {
+    quiet: bool,
+    tracking: Tracking,
+    /// The metrics shown in the terminal tables (R@1, R@5, mean recall).
+    shown: Vec<String>,
+    /// Whether the run has held-out zero-shot sets (their table follows each stage's).
+    heldout: bool,
+}
+
+impl Reporter {
+    /// Open the event log (and the `[tracking]` backend) of `run_dir`; a fresh run logs its
+    /// start with the config's parameters and the run's tags.
+    pub fn open(session: &Session, run_dir: &Path, quiet: bool) -> anyhow::Result<Self> {
+        let (cfg, c) = (session.cfg, &session.cfg.config);
+        let mut tracking =
+            Tracking::open(run_dir, c.tracking.as_ref()).map_err(|e| cfg.error_at("tracking", format!("{e:#}")))?;
+        if !tracking.is_started() {
+            tracking.log(start_event(session, run_dir)?)?;
+        }
+        Ok(Reporter { quiet, tracking, shown: Vec::new(), heldout: !session.heldout_sets.is_empty() })
+    }
+
+    /// A progress bar of `len` units, hidden when quiet or not on a terminal.
+    pub fn bar(&self, len: usize, label: String, unit: &str) -> ProgressBar {
+        progress(self.quiet, len as u64, label, unit)
+    }
+
+    pub fn resumed(&self, run_dir: &Path, finished: usize, tasks: usize) {
+        if !self.quiet {
+            println!("resuming {} after task {finished} of {tasks}", run_dir.display());
+        }
+    }
+
+    /// Once the initial model is scored: the stage events the log lacks (a run killed between
+    /// its checkpoint and its event) are logged, the table's metrics chosen, and stage 0 shown
+    /// unless the run resumed past it.
+    pub fn initial_stage(&mut self, p: &Progress) -> anyhow::Result<()> {
+        for stage in self.tracking.stages_logged()?..p.results.rows.len() {
+            self.tracking.log(p.stage_event(stage))?;
+        }
+        self.shown = p
+            .results
+            .metric_names()
+            .into_iter()
+            .filter(|m| m.ends_with("_r1") || m.ends_with("_r5") || m.ends_with("mean_recall"))
+            .collect();
+        if p.finished_tasks == 0 {
+            self.print_stage(p, 0);
+        }
+        Ok(())
+    }
+
+    /// A task finished and its checkpoint is written: its scores are logged and shown.
+    pub fn task_finished(&mut self, p: &Progress, t_idx: usize) -> anyhow::Result<()> {
+        self.tracking.log(p.stage_event(t_idx + 1))?;
+        self.print_stage(p, t_idx + 1);
+        if !self.quiet {
+            let losses = p.epoch_losses[t_idx].iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" ");
+            println!("  loss per epoch: {losses}");
+        }
+        Ok(())
+    }
+
+    fn print_stage(&self, p: &Progress, stage: usize) {
+        if self.quiet {
+            return;
+        }
+        print!("{}", format_table(&p.results, stage, &self.shown.iter().map(String::as_str).collect::<Vec<_>>()));
+        if self.heldout {
+            print!("{}", format_heldout(&p.heldout, stage));
+        }
+    }
+
+    /// The run's summary: shown, and its final metrics, artifacts and end event tracked.
+    pub fn finished(&mut self, s: &RunSummary, artifacts: Vec<String>) -> anyhow::Result<()> {
+        if !self.quiet {
+            summary::print(s, &self.shown);
+        }
+        self.tracking.record(Event::Metrics { metrics: summary::final_metrics(s), time_ms: now_ms() })?;
+        for path in artifacts {
+            self.tracking.record(Event::Artifact { path })?;
+        }
+        self.tracking.log(Event::End { status: "FINISHED".into(), time_ms: now_ms() })
+    }
+}
+
+/// The first event of a run: its experiment, name, tags and parameters.
+fn start_event(session: &Session, run_dir: &Path) -> anyhow::Result<Event> {
+    let c = &session.cfg.config;
+    let mut params = crate::tracking::config_params(c)?;
+    params.push(("trainable_parameters".into(), session.model.trainable_parameters().to_string()));
+    let mut tags: Vec<(String, String)> = vec![
+        ("method".into(), std::env::var("RECALL_SWEEP_LABEL").unwrap_or_else(|_| c.experiment.name.clone())),
+        ("seed".into(), c.experiment.seed.to_string()),
+        ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
+        ("recall_version".into(), env!("CARGO_PKG_VERSION").into()),
+        ("run_dir".into(), std::path::absolute(run_dir)?.display().to_string()),
+    ];
+    if let Ok(parent) = std::env::var("RECALL_MLFLOW_PARENT_RUN_ID") {
+        tags.push(("mlflow.parentRunId".into(), parent));
+    }
+    for (k, v) in c.tracking.iter().flat_map(|t| &t.tags) {
+        tags.push((k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())));
+    }
+    let experiment = c
+        .tracking
+        .as_ref()
+        .and_then(|t| t.experiment.clone())
+        .or_else(|| std::env::var("RECALL_SWEEP_NAME").ok())
+        .unwrap_or_else(|| c.experiment.name.clone());
+    let name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(Event::Start { experiment, name, tags, params, time_ms: now_ms() })
+}
