@@ -62,10 +62,14 @@ pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// `[data]` keys that change how fast batches come, never what they hold.
+const SPEED_ONLY: [&str; 4] = ["data.workers", "data.prefetch", "data.cache", "data.cache_budget_mb"];
+
 /// The identity of `c` as run with the plugins of `registry`. Tracking settings are left out:
-/// where events are delivered does not change a result.
+/// where events are delivered does not change a result; so are the pipeline's speed settings.
 pub fn of(c: &ExperimentConfig, registry: &Registry) -> anyhow::Result<Identity> {
-    let mut keys: BTreeMap<String, String> = crate::tracking::config_params(c)?.into_iter().collect();
+    let mut keys: BTreeMap<String, String> =
+        crate::tracking::config_params(c)?.into_iter().filter(|(k, _)| !SPEED_ONLY.contains(&k.as_str())).collect();
     for name in plugins_used(c) {
         if let Some(p) = registry.plugins.iter().find(|p| p.name == name) {
             let hash = file_sha256(&p.path)?;

@@ -294,6 +294,14 @@ struct BenchArgs {
     /// Batch size of the --boundary step.
     #[arg(long, default_value_t = 64, requires = "boundary")]
     batch: usize,
+    /// Feed the timed steps from the loader's workers as a run does (a step's time includes
+    /// waiting for its batch); compare with the default, where batches are prepared first.
+    #[arg(long, conflicts_with_all = ["boundary", "loader"])]
+    streamed: bool,
+    /// The input pipeline alone: `--steps` batches of the first task decoded, transformed
+    /// and normalised by `[data] workers`, no model step; images per second.
+    #[arg(long, conflicts_with = "boundary")]
+    loader: bool,
 }
 
 /// The tracking server of a run (its saved [tracking] uri) or of a sweep (the experiment
@@ -603,7 +611,7 @@ fn sweep_command(cli: &Cli, args: &SweepArgs) -> anyhow::Result<ExitCode> {
 
 /// `recall bench`: an experiment's step, or the plugin boundary.
 fn bench_command(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let BenchArgs { file, set, steps, warmup, phases, task, json, boundary, batch } = args;
+    let BenchArgs { file, set, steps, warmup, phases, task, json, boundary, batch, streamed, loader } = args;
     if *boundary {
         let reg = registry(cli, &[]);
         println!("{}", recall_host::bench::boundary::run(&reg, *steps, *batch)?);
@@ -613,16 +621,24 @@ fn bench_command(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let cfg = config::load(file, set)?;
     let used = recall_host::identity::plugins_used(&cfg.config);
     let reg = registry_for(cli, &cfg.config.plugins.search_path, Some(&used));
-    let opts = recall_host::bench::step::StepBenchOptions {
-        steps: *steps,
-        warmup: *warmup,
-        phases: *phases,
-        task: task.clone(),
+    let report = if *loader {
+        let report = recall_host::bench::loader::run(&cfg, &reg, *steps)?;
+        println!("{report}");
+        serde_json::to_string_pretty(&report)?
+    } else {
+        let opts = recall_host::bench::step::StepBenchOptions {
+            steps: *steps,
+            warmup: *warmup,
+            phases: *phases,
+            task: task.clone(),
+            streamed: *streamed,
+        };
+        let report = recall_host::bench::step::run(&cfg, &reg, &opts)?;
+        println!("{report}");
+        serde_json::to_string_pretty(&report)?
     };
-    let report = recall_host::bench::step::run(&cfg, &reg, &opts)?;
-    println!("{report}");
     if let Some(out) = json {
-        recall_host::fsutil::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())
+        recall_host::fsutil::write_atomic(out, report.as_bytes())
             .with_context(|| format!("cannot write {}", out.display()))?;
     }
     Ok(ExitCode::SUCCESS)

@@ -186,17 +186,6 @@ impl Teacher {
     }
 }
 
-/// A key for an image's content (its stored pixels).
-fn content_key(pixels: &[f32]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    pixels.len().hash(&mut h);
-    for p in pixels {
-        p.to_bits().hash(&mut h);
-    }
-    h.finish()
-}
-
 /// The side output under which image towers publish per-token features [B, N, W] (after the
 /// final layer norm, before pooling and projection; patch tokens only).
 pub const TOKENS: &str = "tokens";
@@ -459,18 +448,14 @@ impl Model {
         self.encode_codes(codes.as_ref(), pixels)
     }
 
-    /// [`Model::encode_images`] of `examples` (whose prepared pixels `pixels` are), with the
-    /// image tokenizer's codes taken from the cache where it holds them.
-    pub fn encode_examples(
-        &self,
-        examples: &[&crate::data::Example],
-        pixels: &Tensor,
-    ) -> Result<Tensor, PluginFailure> {
+    /// [`Model::encode_images`] of `pixels`, with the image tokenizer's codes taken from the
+    /// cache where it holds them: `keys` are the images' content keys
+    /// (`data::loader::Batch::content_keys`).
+    pub fn encode_cached(&self, keys: &[u64], pixels: &Tensor) -> Result<Tensor, PluginFailure> {
         let (Some(tokenizer), Some(cache)) = (&self.image_tokenizer, &self.code_cache) else {
             return self.encode_images(pixels);
         };
         let fail = |e: candle_core::Error| host_failure("image_tokenizer", "forward", e.to_string());
-        let keys: Vec<u64> = examples.iter().map(|e| content_key(&e.pixels)).collect();
         let mut missing: Vec<u32> = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             if !cache.borrow().contains_key(k) && !missing.iter().any(|&j| keys[j as usize] == *k) {

@@ -24,8 +24,7 @@ use rand::SeedableRng;
 use crate::config::LoadedConfig;
 use crate::data::{self, preprocess::Preprocess};
 use crate::engine::{
-    batches, load_tasks, open_run_dir, progress, DataCounts, Performance, Precision, ResultMatrix, RunOptions,
-    RunSummary,
+    load_tasks, open_run_dir, progress, DataCounts, Performance, Precision, ResultMatrix, RunOptions, RunSummary,
 };
 use crate::loader::Registry;
 use crate::model::Tower;
@@ -111,13 +110,21 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     let pb = progress(opts.quiet, n_steps as u64, "image tokenizer".into(), "steps");
     let started = Instant::now();
     let (mut step, mut epoch_losses) = (0usize, Vec::new());
+    // The tasks' training images pooled; a bad image is skipped only if every task says so.
+    let on_error =
+        if tasks.iter().all(|t| t.on_error == data::OnError::Skip) { data::OnError::Skip } else { data::OnError::Fail };
+    let transform = c.data.train_transform();
+    let pipeline =
+        data::loader::Pipeline { split: &train, task: "tasks", transform: &transform, preprocess: &pre, on_error };
+    let loader = data::loader::Loader::new(c.data.workers(), c.data.prefetch)?;
     for epoch in 0..c.train.epochs {
         let mut rng = StdRng::seed_from_u64(c.experiment.seed ^ epoch as u64);
         let (mut sum, mut n) = (0.0, 0usize);
-        for (examples, _) in batches(&train, bs, &mut rng) {
+        let plans = data::loader::plan_epoch(&train, bs, &mut rng, c.experiment.seed ^ ((epoch as u64) << 32));
+        loader.stream(&pipeline, &plans, |batch| -> anyhow::Result<()> {
             rt.set_training(true);
             precision.before_step(&rt)?;
-            let px = data::pixel_batch(&examples, &pre, rt.device(), rt.float_dtype())?;
+            let px = batch.tensor(rt.device(), rt.float_dtype())?;
             let loss = tok.forward(&rt, &[(inputs::PIXEL_VALUES, &px), (inputs::TARGET_PIXELS, &px)])?;
             if loss.elem_count() != 1 {
                 bail!(
@@ -140,7 +147,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
             n += 1;
             step += 1;
             pb.inc(1);
-        }
+            Ok(())
+        })?;
         let mean = sum / n.max(1) as f64;
         tracing::info!(epoch, loss = mean, "epoch finished");
         epoch_losses.push(mean);

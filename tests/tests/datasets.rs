@@ -39,9 +39,9 @@ fn sklearn_digits_and_animal_mnist_convert_and_load() {
         // Class captions from the dataset's first template.
         assert!(data.test[0].captions[0].contains(data.test[0].class.as_deref().unwrap()), "{:?}", data.test[0]);
         // Real pictures: bright and dark pixels, not a blank image.
-        let px = &data.train[0].pixels;
-        let (lo, hi) = px.iter().fold((1f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
-        assert!(lo < 0.2 && hi > 0.8, "{name}: pixel range {lo}..{hi}");
+        let px = data.train[0].eval_pixels(16).unwrap();
+        let (lo, hi) = px.iter().fold((255u8, 0u8), |(l, h), &v| (l.min(v), h.max(v)));
+        assert!(lo < 51 && hi > 204, "{name}: pixel range {lo}..{hi}");
     }
 }
 

@@ -224,6 +224,7 @@ fn cached_image_codes_give_the_same_run() {
          [model.vision]\nplugin = \"toklip-encoder\"\ntokens = 16\ncode_dim = 8\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
          [model.text]\nplugin = \"clip-text\"\ncontext_length = 12\nwidth = 32\nlayers = 1\nheads = 2\nembed_dim = 24\n\
          [optimizer]\nlr = 1e-3\n[train]\nepochs = 3\nbatch_size = 8\n\
+         [data]\ntrain_transform = \"resize-center-crop\"\n\
          [[task]]\nname = \"shapes\"\nshapes = [\"circle\", \"square\", \"triangle\"]\ncolors = [\"red\", \"blue\"]\ntrain_per_combo = 3\n\
          [[evaluator]]\nplugin = \"retrieval\"\n"
     );
@@ -250,7 +251,15 @@ fn cached_image_codes_give_the_same_run() {
     // Without an image tokenizer there is nothing to cache: a located error.
     std::fs::write(tmp.path().join("small.toml"), recall_tests::SMALL_EXPERIMENT).unwrap();
     let out = Command::new(recall_tests::recall_bin())
-        .args(["run", "-q", "small.toml", "--set", "train.cache_image_codes=true"])
+        .args([
+            "run",
+            "-q",
+            "small.toml",
+            "--set",
+            "train.cache_image_codes=true",
+            "--set",
+            "data.train_transform=\"resize-center-crop\"",
+        ])
         .current_dir(tmp.path())
         .output()
         .unwrap();

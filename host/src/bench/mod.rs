@@ -7,6 +7,7 @@
 //!   through the same ops linked into the host (target <= 1.02).
 
 pub mod boundary;
+pub mod loader;
 pub mod step;
 
 pub use boundary::{both_paths, BenchResult, BENCH_EXPERIMENT};

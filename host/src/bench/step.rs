@@ -28,6 +28,10 @@ pub struct StepBenchOptions {
     /// The task whose step is timed; default: the second (strategies that compare against
     /// the old model act from there on), or the only one.
     pub task: Option<String>,
+    /// Feed the steps from the loader's workers, as a run does, and time each step from the
+    /// end of the previous one (waiting for its batch included); otherwise every batch is
+    /// prepared before its step's clock starts.
+    pub streamed: bool,
 }
 
 /// Milliseconds per step after warm-up.
@@ -70,6 +74,8 @@ pub struct StepBench {
     pub trainable_parameters: usize,
     pub warmup: usize,
     pub steps: usize,
+    /// Whether the steps were fed by the loader's workers (`--streamed`).
+    pub streamed: bool,
     pub step: Timing,
     /// Per phase ([`PHASES`]), with `--phases`.
     pub phases: Option<Vec<(String, Timing)>>,
@@ -114,30 +120,49 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &StepBenchOptions) -> 
     let (mut steps, mut opt) = engine::begin_task(&session, precision, t_idx, n_steps(task))?;
     let mut rng = StdRng::seed_from_u64(c.experiment.seed);
     let total = opts.warmup + opts.steps.max(1) + 1;
-    let mut batches = Vec::new();
-    while batches.len() < total {
+    let mut plans = Vec::new();
+    while plans.len() < total {
         // Only full batches: every timed step sees the configured batch size.
-        batches.extend(engine::batches(&task.train, bs, &mut rng).into_iter().filter(|(e, _)| e.len() == bs));
+        let epoch = crate::data::loader::plan_epoch(&task.train, bs, &mut rng, c.experiment.seed ^ plans.len() as u64);
+        plans.extend(epoch.into_iter().filter(|p| p.indices.len() == bs));
     }
+    // Batches are prepared outside the timed step, as the loader's workers prepare them
+    // ahead of a run's steps.
+    let pipeline = task.pipeline(&task.train, &session.train_transform, &session.model.preprocess);
+    let prepare = |i: usize| pipeline.prepare(&plans[i]);
     let device = session.runtime().device().clone();
     let mut times = Vec::new();
     let mut phase_seconds: Vec<[f64; 4]> = Vec::new();
-    for (i, (examples, captions)) in batches.iter().take(total - 1).enumerate() {
+    let mut i = 0;
+    let mut last_end = Instant::now();
+    // Streamed, a step's clock runs from the end of the one before (its wait for the batch
+    // counts); else from the step's start.
+    let mut timed_step = |batch: crate::data::loader::Batch, streamed: bool| -> anyhow::Result<()> {
+        let started = if streamed { last_end } else { Instant::now() };
         let mut probe = StepProbe { phases: opts.phases.then(|| PhaseClock::new(&device)), ..Default::default() };
-        let started = Instant::now();
-        steps.step(&mut opt, (examples, captions), i, 1.0, &mut probe)?;
-        let ms = started.elapsed().as_secs_f64() * 1e3;
+        steps.step(&mut opt, &batch, i, 1.0, &mut probe)?;
+        last_end = Instant::now();
         if i >= opts.warmup {
-            times.push(ms);
+            times.push((last_end - started).as_secs_f64() * 1e3);
             if let Some(clock) = probe.phases {
                 phase_seconds.push(clock.seconds);
             }
         }
+        i += 1;
+        Ok(())
+    };
+    if opts.streamed {
+        session.loader.stream(&pipeline, &plans[..total - 1], |batch| timed_step(batch, true))?;
+    } else {
+        for k in 0..total - 1 {
+            let batch = prepare(k)?;
+            timed_step(batch, false)?;
+        }
     }
-    let (examples, captions) = &batches[total - 1];
+    let batch = prepare(total - 1)?;
     let reads_before = counters::reads();
     let mut probe = StepProbe { count_graph: true, ..Default::default() };
-    let stats = steps.step(&mut opt, (examples, captions), total - 1, 1.0, &mut probe)?;
+    let stats = steps.step(&mut opt, &batch, total - 1, 1.0, &mut probe)?;
     // The phases cover the whole step.
     let tensors_created = probe.tensors_by_phase.iter().sum();
     let host_reads = counters::reads() - reads_before;
@@ -160,6 +185,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &StepBenchOptions) -> 
         trainable_parameters: session.model.trainable_parameters(),
         warmup: opts.warmup,
         steps: opts.steps.max(1),
+        streamed: opts.streamed,
         step: Timing::of(times),
         phases,
         counts: StepCounts {
@@ -191,8 +217,12 @@ impl std::fmt::Display for StepBench {
         let t = &self.step;
         writeln!(
             f,
-            "  step       median {:9.2} ms   p90 {:9.2} ms   ({} steps after {} warm-up)",
-            t.median_ms, t.p90_ms, self.steps, self.warmup
+            "  step       median {:9.2} ms   p90 {:9.2} ms   ({} steps after {} warm-up{})",
+            t.median_ms,
+            t.p90_ms,
+            self.steps,
+            self.warmup,
+            if self.streamed { ", fed by the loader" } else { "" }
         )?;
         for (name, t) in self.phases.iter().flatten() {
             writeln!(f, "  {name:<10} median {:9.2} ms   p90 {:9.2} ms", t.median_ms, t.p90_ms)?;

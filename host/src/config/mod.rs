@@ -72,6 +72,9 @@ pub struct ExperimentConfig {
     pub strategies: Vec<PluginSection>,
     pub optimizer: OptimizerSection,
     pub train: TrainSection,
+    /// The input pipeline and training augmentation.
+    #[serde(default)]
+    pub data: crate::data::DataSection,
     #[serde(rename = "task")]
     pub tasks: Vec<TaskSection>,
     #[serde(default, rename = "evaluator")]
@@ -762,6 +765,31 @@ plugin = "retrieval"
         let line = src.lines().position(|l| l.starts_with("path = ")).unwrap() + 1;
         assert_eq!((e.file.as_str(), e.line), ("/nonexistent/dir/x.toml", line), "{e}");
         assert!(e.message.contains("no-such-dataset"), "{e}");
+    }
+
+    #[test]
+    fn data_keys_are_checked_and_located() {
+        let c = parse(MINIMAL, "x.toml").unwrap();
+        assert_eq!(c.config.data, crate::data::DataSection::default());
+        assert!(matches!(c.config.data.train_transform(), crate::data::transform::Transform::Train(_)));
+        for (bad, key, says) in [
+            ("crop_scale = [0.9, 1.2]", "crop_scale", "0 < lo <= hi <= 1"),
+            ("crop_ratio = [2.0, 1.0]", "crop_ratio", "0 < lo <= hi"),
+            ("workers = 0", "workers", "at least 1"),
+            ("color_jitter_prob = 0.5", "color_jitter_prob", "needs color_jitter"),
+            ("color_jitter = [0.4, 0.4, 0.4, 0.7]\ncolor_jitter_prob = 0.5", "color_jitter", "hue <= 0.5"),
+            ("grayscale_prob = 1.5", "grayscale_prob", "[0, 1]"),
+        ] {
+            let src = format!("{MINIMAL}\n[data]\n{bad}\n");
+            let e = parse(&src, "x.toml").unwrap_err();
+            let line = src.lines().position(|l| l.starts_with(key)).unwrap() + 1;
+            assert_eq!(e.line, line, "{bad}: {e}");
+            assert!(e.message.contains(says), "{bad}: {e}");
+        }
+        let src = MINIMAL.replace("batch_size = 8", "batch_size = 8\ncache_image_codes = true");
+        let e = parse(&src, "x.toml").unwrap_err();
+        assert!(e.message.contains("resize-center-crop"), "{e}");
+        parse(&format!("{src}\n[data]\ntrain_transform = \"resize-center-crop\"\n"), "x.toml").unwrap();
     }
 
     #[test]

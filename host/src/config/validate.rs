@@ -105,6 +105,16 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     }
     validate_ranges(c)?;
     validate_names(c)?;
+    if let Err((key, message)) = cfg.data.check() {
+        return Err(c.error_at(&format!("data.{key}"), message));
+    }
+    if cfg.train.cache_image_codes && !cfg.data.train_transform().is_deterministic() {
+        return Err(c.error_at(
+            "train.cache_image_codes",
+            "cache_image_codes keeps the codes of each training image, but augmented images differ every epoch; set \
+             `[data] train_transform = \"resize-center-crop\"` with it, or remove it",
+        ));
+    }
     for (key, sets) in
         [("task", &cfg.tasks[..]), ("zeroshot", &cfg.zeroshot[..]), ("reference", cfg.reference.as_slice())]
     {

@@ -1,13 +1,18 @@
-//! Image-text data: examples, splits and batching into tensors.
+//! Image-text data: examples and their splits, where their images come from, the
+//! transforms, the in-memory cache and the input pipeline that batches them.
 
+pub mod cache;
 pub mod convert;
+pub mod image;
+pub mod loader;
 pub mod pickle;
 pub mod preprocess;
 mod section;
 pub mod shapes;
 pub mod source;
+pub mod transform;
 
-pub use section::{OnError, TaskSection};
+pub use section::{CacheMode, DataSection, OnError, TaskSection, TrainTransform};
 
 use candle_core::{Device, Tensor};
 
@@ -15,15 +20,23 @@ use candle_core::{Device, Tensor};
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 pub const CLIP_STD: [f32; 3] = [0.268_629_55, 0.261_302_6, 0.275_777_1];
 
-/// One image with its captions. Pixels are CHW in [0, 1].
+/// One image with its captions. The image stays encoded (or, for generated and cached sets,
+/// in bytes) until a batch needs it.
 #[derive(Clone, Debug)]
 pub struct Example {
-    pub pixels: Vec<f32>,
+    pub image: image::ImageSource,
     pub captions: Vec<String>,
     /// The class, for class-labelled data (zero-shot classification).
     pub class: Option<String>,
     /// Where the example came from (an image path, or a generated id), for the split record.
     pub id: String,
+}
+
+impl Example {
+    /// The image after the evaluation transform, CHW bytes at `size`.
+    pub fn eval_pixels(&self, size: usize) -> Result<Vec<u8>, preprocess::ImageError> {
+        self.image.prepare(&transform::Transform::Eval, size, &mut rand::SeedableRng::seed_from_u64(0))
+    }
 }
 
 /// A task's data: a training split and a test split.
@@ -39,6 +52,32 @@ pub struct TaskData {
     pub templates: Vec<String>,
     /// Images that could not be read and were skipped (`on_error = "skip"`).
     pub skipped: Vec<String>,
+    /// What a batch does with an image it cannot decode.
+    pub on_error: OnError,
+}
+
+impl TaskData {
+    /// The planned examples of `split` after the evaluation transform, prepared on this
+    /// thread and rayon's pool (the gradient pass, reference batches, the memory probe); an
+    /// image that cannot be decoded follows the set's `on_error`.
+    pub fn eval_batch(
+        &self,
+        split: &[Example],
+        plan: &loader::BatchPlan,
+        preprocess: &preprocess::Preprocess,
+    ) -> Result<loader::Batch, loader::LoadError> {
+        self.pipeline(split, &transform::Transform::Eval, preprocess).prepare(plan)
+    }
+
+    /// The pipeline of one of its splits.
+    pub fn pipeline<'a>(
+        &'a self,
+        split: &'a [Example],
+        transform: &'a transform::Transform,
+        preprocess: &'a preprocess::Preprocess,
+    ) -> loader::Pipeline<'a> {
+        loader::Pipeline { split, task: &self.name, transform, preprocess, on_error: self.on_error }
+    }
 }
 
 /// Load a task or zero-shot set from its source at the model's preprocessing.
@@ -56,6 +95,7 @@ pub fn load(
             classes: Vec::new(),
             templates: Vec::new(),
             skipped: Vec::new(),
+            on_error: t.on_error,
         };
         for part in &t.parts {
             let d = load(part, pre, seed)?;
@@ -108,20 +148,25 @@ pub fn inventory(t: &crate::data::TaskSection, seed: u64) -> Result<source::Inve
     source::inventory(t)
 }
 
-/// Stack examples into a [B, 3, S, S] tensor normalised as `pre` says.
+/// Examples as a [B, 3, S, S] tensor after the evaluation transform, prepared on this thread
+/// and rayon's pool (the gradient pass, reference batches, probes and tests); a bad image is
+/// an error whatever `on_error` says.
 pub fn pixel_batch(
     examples: &[&Example],
     pre: &preprocess::Preprocess,
     device: &Device,
     dtype: candle_core::DType,
 ) -> candle_core::Result<Tensor> {
-    let s = pre.size;
-    let mut data = Vec::with_capacity(examples.len() * 3 * s * s);
-    for ex in examples {
-        if ex.pixels.len() != 3 * s * s {
-            candle_core::bail!("an example has {} pixel values, expected 3 x {s} x {s}", ex.pixels.len());
-        }
-        data.extend(pre.normalize(&ex.pixels));
-    }
-    Tensor::from_vec(data, (examples.len(), 3, s, s), device)?.to_dtype(dtype)
+    let split: Vec<Example> = examples.iter().map(|&e| e.clone()).collect();
+    let plan =
+        loader::BatchPlan { indices: (0..split.len()).collect(), captions: vec![String::new(); split.len()], seed: 0 };
+    let pipeline = loader::Pipeline {
+        split: &split,
+        task: "batch",
+        transform: &transform::Transform::Eval,
+        preprocess: pre,
+        on_error: OnError::Fail,
+    };
+    let batch = pipeline.prepare(&plan).map_err(|e| candle_core::Error::Msg(e.message))?;
+    batch.tensor(device, dtype)
 }

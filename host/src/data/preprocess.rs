@@ -1,11 +1,9 @@
-//! CLIP image preprocessing, as torchvision/open_clip do it: resize the shorter side to the
-//! model's size with bicubic interpolation (antialiased when shrinking, as PIL), centre-crop a
-//! square, scale to [0, 1], normalise with CLIP's mean and std. Grey, grey+alpha and RGBA
-//! images are converted to RGB (alpha dropped, as PIL's `convert("RGB")`).
+//! CLIP image preprocessing, as torchvision/open_clip do it: the model's input size and
+//! normalisation, and the evaluation transform (`transform::resize_center_crop`) applied to
+//! a file or decoded pixels, scaled to [0, 1] and normalised with CLIP's mean and std. Grey,
+//! grey+alpha and RGBA images are converted to RGB (alpha dropped, as PIL's `convert("RGB")`).
 
 use std::path::Path;
-
-use image::imageops::FilterType;
 
 /// How images are turned into model input.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,19 +38,7 @@ impl Preprocess {
 
     /// Decode and preprocess an image file -> normalised CHW values.
     pub fn load(&self, path: &Path) -> Result<Vec<f32>, ImageError> {
-        Ok(self.normalize(&self.load_pixels(path)?))
-    }
-
-    /// Decode, resize and crop an image file -> CHW values in [0, 1] (not yet normalised).
-    pub fn load_pixels(&self, path: &Path) -> Result<Vec<f32>, ImageError> {
-        let p = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| ImageError::Read { path: p.clone(), reason: e.to_string() })?;
-        let img = image::load_from_memory(&bytes)
-            .map_err(|e| ImageError::Decode { path: p.clone(), reason: e.to_string() })?;
-        if img.width() == 0 || img.height() == 0 {
-            return Err(ImageError::Empty { path: p, width: img.width(), height: img.height() });
-        }
-        Ok(self.resize_crop(&img.to_rgb8()))
+        Ok(self.apply(&super::image::decode_file(path)?))
     }
 
     /// Preprocess decoded RGB pixels -> normalised CHW values.
@@ -62,24 +48,8 @@ impl Preprocess {
 
     /// Resize the shorter side, centre-crop -> CHW values in [0, 1].
     pub fn resize_crop(&self, rgb: &image::RgbImage) -> Vec<f32> {
-        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-        let s = self.size;
-        // torchvision Resize(size): the shorter side becomes `size`, the longer one is truncated.
-        let (nw, nh) = if w <= h { (s, (s * h / w).max(s)) } else { ((s * w / h).max(s), s) };
-        let resized = image::imageops::resize(rgb, nw as u32, nh as u32, FilterType::CatmullRom);
-        // torchvision CenterCrop rounds the offsets.
-        let top = ((nh - s) as f64 / 2.0).round() as usize;
-        let left = ((nw - s) as f64 / 2.0).round() as usize;
-        let mut out = vec![0f32; 3 * s * s];
-        for y in 0..s {
-            for x in 0..s {
-                let px = resized.get_pixel((left + x) as u32, (top + y) as u32);
-                for c in 0..3 {
-                    out[c * s * s + y * s + x] = px[c] as f32 / 255.0;
-                }
-            }
-        }
-        out
+        let img = super::transform::resize_center_crop(rgb, self.size);
+        super::transform::chw(&img).into_iter().map(|v| v as f32 / 255.0).collect()
     }
 }
 

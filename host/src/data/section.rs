@@ -76,6 +76,18 @@ pub enum OnError {
 }
 
 mod d {
+    pub fn prefetch() -> usize {
+        2
+    }
+    pub fn cache_budget_mb() -> u64 {
+        1024
+    }
+    pub fn crop_scale() -> [f64; 2] {
+        [0.9, 1.0]
+    }
+    pub fn crop_ratio() -> [f64; 2] {
+        [3.0 / 4.0, 4.0 / 3.0]
+    }
     pub fn source() -> String {
         "shapes".into()
     }
@@ -93,5 +105,131 @@ mod d {
     }
     pub fn on_error() -> super::OnError {
         super::OnError::Fail
+    }
+}
+
+/// `[data]`: how batches are made (the input pipeline) and how training images are
+/// augmented.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Decode workers (default: the available cores). Results do not depend on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// Ready batches queued ahead of the step.
+    #[serde(default = "d::prefetch")]
+    pub prefetch: usize,
+    /// Keep small sets in memory as decoded bytes at the model's size: `auto` (sets that fit
+    /// in `cache_budget_mb` together), `on` (every set) or `off`. Only images whose
+    /// transform is deterministic are cached (evaluation, and training without
+    /// augmentation), so caching never changes a result.
+    #[serde(default)]
+    pub cache: CacheMode,
+    #[serde(default = "d::cache_budget_mb")]
+    pub cache_budget_mb: u64,
+    /// `random-resized-crop` (open_clip's training transform) or `resize-center-crop` (the
+    /// evaluation transform, no augmentation).
+    #[serde(default)]
+    pub train_transform: TrainTransform,
+    /// RandomResizedCrop's range of crop areas (fractions of the image) and aspect ratios.
+    #[serde(default = "d::crop_scale")]
+    pub crop_scale: [f64; 2],
+    #[serde(default = "d::crop_ratio")]
+    pub crop_ratio: [f64; 2],
+    /// Colour jitter (brightness, contrast, saturation, hue) applied with
+    /// `color_jitter_prob`, as open_clip's `color_jitter` augmentation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub color_jitter: Option<[f64; 4]>,
+    #[serde(default)]
+    pub color_jitter_prob: f64,
+    /// Grayscale with this probability.
+    #[serde(default)]
+    pub grayscale_prob: f64,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every [data] key has a default")
+    }
+}
+
+/// See [`DataSection::cache`].
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// See [`DataSection::train_transform`].
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainTransform {
+    #[default]
+    RandomResizedCrop,
+    ResizeCenterCrop,
+}
+
+impl DataSection {
+    /// The transform of training images.
+    pub fn train_transform(&self) -> super::transform::Transform {
+        use super::transform::{Augment, Transform};
+        match self.train_transform {
+            TrainTransform::ResizeCenterCrop => Transform::Eval,
+            TrainTransform::RandomResizedCrop => Transform::Train(Augment {
+                crop_scale: (self.crop_scale[0], self.crop_scale[1]),
+                crop_ratio: (self.crop_ratio[0], self.crop_ratio[1]),
+                color_jitter: self.color_jitter,
+                color_jitter_prob: self.color_jitter_prob,
+                grayscale_prob: self.grayscale_prob,
+            }),
+        }
+    }
+
+    /// The number of decode workers.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    }
+
+    /// Range checks, as (key, message) of the first key at fault.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let unit = |v: f64| (0.0..=1.0).contains(&v);
+        let [s0, s1] = self.crop_scale;
+        let [r0, r1] = self.crop_ratio;
+        if self.workers == Some(0) {
+            return Err(("workers", "workers must be at least 1 (remove the key for one per core)".into()));
+        }
+        if self.prefetch == 0 {
+            return Err(("prefetch", "prefetch must be at least 1 (ready batches queued ahead of the step)".into()));
+        }
+        if !(s0 > 0.0 && s0 <= s1 && s1 <= 1.0) {
+            return Err((
+                "crop_scale",
+                format!("crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, not [{s0}, {s1}]"),
+            ));
+        }
+        if !(r0 > 0.0 && r0 <= r1 && r1.is_finite()) {
+            return Err(("crop_ratio", format!("crop_ratio must be [lo, hi] with 0 < lo <= hi, not [{r0}, {r1}]")));
+        }
+        if let Some(j) = self.color_jitter {
+            if j.iter().any(|v| !(v.is_finite() && *v >= 0.0)) || j[3] > 0.5 {
+                return Err((
+                    "color_jitter",
+                    "color_jitter is [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5".into(),
+                ));
+            }
+        }
+        if !unit(self.color_jitter_prob) {
+            return Err(("color_jitter_prob", "color_jitter_prob must be in [0, 1]".into()));
+        }
+        if self.color_jitter_prob > 0.0 && self.color_jitter.is_none() {
+            return Err(("color_jitter_prob", "color_jitter_prob needs color_jitter = [b, c, s, h]".into()));
+        }
+        if !unit(self.grayscale_prob) {
+            return Err(("grayscale_prob", "grayscale_prob must be in [0, 1]".into()));
+        }
+        Ok(())
     }
 }

@@ -10,6 +10,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::image::ImageSource;
 use super::TaskSection;
 use super::{Example, TaskData};
 
@@ -144,14 +145,14 @@ pub fn generate(t: &TaskSection, image_size: usize, seed: u64) -> TaskData {
                     format!("a {color} {shape} {pos}")
                 };
                 test.push(Example {
-                    pixels: render(shape, rgb, offset, &t.style, image_size, false, &mut rng),
+                    image: bytes(&render(shape, rgb, offset, &t.style, image_size, false, &mut rng), image_size),
                     captions: vec![caption.clone()],
                     class: Some(shape.clone()),
                     id: format!("shapes:{}/test/{}", t.name, test.len()),
                 });
                 for _ in 0..t.train_per_combo {
                     train.push(Example {
-                        pixels: render(shape, rgb, offset, &t.style, image_size, true, &mut rng),
+                        image: bytes(&render(shape, rgb, offset, &t.style, image_size, true, &mut rng), image_size),
                         captions: vec![caption.clone()],
                         class: Some(shape.clone()),
                         id: format!("shapes:{}/train/{}", t.name, train.len()),
@@ -169,7 +170,20 @@ pub fn generate(t: &TaskSection, image_size: usize, seed: u64) -> TaskData {
         classes: t.shapes.clone(),
         templates,
         skipped: Vec::new(),
+        on_error: t.on_error,
     }
+}
+
+/// CHW values in [0, 1] -> an RGB image held in memory, rounded to bytes as a saved PNG
+/// would be.
+fn bytes(chw: &[f32], size: usize) -> ImageSource {
+    let plane = size * size;
+    let byte = |v: f32| (v * 255.0).round().clamp(0.0, 255.0) as u8;
+    let img = image::RgbImage::from_fn(size as u32, size as u32, |x, y| {
+        let i = y as usize * size + x as usize;
+        image::Rgb([byte(chw[i]), byte(chw[plane + i]), byte(chw[2 * plane + i])])
+    });
+    ImageSource::Memory(std::sync::Arc::new(img))
 }
 
 #[cfg(test)]
@@ -190,7 +204,7 @@ mod tests {
         let b = generate(&task(), 32, 7);
         assert_eq!(a.train.len(), 2 * 2 * 4 * 2);
         assert_eq!(a.test.len(), 16);
-        assert_eq!(a.train[3].pixels, b.train[3].pixels);
+        assert_eq!(a.train[3].eval_pixels(32).unwrap(), b.train[3].eval_pixels(32).unwrap());
         let mut caps: Vec<&String> = a.test.iter().map(|e| &e.captions[0]).collect();
         caps.sort();
         caps.dedup();

@@ -445,20 +445,20 @@ pub fn select(t: &TaskSection, records: Vec<Record>) -> (Vec<Record>, Vec<Record
     (cap(train, t.max_train, 1), cap(test, t.max_test, 2))
 }
 
-/// Decode records in parallel into examples; returns the examples and the images skipped.
-fn decode(
+/// Records into examples, each image's header checked in parallel (its pixels are decoded
+/// when a batch or the cache needs them); returns the examples and the images skipped.
+fn examples(
     t: &TaskSection,
     records: &[Record],
-    pre: &Preprocess,
     templates: &[String],
 ) -> Result<(Vec<Example>, Vec<String>), DataError> {
-    let decoded: Vec<Result<Vec<f32>, super::preprocess::ImageError>> =
-        records.par_iter().map(|r| pre.load_pixels(&r.image)).collect();
+    let checked: Vec<Result<(), super::preprocess::ImageError>> =
+        records.par_iter().map(|r| super::image::check_file(&r.image)).collect();
     let mut out = Vec::with_capacity(records.len());
     let mut skipped = Vec::new();
-    for (r, px) in records.iter().zip(decoded) {
-        let pixels = match px {
-            Ok(p) => p,
+    for (r, check) in records.iter().zip(checked) {
+        match check {
+            Ok(()) => {}
             Err(e) if t.on_error == OnError::Skip => {
                 tracing::warn!(task = %t.name, "skipping: {e}");
                 skipped.push(r.image.display().to_string());
@@ -471,7 +471,7 @@ fn decode(
                     hint: "; fix or remove the file, or set `on_error = \"skip\"` on the task to count and skip it",
                 })
             }
-        };
+        }
         let mut captions = r.captions.clone();
         if captions.is_empty() {
             if let Some(c) = &r.class {
@@ -484,7 +484,8 @@ fn decode(
                 reason: "this image has neither captions nor a class".into(),
             });
         }
-        out.push(Example { pixels, captions, class: r.class.clone(), id: r.image.display().to_string() });
+        let image = super::image::ImageSource::File(r.image.clone());
+        out.push(Example { image, captions, class: r.class.clone(), id: r.image.display().to_string() });
     }
     Ok((out, skipped))
 }
@@ -531,8 +532,8 @@ pub fn load(t: &TaskSection, pre: &Preprocess) -> Result<TaskData, DataError> {
             .unwrap_or_else(|| vec![DEFAULT_TEMPLATE.into()])
     };
     let (train_r, test_r) = select(t, records);
-    let (train, mut skipped) = decode(t, &train_r, pre, &templates)?;
-    let (test, skipped_test) = decode(t, &test_r, pre, &templates)?;
+    let (train, mut skipped) = examples(t, &train_r, &templates)?;
+    let (test, skipped_test) = examples(t, &test_r, &templates)?;
     skipped.extend(skipped_test);
     // Classes: the dataset's order where it has one (labels stay stable under filtering),
     // else sorted.
@@ -543,7 +544,16 @@ pub fn load(t: &TaskSection, pre: &Preprocess) -> Result<TaskData, DataError> {
         Some(order) => order.iter().filter(|c| seen.contains(c)).cloned().collect(),
         None => seen,
     };
-    Ok(TaskData { name: t.name.clone(), image_size: pre.size, train, test, classes, templates, skipped })
+    Ok(TaskData {
+        name: t.name.clone(),
+        image_size: pre.size,
+        train,
+        test,
+        classes,
+        templates,
+        skipped,
+        on_error: t.on_error,
+    })
 }
 
 /// What was used of each task, for the run directory: example ids per split and the images
@@ -624,8 +634,7 @@ mod tests {
         assert_eq!(data.train[0].captions, ["one", "uno"]);
         assert_eq!(data.test[0].captions, ["a y thing"]);
         assert_eq!(data.classes, ["y", "x"]);
-        assert_eq!(data.train[0].pixels.len(), 3 * 16);
-        assert!(data.train[0].pixels.iter().all(|v| (0.0..=1.0).contains(v)));
+        assert_eq!(data.train[0].eval_pixels(4).unwrap().len(), 3 * 16);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context};
 use candle_core::Tensor;
 
+use crate::data::loader::Loader;
 use crate::data::{self, TaskData};
 use crate::model::Model;
 use crate::plugin::EvaluatorInstance;
@@ -34,15 +35,19 @@ pub fn retrieval_texts(split: &[data::Example]) -> (Vec<String>, Vec<u32>, Vec<u
     (texts, index, group)
 }
 
-/// Image embeddings of examples, in evaluation mode.
-fn embed_images(model: &Model, examples: &[data::Example], batch: usize) -> anyhow::Result<Tensor> {
+/// Image embeddings of a set's test split in evaluation mode, its batches prepared by the
+/// loader's workers while the previous one is encoded. A test image that cannot be decoded
+/// is an error whatever `on_error` says: a skipped one would shift every index after it.
+fn embed_images(model: &Model, set: &TaskData, batch: usize, loader: &Loader) -> anyhow::Result<Tensor> {
     let rt = &model.runtime;
+    let eval = data::transform::Transform::Eval;
+    let mut pipeline = set.pipeline(&set.test, &eval, &model.preprocess);
+    pipeline.on_error = data::OnError::Fail;
     let mut img = Vec::new();
-    for chunk in examples.chunks(batch.max(1)) {
-        let refs: Vec<&data::Example> = chunk.iter().collect();
-        let px = data::pixel_batch(&refs, &model.preprocess, rt.device(), rt.float_dtype())?;
-        img.push(model.encode_images(&px)?.detach());
-    }
+    loader.stream(&pipeline, &data::loader::in_order(set.test.len(), batch), |b| -> anyhow::Result<()> {
+        img.push(model.encode_images(&b.tensor(rt.device(), rt.float_dtype())?)?.detach());
+        Ok(())
+    })?;
     Ok(Tensor::cat(&img, 0)?)
 }
 
@@ -76,10 +81,11 @@ pub fn evaluate(
     evaluators: &[EvaluatorInstance],
     task: &TaskData,
     batch: usize,
+    loader: &Loader,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
     model.runtime.set_training(false);
     let dev = model.runtime.device();
-    let img = embed_images(model, &task.test, batch)?;
+    let img = embed_images(model, task, batch, loader)?;
     let (texts, index, group) = retrieval_texts(&task.test);
     let txt = embed_texts(model, &texts, batch)?;
     let index = Tensor::from_vec(index.clone(), index.len(), dev)?;
@@ -113,6 +119,7 @@ pub fn evaluate_zeroshot(
     evaluators: &[EvaluatorInstance],
     set: &TaskData,
     batch: usize,
+    loader: &Loader,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
     model.runtime.set_training(false);
     if set.classes.is_empty() {
@@ -127,7 +134,7 @@ pub fn evaluate_zeroshot(
             )
         })
         .collect::<anyhow::Result<Vec<u32>>>()?;
-    let img = embed_images(model, &set.test, batch)?;
+    let img = embed_images(model, set, batch, loader)?;
     let classes = class_embeddings(model, &set.classes, &set.templates, batch)?;
     let labels = Tensor::from_vec(labels.clone(), labels.len(), model.runtime.device())?;
     run_evaluators(evaluators, &[("image_embeds", &img), ("class_embeds", &classes), ("labels", &labels)])

@@ -6,6 +6,7 @@
 use crate::data;
 use crate::engine::{GraphSize, Session};
 use crate::runtime::ops;
+use anyhow::Context;
 
 /// Examples in the probe forward.
 const PROBE: usize = 2;
@@ -34,14 +35,20 @@ pub fn estimate(s: &Session) -> anyhow::Result<Option<StepMemory>> {
         return Ok(None);
     }
     let (model, rt) = (&s.model, s.runtime());
-    let examples: Vec<&data::Example> = task.train.iter().take(PROBE).collect();
-    let captions: Vec<String> = examples.iter().map(|e| e.captions[0].clone()).collect();
+    let mut plan = data::loader::in_order(PROBE, PROBE).remove(0);
+    plan.captions = task.train[..PROBE].iter().map(|e| e.captions[0].clone()).collect();
+    let batch = task
+        .eval_batch(&task.train, &plan, &s.model.preprocess)
+        .with_context(|| format!("estimating a training step's memory on task `{}`", task.name))?;
+    if batch.len() < PROBE {
+        return Ok(None);
+    }
     let training = rt.is_training();
     rt.set_training(false);
     let graph = (|| -> anyhow::Result<GraphSize> {
-        let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.compute_dtype())?;
-        let (ids, mask) = model.tokenize(&captions)?;
-        let img = model.encode_examples(&examples, &pixels)?;
+        let pixels = batch.tensor(rt.device(), rt.compute_dtype())?;
+        let (ids, mask) = model.tokenize(&batch.captions)?;
+        let img = model.encode_images(&pixels)?;
         let txt = model.encode_texts(&ids, &mask)?;
         Ok(GraphSize::of(&ops::clip_loss(&img, &txt, &model.logit_scale)?))
     })();

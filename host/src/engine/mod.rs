@@ -30,7 +30,6 @@ pub use plan::dry_run;
 use recall_sdk::GradientPass;
 use reporter::Reporter;
 pub use session::{load_tasks, Parts, Session};
-pub(crate) use step::batches;
 pub use step::steps_in_task;
 pub use step::Precision;
 use step::{copy_parameters, gradient_pass};
@@ -309,7 +308,7 @@ impl<'a> Run<'a> {
             let stage = p.results.rows.len();
             let mut row = Vec::new();
             for t in &s.tasks {
-                let scores = evaluate(&s.model, &s.task_evaluators, t, batch)
+                let scores = evaluate(&s.model, &s.task_evaluators, t, batch, &s.loader)
                     .with_context(|| format!("evaluating task `{}` after {}", t.name, stage_label(&s.tasks, stage)))?;
                 row.push(scores);
                 pb.inc(1);
@@ -317,9 +316,10 @@ impl<'a> Run<'a> {
             p.results.rows.push(row);
             let mut row = Vec::new();
             for set in &s.heldout_sets {
-                let scores = evaluate_zeroshot(&s.model, &s.zeroshot_evaluators, set, batch).with_context(|| {
-                    format!("evaluating zero-shot set `{}` after {}", set.name, stage_label(&s.tasks, stage))
-                })?;
+                let scores =
+                    evaluate_zeroshot(&s.model, &s.zeroshot_evaluators, set, batch, &s.loader).with_context(|| {
+                        format!("evaluating zero-shot set `{}` after {}", set.name, stage_label(&s.tasks, stage))
+                    })?;
                 row.push(scores);
                 pb.inc(1);
             }
@@ -357,16 +357,19 @@ impl<'a> Run<'a> {
         self.leaks.new_task();
         let (mut losses, mut terms) = (Vec::new(), Vec::new());
         let mut step_in_task = 0usize;
+        let pipeline = task.pipeline(&task.train, &s.train_transform, &s.model.preprocess);
         for epoch in 0..c.train.epochs {
-            // Captions: each training image is paired with one of its captions per epoch.
-            let mut rng = StdRng::seed_from_u64(c.experiment.seed ^ ((t_idx as u64) << 32) ^ epoch as u64);
+            let plans = epoch_plan(s, t_idx, epoch);
             let mut totals = EpochTotals::default();
-            for batch in batches(&task.train, c.train.batch_size, &mut rng) {
+            s.loader.stream(&pipeline, &plans, |batch| -> anyhow::Result<()> {
                 let lr_factor = c.optimizer.lr_factor(step_in_task, epoch, n_steps, c.train.epochs);
-                totals.add(self.train_step(&mut steps, &mut opt, batch, lr_factor)?);
+                if let Some(stats) = self.train_step(&mut steps, &mut opt, &batch, lr_factor)? {
+                    totals.add(stats);
+                }
                 step_in_task += 1;
                 pb.inc(1);
-            }
+                Ok(())
+            })?;
             let (mean, epoch_terms) = totals.means();
             tracing::info!(task = %task.name, epoch, loss = mean, live_handles = s.runtime().live_handles(), "epoch done");
             losses.push(mean);
@@ -379,24 +382,34 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// One optimizer step on one batch of examples with their captions; the global step, the
-    /// step time and the images seen advance.
+    /// One optimizer step on one prepared batch; the global step, the step time and the
+    /// images seen advance. A batch left with fewer than two images by skipped ones
+    /// (`on_error = "skip"`) takes no step: the contrastive loss needs two.
     fn train_step(
         &mut self,
         steps: &mut TaskSteps,
         opt: &mut AdamW,
-        (examples, captions): (Vec<&data::Example>, Vec<String>),
+        batch: &data::loader::Batch,
         lr_factor: f64,
-    ) -> anyhow::Result<StepStats> {
+    ) -> anyhow::Result<Option<StepStats>> {
         let started = Instant::now();
         let p = &mut self.progress;
-        let stats = steps.step(opt, (&examples, &captions), p.global_step, lr_factor, &mut StepProbe::default())?;
+        if batch.len() < 2 {
+            tracing::warn!(
+                step = p.global_step,
+                images = batch.len(),
+                "a batch lost its images to on_error = \"skip\"; no step"
+            );
+            p.global_step += 1;
+            return Ok(None);
+        }
+        let stats = steps.step(opt, batch, p.global_step, lr_factor, &mut StepProbe::default())?;
         self.peak_memory = self.peak_memory.max(stats.peak_memory);
         self.leaks.after_step(self.session.runtime().live_handles(), p.global_step);
         p.global_step += 1;
         p.step_seconds += started.elapsed().as_secs_f64();
-        p.images_seen += examples.len();
-        Ok(stats)
+        p.images_seen += batch.len();
+        Ok(Some(stats))
     }
 
     /// After a task's last step: the strategies' gradient pass, the adapter merge, the
@@ -408,7 +421,15 @@ impl<'a> Run<'a> {
         let n_steps = steps_in_task(task.train.len(), &c.train);
         let info = task_info(t_idx, task, n_steps);
         let after = GradientPass::AfterTask;
-        gradient_pass(&s.model, &s.strategies, after, &task.train, &info, c.train.batch_size, c.experiment.seed)?;
+        gradient_pass(
+            &s.model,
+            &s.strategies,
+            after,
+            (task, &task.train),
+            &info,
+            c.train.batch_size,
+            c.experiment.seed,
+        )?;
         rt.set_training(false);
         self.merge_adapter(t_idx)?;
         for st in &s.strategies {
@@ -475,6 +496,16 @@ impl<'a> Run<'a> {
     }
 }
 
+/// The batches of task `t_idx`'s epoch `epoch`: the order and captions drawn from a
+/// generator seeded by (seed, task, epoch), as before the pipeline existed, and each batch's
+/// augmentation seed derived from the same three and its step.
+pub fn epoch_plan(s: &Session, t_idx: usize, epoch: usize) -> Vec<data::loader::BatchPlan> {
+    let c = &s.cfg.config;
+    let mut rng = StdRng::seed_from_u64(c.experiment.seed ^ ((t_idx as u64) << 32) ^ epoch as u64);
+    let augment_seed = task_seed(c.experiment.seed, t_idx) ^ (epoch as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    data::loader::plan_epoch(&s.tasks[t_idx].train, c.train.batch_size, &mut rng, augment_seed)
+}
+
 /// Copies of the model's own parameters (not the adapter's or the strategies'), by name.
 fn model_snapshot(rt: &crate::runtime::Runtime) -> anyhow::Result<Vec<(String, candle_core::Tensor)>> {
     let params = rt.params();
@@ -527,7 +558,7 @@ pub fn begin_task<'a>(
         st.before_task(&info)?;
     }
     let before = GradientPass::BeforeTask;
-    gradient_pass(&s.model, &s.strategies, before, &task.test, &info, c.train.batch_size, c.experiment.seed)?;
+    gradient_pass(&s.model, &s.strategies, before, (task, &task.test), &info, c.train.batch_size, c.experiment.seed)?;
     let opt = AdamW::new(&s.runtime().params(), &c.optimizer).map_err(|e| s.cfg.error_at(&e.key(), e.message))?;
     if t_idx == 0 {
         for g in opt.summary() {
@@ -546,7 +577,7 @@ pub fn end_task_untrained(s: &Session, t_idx: usize, n_steps: usize) -> anyhow::
     let c = &s.cfg.config;
     let (task, info) = (&s.tasks[t_idx], task_info(t_idx, &s.tasks[t_idx], n_steps));
     let after = GradientPass::AfterTask;
-    gradient_pass(&s.model, &s.strategies, after, &task.train, &info, c.train.batch_size, c.experiment.seed)?;
+    gradient_pass(&s.model, &s.strategies, after, (task, &task.train), &info, c.train.batch_size, c.experiment.seed)?;
     s.runtime().set_training(false);
     for st in &s.strategies {
         st.after_task(&info)?;

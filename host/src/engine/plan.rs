@@ -82,6 +82,7 @@ pub fn dry_run(cfg: &LoadedConfig, registry: &Registry) -> anyhow::Result<String
             g.group, g.n_tensors, g.n_values, g.lr
         );
     }
+    let _ = writeln!(out, "  {}", describe_pipeline(&c.data));
     let _ = writeln!(out, "  tasks ({} epochs each, batch {}):", c.train.epochs, c.train.batch_size);
     for (t, inv) in c.tasks.iter().zip(&tasks) {
         let steps = steps_in_task(inv.train, &c.train);
@@ -104,6 +105,34 @@ pub fn dry_run(cfg: &LoadedConfig, registry: &Registry) -> anyhow::Result<String
 }
 
 /// One line of a data set: source, split sizes, captions, classes, steps, skipped files.
+/// "training images: RandomResizedCrop ..., 2 decode workers, ..."
+fn describe_pipeline(d: &crate::data::DataSection) -> String {
+    use crate::data::transform::Transform;
+    let transform = match d.train_transform() {
+        Transform::Eval => "resize and centre crop (no augmentation)".to_string(),
+        Transform::Train(a) => {
+            let mut t = format!(
+                "RandomResizedCrop (area {}-{}, aspect {:.3}-{:.3})",
+                a.crop_scale.0, a.crop_scale.1, a.crop_ratio.0, a.crop_ratio.1
+            );
+            if let Some([b, c, s, h]) = a.color_jitter {
+                t.push_str(&format!(", colour jitter {b}/{c}/{s}/{h} with p {}", a.color_jitter_prob));
+            }
+            if a.grayscale_prob > 0.0 {
+                t.push_str(&format!(", grayscale with p {}", a.grayscale_prob));
+            }
+            t
+        }
+    };
+    let cache = format!("{:?}", d.cache).to_lowercase();
+    format!(
+        "training images: {transform}; {} decode workers, {} batches ahead, image cache {cache} ({} MB)",
+        d.workers(),
+        d.prefetch,
+        d.cache_budget_mb
+    )
+}
+
 fn describe(t: &TaskSection, inv: &Inventory, steps: Option<usize>) -> String {
     let mut line = format!("{} ({}): {} train, {} test", t.name, t.source, inv.train, inv.test);
     if inv.test_captions > inv.test {

@@ -56,6 +56,10 @@ pub struct Session<'c> {
     pub reference: Option<TaskData>,
     pub tasks: Vec<TaskData>,
     pub heldout_sets: Vec<TaskData>,
+    /// What training images go through (`[data] train_transform`).
+    pub train_transform: data::transform::Transform,
+    /// The decode workers that prepare batches ahead of the step.
+    pub loader: data::loader::Loader,
 }
 
 /// The model with every plugin of the experiment created and checked against each other:
@@ -144,7 +148,7 @@ impl<'c> Session<'c> {
         } else {
             None
         };
-        let reference = match (&c.reference, wants_initial) {
+        let mut reference = match (&c.reference, wants_initial) {
             (Some(r), true) => {
                 let d = load_sets(cfg, std::slice::from_ref(r), "reference", &model.preprocess)?.remove(0);
                 if d.train.is_empty() {
@@ -154,8 +158,11 @@ impl<'c> Session<'c> {
             }
             _ => None,
         };
-        let tasks = load_tasks(cfg, &model.preprocess)?;
-        let heldout_sets = load_sets(cfg, &c.zeroshot, "zeroshot", &model.preprocess)?;
+        let mut tasks = load_tasks(cfg, &model.preprocess)?;
+        let mut heldout_sets = load_sets(cfg, &c.zeroshot, "zeroshot", &model.preprocess)?;
+        let train_transform = c.data.train_transform();
+        cache_images(cfg, &model, &train_transform, &mut tasks, &mut heldout_sets, reference.as_mut())?;
+        let loader = data::loader::Loader::new(c.data.workers(), c.data.prefetch)?;
         Ok(Session {
             cfg,
             model,
@@ -168,12 +175,38 @@ impl<'c> Session<'c> {
             reference,
             tasks,
             heldout_sets,
+            train_transform,
+            loader,
         })
     }
 
     pub fn runtime(&self) -> &Runtime {
         &self.model.runtime
     }
+}
+
+/// `[data] cache`: the splits a run reads through the evaluation transform (every test split,
+/// the reference's training split, and the tasks' training splits when training does not
+/// augment) kept in memory as bytes, while they fit in the budget.
+fn cache_images(
+    cfg: &LoadedConfig,
+    model: &Model,
+    train_transform: &data::transform::Transform,
+    tasks: &mut [TaskData],
+    heldout: &mut [TaskData],
+    reference: Option<&mut TaskData>,
+) -> anyhow::Result<()> {
+    use data::cache::{fill, CachePolicy, Splits};
+    let c = &cfg.config;
+    let policy =
+        CachePolicy { mode: c.data.cache, budget_bytes: c.data.cache_budget_mb << 20, size: model.preprocess.size };
+    let train = if train_transform.is_deterministic() { Splits::Both } else { Splits::Test };
+    let mut sets: Vec<(&mut TaskData, Splits)> = tasks.iter_mut().map(|t| (t, train)).collect();
+    sets.extend(heldout.iter_mut().map(|t| (t, Splits::Test)));
+    sets.extend(reference.map(|t| (t, Splits::Train)));
+    let bytes = fill(&mut sets, &policy).with_context(|| format!("{}: caching the data's images", cfg.file))?;
+    tracing::info!(mb = bytes >> 20, mode = ?c.data.cache, budget_mb = c.data.cache_budget_mb, "image cache");
+    Ok(())
 }
 
 /// The model with its code cache when `[train] cache_image_codes` asks for one.

@@ -1,10 +1,9 @@
-//! The training step and what it needs: batches, the precision policy, the reference and
-//! old-model features, the gradient pass for strategies that read gradients.
+//! The training step and what it needs: the precision policy, the reference and old-model
+//! features, the gradient pass for strategies that read gradients.
 
 use anyhow::{bail, Context};
 use candle_core::Tensor;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use recall_sdk::inputs;
 use recall_sdk::{GradientPass, TaskInfo};
@@ -74,28 +73,6 @@ pub fn steps_in_task(examples: usize, train: &crate::config::TrainSection) -> us
     examples.div_ceil(train.batch_size) * train.epochs
 }
 
-/// Shuffle a task's examples and cut them into batches of at least 2, each image with one of
-/// its captions drawn from `rng`.
-pub(crate) fn batches<'a>(
-    train: &'a [data::Example],
-    bs: usize,
-    rng: &mut StdRng,
-) -> Vec<(Vec<&'a data::Example>, Vec<String>)> {
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    order.shuffle(rng);
-    let mut out = Vec::new();
-    for chunk in order.chunks(bs) {
-        if chunk.len() < 2 {
-            continue;
-        }
-        let examples: Vec<&data::Example> = chunk.iter().map(|&i| &train[i]).collect();
-        let captions =
-            examples.iter().map(|e| e.captions[rand::Rng::random_range(rng, 0..e.captions.len())].clone()).collect();
-        out.push((examples, captions));
-    }
-    out
-}
-
 /// The reference batch for strategies that distil from the initial model: encoded by the
 /// model being trained (in the graph) and by the frozen initial model. Without `[reference]`
 /// data the current batch is the reference. Returns [reference image, reference text,
@@ -113,14 +90,15 @@ pub(crate) fn reference_features(
         None => (img.clone(), txt.clone(), pixels.clone(), ids.clone(), mask.clone()),
         Some(r) => {
             let rt = &model.runtime;
-            let examples: Vec<&data::Example> =
-                (0..bs).map(|_| &r.train[rand::Rng::random_range(rng, 0..r.train.len())]).collect();
-            let captions: Vec<String> = examples
+            let indices: Vec<usize> = (0..bs).map(|_| rand::Rng::random_range(rng, 0..r.train.len())).collect();
+            let captions: Vec<String> = indices
                 .iter()
-                .map(|e| e.captions[rand::Rng::random_range(rng, 0..e.captions.len())].clone())
+                .map(|&i| r.train[i].captions[rand::Rng::random_range(rng, 0..r.train[i].captions.len())].clone())
                 .collect();
-            let px = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
-            let (ids, mask) = model.tokenize(&captions)?;
+            let plan = data::loader::BatchPlan { indices, captions, seed: 0 };
+            let batch = r.eval_batch(&r.train, &plan, &model.preprocess)?;
+            let px = batch.tensor(rt.device(), rt.float_dtype())?;
+            let (ids, mask) = model.tokenize(&batch.captions)?;
             (model.encode_images(&px)?, model.encode_texts(&ids, &mask)?, px, ids, mask)
         }
     };
@@ -140,7 +118,7 @@ pub(crate) fn gradient_pass(
     model: &Model,
     strategies: &[StrategyInstance],
     when: GradientPass,
-    examples: &[data::Example],
+    (set, examples): (&TaskData, &[data::Example]),
     info: &TaskInfo,
     bs: usize,
     seed: u64,
@@ -157,9 +135,13 @@ pub(crate) fn gradient_pass(
     // Evaluation mode: no dropout, so the gradients are those of the trained function.
     rt.set_training(false);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6772_6164 ^ info.index);
-    for (b, (examples, captions)) in batches(examples, bs, &mut rng).into_iter().take(most).enumerate() {
-        let pixels = data::pixel_batch(&examples, &model.preprocess, rt.device(), rt.float_dtype())?;
-        let (ids, mask) = model.tokenize(&captions)?;
+    for (b, plan) in data::loader::plan_epoch(examples, bs, &mut rng, 0).into_iter().take(most).enumerate() {
+        let batch = set.eval_batch(examples, &plan, &model.preprocess)?;
+        if batch.len() < 2 {
+            continue;
+        }
+        let pixels = batch.tensor(rt.device(), rt.float_dtype())?;
+        let (ids, mask) = model.tokenize(&batch.captions)?;
         let img = model.encode_images(&pixels)?;
         let txt = model.encode_texts(&ids, &mask)?;
         let loss = ops::clip_loss(&img, &txt, &model.logit_scale)?;
@@ -362,12 +344,11 @@ impl TaskSteps<'_> {
     pub fn step(
         &mut self,
         opt: &mut AdamW,
-        batch: (&[&data::Example], &[String]),
+        batch: &data::loader::Batch,
         global_step: usize,
         lr_factor: f64,
         probe: &mut StepProbe,
     ) -> anyhow::Result<StepStats> {
-        let (examples, captions) = batch;
         let s = self.session;
         let (model, rt) = (&s.model, s.runtime());
         if let Some(clock) = &mut probe.phases {
@@ -381,10 +362,13 @@ impl TaskSteps<'_> {
         for st in &s.strategies {
             st.before_step(global_step as u64)?;
         }
-        let pixels = data::pixel_batch(examples, &model.preprocess, rt.device(), rt.compute_dtype())?;
-        let (ids, mask) = model.tokenize(captions)?;
+        let pixels = batch.tensor(rt.device(), rt.compute_dtype())?;
+        let (ids, mask) = model.tokenize(&batch.captions)?;
         mark(probe, 0)?;
-        let img = model.encode_examples(examples, &pixels)?;
+        let img = match &model.code_cache {
+            Some(_) => model.encode_cached(&batch.content_keys(), &pixels)?,
+            None => model.encode_images(&pixels)?,
+        };
         // Read now: later forwards of the model (reference batches) replace them.
         let image_tokens = model.image_tokens()?;
         let txt = model.encode_texts(&ids, &mask)?;
@@ -403,7 +387,15 @@ impl TaskSteps<'_> {
         }
         let teacher_features = match &s.teacher {
             Some(t) => {
-                let tp = data::pixel_batch(examples, &t.preprocess, rt.device(), rt.float_dtype())?;
+                if t.preprocess.size != batch.size {
+                    bail!(
+                        "the teacher takes {0}x{0} images and the model {1}x{1}; the batch is prepared once for both, \
+                         so their input sizes must match",
+                        t.preprocess.size,
+                        batch.size
+                    );
+                }
+                let tp = batch.tensor_with(&t.preprocess, rt.device(), rt.float_dtype())?;
                 let features = t.encode_images(&tp)?;
                 Some((features, t.image_tokens()))
             }
