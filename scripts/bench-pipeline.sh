@@ -6,8 +6,8 @@
 #      transforms, WORKERS worker processes), alternating for ROUNDS rounds; the ratio;
 #   2. overlap: the step of a compute-bound model (a wider, deeper ViT) fed by the loader
 #      (`--streamed`) against the same step on batches prepared before it; the ratio;
-#   3. memory: peak RSS of a one-epoch training run on SMALL images against the same run on
-#      LARGE images; the difference.
+#   3. memory: peak RSS of a training run on LARGE images (one epoch) against the same number
+#      of steps on SMALL images (LARGE / SMALL epochs); the difference.
 # Needs a built `recall` (RECALL=..., default target/release/recall) and a Python with torch,
 # torchvision, numpy and Pillow (PYTHON=..., default python3).
 #   scripts/bench-pipeline.sh                      # WORKERS=2 ROUNDS=3 SMALL=1000 LARGE=50000
@@ -42,7 +42,7 @@ print(f"recall {r:.1f} images/s, torchvision DataLoader {t:.1f} images/s: ratio 
 PY
 
 echo "== overlap: a compute-bound step with and without the loader feeding it"
-big=(--set model.vision.width=384 --set model.vision.layers=6 --set model.vision.heads=6 --set model.vision.patch_size=16)
+big=(--set model.vision.width=256 --set model.vision.layers=4 --set model.vision.heads=4 --set model.vision.patch_size=16)
 for r in $(seq "$rounds"); do
     "$recall" -q bench "$cfg" "${sets[@]}" "${big[@]}" --task synthetic --steps 8 --warmup 2 --json "$out/prebuilt-$r.json" >/dev/null
     "$recall" -q bench "$cfg" "${sets[@]}" "${big[@]}" --task synthetic --steps 8 --warmup 2 --streamed --json "$out/streamed-$r.json" >/dev/null
@@ -56,10 +56,11 @@ print(f"step on prepared batches {p:.0f} ms, fed by the loader {s:.0f} ms: ratio
 PY
 
 [ -n "${SKIP_MEMORY:-}" ] && exit 0
-echo "== memory: one epoch on $small and on $large images"
+echo "== memory: the same steps on $small and on $large images"
 for n in "$small" "$large"; do
+    epochs=$(( large / n ))
     /usr/bin/time -f "%M" -o "$out/rss-$n.txt" "$recall" -q run "$cfg" "${sets[@]}" --set "task[0].max_train=$n" \
-        --run-dir "$out/run-$n" --overwrite >/dev/null
+        --set "train.epochs=$epochs" --run-dir "$out/run-$n" --overwrite >/dev/null
 done
 "$python" - "$out" "$small" "$large" <<'PY'
 import sys

@@ -62,8 +62,16 @@ pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// `[data]` keys that change how fast batches come, never what they hold.
-const SPEED_ONLY: [&str; 4] = ["data.workers", "data.prefetch", "data.cache", "data.cache_budget_mb"];
+/// Keys that change how fast batches come or how often a run is checkpointed, never a number
+/// it reports: a resume may change them.
+const SPEED_ONLY: [&str; 6] = [
+    "data.workers",
+    "data.prefetch",
+    "data.cache",
+    "data.cache_budget_mb",
+    "train.checkpoint_every_steps",
+    "train.checkpoint_every_minutes",
+];
 
 /// The identity of `c` as run with the plugins of `registry`. Tracking settings are left out:
 /// where events are delivered does not change a result; so are the pipeline's speed settings.

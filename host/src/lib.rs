@@ -30,5 +30,6 @@ pub mod runlog;
 pub mod runtime;
 pub mod scaffold;
 pub mod slurm;
+pub mod stop;
 pub mod sweep;
 pub mod tracking;

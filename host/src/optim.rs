@@ -235,6 +235,40 @@ impl AdamW {
         Ok(())
     }
 
+    /// The state a mid-task checkpoint keeps: every slot's moments (`m.NAME`, `v.NAME`,
+    /// copies) and the number of steps taken (the bias correction's `t`).
+    pub fn state(&self) -> candle_core::Result<(std::collections::HashMap<String, Tensor>, usize)> {
+        let mut moments = std::collections::HashMap::new();
+        for s in &self.slots {
+            moments.insert(format!("m.{}", s.name), s.m.copy()?);
+            moments.insert(format!("v.{}", s.name), s.v.copy()?);
+        }
+        Ok((moments, self.step))
+    }
+
+    /// Continue from a [`AdamW::state`]: every slot's moments must be there with its shape.
+    pub fn restore(&mut self, moments: &std::collections::HashMap<String, Tensor>, step: usize) -> anyhow::Result<()> {
+        for s in &mut self.slots {
+            for (kind, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
+                let key = format!("{kind}.{}", s.name);
+                let saved = moments.get(&key).ok_or_else(|| {
+                    anyhow::anyhow!("the checkpoint's optimizer state has no `{key}`: it was written for another model")
+                })?;
+                if saved.dims() != slot.dims() {
+                    anyhow::bail!(
+                        "the checkpoint's `{key}` has shape {:?}, the parameter {:?}",
+                        saved.dims(),
+                        slot.dims()
+                    );
+                }
+                // A storage of its own: the fused update writes the moments in place.
+                *slot = saved.to_dtype(slot.dtype())?.to_device(slot.device())?.copy()?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// Every slot's moments, m then v (tests compare the two updates' state).
     #[cfg(test)]
     pub fn moments_for_test(&self) -> Vec<Tensor> {

@@ -71,6 +71,10 @@ pub fn script(
     if let Some(g) = opts.gpus_per_point {
         s.push_str(&format!("#SBATCH --gpus-per-task={g}\n"));
     }
+    // A preempted point goes back in the queue; SIGTERM two minutes before the time limit
+    // (to `recall` itself, which the batch shell `exec`s) makes it checkpoint and stop, and
+    // the requeued task resumes from that checkpoint.
+    s.push_str("#SBATCH --requeue\n#SBATCH --signal=B:TERM@120\n");
     s.push_str("set -euo pipefail\n");
     s.push_str(&format!("export RECALL_SWEEP_NAME={}\n", quote(&plan.name)));
     for (k, v) in env {
@@ -78,29 +82,26 @@ pub fn script(
     }
     s.push_str("case \"$SLURM_ARRAY_TASK_ID\" in\n");
     for (i, p) in pending.iter().enumerate() {
-        let dir = abs(&plan.run_dir(p));
-        let mut cmd = format!(
-            "export RECALL_SWEEP_LABEL={}; exec {} run -q",
-            quote(&p.label),
-            quote(&abs(recall).display().to_string())
+        let dir = quote(&abs(&plan.run_dir(p)).display().to_string());
+        let recall = quote(&abs(recall).display().to_string());
+        // Decided when the task starts, not when the job is submitted: a requeued task
+        // resumes what its earlier attempt checkpointed. A point with no progress yet
+        // starts afresh (what an earlier attempt left is replaced).
+        let mut fresh = format!(
+            "exec {recall} run -q {} --run-dir {dir} --overwrite",
+            quote(&abs(experiment).display().to_string())
         );
-        if plan.status(p) == Status::Partial {
-            cmd.push_str(&format!(" --resume {}", quote(&dir.display().to_string())));
-        } else {
-            cmd.push_str(&format!(
-                // A pending point finished no task: what an earlier attempt left is replaced.
-                " {} --run-dir {} --overwrite",
-                quote(&abs(experiment).display().to_string()),
-                quote(&dir.display().to_string())
-            ));
-            for set in base_sets {
-                cmd.push_str(&format!(" --set {}", quote(set)));
-            }
-            for (k, v) in &p.overrides {
-                cmd.push_str(&format!(" --set {}", quote(&format!("{k}={v}"))));
-            }
+        for set in base_sets {
+            fresh.push_str(&format!(" --set {}", quote(set)));
         }
-        s.push_str(&format!("  {i}) {cmd} ;;\n"));
+        for (k, v) in &p.overrides {
+            fresh.push_str(&format!(" --set {}", quote(&format!("{k}={v}"))));
+        }
+        s.push_str(&format!(
+            "  {i}) export RECALL_SWEEP_LABEL={}\n     if [ -f {dir}/progress.json ]; then exec {recall} run -q --resume {dir}; \
+             else {fresh}; fi ;;\n",
+            quote(&p.label)
+        ));
     }
     s.push_str("  *) echo \"no point for array index $SLURM_ARRAY_TASK_ID\" >&2; exit 2 ;;\nesac\n");
     Ok((s, pending.iter().map(|p| p.id.clone()).collect()))
@@ -273,7 +274,13 @@ mod tests {
         assert!(s.contains("#SBATCH --array=0-1%3\n") && s.contains("#SBATCH --partition=debug\n"), "{s}");
         assert!(s.contains("#SBATCH --time=00:10:00\n") && s.contains("#SBATCH --gpus-per-task=1\n"), "{s}");
         assert!(s.contains("export A='it'\\''s'"), "{s}");
-        assert!(s.contains("  0) export RECALL_SWEEP_LABEL='optimizer.lr=0.001'; exec '/bin/recall' run -q"), "{s}");
+        assert!(s.contains("  0) export RECALL_SWEEP_LABEL='optimizer.lr=0.001'\n"), "{s}");
+        assert!(s.contains("#SBATCH --requeue\n#SBATCH --signal=B:TERM@120\n"), "{s}");
+        let dir = plan.run_dir(&plan.points[0]).display().to_string();
+        assert!(
+            s.contains(&format!("if [ -f '{dir}'/progress.json ]; then exec '/bin/recall' run -q --resume '{dir}';")),
+            "{s}"
+        );
         assert!(s.contains("--set 'train.epochs=2' --set 'optimizer.lr=0.001' --set 'experiment.seed=0'"), "{s}");
     }
 }

@@ -419,6 +419,14 @@ pub struct TrainSection {
     /// 1 on. Off, they have no old model on the first task.
     #[serde(default)]
     pub old_model_on_first_task: bool,
+    /// Write a mid-task checkpoint every N steps (`--resume` continues from the last one,
+    /// with the numbers an unbroken run gives). A checkpoint is also written when the run is
+    /// stopped by SIGTERM or SIGINT (Slurm preemption), whatever these say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every_steps: Option<usize>,
+    /// ... and every M minutes of training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every_minutes: Option<f64>,
 }
 
 /// An evaluator plugin and which data it judges.

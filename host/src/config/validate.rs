@@ -108,6 +108,12 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     if let Err((key, message)) = cfg.data.check() {
         return Err(c.error_at(&format!("data.{key}"), message));
     }
+    if cfg.train.checkpoint_every_steps == Some(0) {
+        return Err(c.error_at("train.checkpoint_every_steps", "checkpoint_every_steps must be at least 1"));
+    }
+    if cfg.train.checkpoint_every_minutes.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
+        return Err(c.error_at("train.checkpoint_every_minutes", "checkpoint_every_minutes must be a positive number"));
+    }
     if cfg.train.cache_image_codes && !cfg.data.train_transform().is_deterministic() {
         return Err(c.error_at(
             "train.cache_image_codes",

@@ -88,15 +88,23 @@ pub fn content_key(bytes: &[u8]) -> u64 {
 /// CHW bytes -> normalised floats; `v / 255` first, as the loaders before the pipeline held
 /// their pixels, so values are bit for bit the same.
 fn normalize(pixels: &[u8], pre: &Preprocess) -> Vec<f32> {
+    let image = 3 * pre.size * pre.size;
+    let mut out = vec![0f32; pixels.len()];
+    for (dst, src) in out.chunks_mut(image).zip(pixels.chunks(image)) {
+        normalize_into(src, pre, dst);
+    }
+    out
+}
+
+/// One CHW image's bytes normalised into `out`.
+fn normalize_into(pixels: &[u8], pre: &Preprocess, out: &mut [f32]) {
     let plane = pre.size * pre.size;
-    pixels
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let c = (i / plane) % 3;
-            (v as f32 / 255.0 - pre.mean[c]) / pre.std[c]
-        })
-        .collect()
+    for (c, (dst, src)) in out.chunks_mut(plane).zip(pixels.chunks(plane)).enumerate() {
+        let (mean, std) = (pre.mean[c], pre.std[c]);
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = (v as f32 / 255.0 - mean) / std;
+        }
+    }
 }
 
 /// An image that could not be prepared, named; `task` says which set it belongs to.
@@ -166,8 +174,11 @@ impl Pipeline<'_> {
                 }
             }
         }
-        batch.normalized =
-            batch.pixels.par_chunks(3 * size * size).flat_map_iter(|c| normalize(c, self.preprocess)).collect();
+        let image = 3 * size * size;
+        batch.normalized = vec![0f32; batch.pixels.len()];
+        batch.normalized.par_chunks_mut(image).zip(batch.pixels.par_chunks(image)).for_each(|(dst, src)| {
+            normalize_into(src, self.preprocess, dst);
+        });
         Ok(batch)
     }
 

@@ -7,6 +7,7 @@ pub mod image;
 pub mod loader;
 pub mod pickle;
 pub mod preprocess;
+pub mod resample;
 mod section;
 pub mod shapes;
 pub mod source;

@@ -1,10 +1,11 @@
-//! Image transforms, as open_clip builds them with torchvision: evaluation resizes the shorter
-//! side and centre-crops; training takes a `RandomResizedCrop` (area scale (0.9, 1.0) and
+//! Image transforms, as open_clip builds them with torchvision on PIL images (bicubic
+//! resizing as Pillow computes it, `resample.rs`): evaluation resizes the shorter side and
+//! centre-crops; training takes a `RandomResizedCrop` (area scale (0.9, 1.0) and
 //! aspect ratio (3/4, 4/3) by default), then optionally colour jitter and grayscale. Every
 //! transform maps an RGB image to CHW `u8` at the model's size; randomness comes from the
 //! generator the caller passes, so the pipeline decides what each image sees.
 
-use image::imageops::FilterType;
+use super::resample::resize_bicubic;
 use image::RgbImage;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -60,7 +61,8 @@ impl Transform {
 }
 
 /// torchvision's `Resize(size)` (shorter side, the longer one truncated) with bicubic
-/// filtering, antialiased when shrinking, then `CenterCrop(size)` with rounded offsets.
+/// filtering, antialiased when shrinking, then `CenterCrop(size)` with its offsets rounded
+/// as Python rounds (halves to even).
 pub fn resize_center_crop(img: &RgbImage, size: usize) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == size && h == size {
@@ -68,9 +70,10 @@ pub fn resize_center_crop(img: &RgbImage, size: usize) -> RgbImage {
     }
     let s = size;
     let (nw, nh) = if w <= h { (s, (s * h / w).max(s)) } else { ((s * w / h).max(s), s) };
-    let resized = image::imageops::resize(img, nw as u32, nh as u32, FilterType::CatmullRom);
-    let top = ((nh - s) as f64 / 2.0).round() as u32;
-    let left = ((nw - s) as f64 / 2.0).round() as u32;
+    let resized = resize_bicubic(img, nw as u32, nh as u32);
+    // torchvision rounds the offsets with Python's round(): halves to even.
+    let top = ((nh - s) as f64 / 2.0).round_ties_even() as u32;
+    let left = ((nw - s) as f64 / 2.0).round_ties_even() as u32;
     image::imageops::crop_imm(&resized, left, top, s as u32, s as u32).to_image()
 }
 
@@ -89,7 +92,7 @@ pub fn random_resized_crop(
     if region.width() as usize == size && region.height() as usize == size {
         return region;
     }
-    image::imageops::resize(&region, size as u32, size as u32, FilterType::CatmullRom)
+    resize_bicubic(&region, size as u32, size as u32)
 }
 
 /// The (left, top, width, height) of a random resized crop of a `w` x `h` image.

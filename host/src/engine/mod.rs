@@ -7,6 +7,7 @@
 
 mod evaluate;
 pub mod memory;
+mod midtask;
 mod plan;
 mod reporter;
 mod session;
@@ -26,6 +27,7 @@ use recall_sdk::TaskInfo;
 use serde::{Deserialize, Serialize};
 
 pub use evaluate::{class_embeddings, evaluate, evaluate_zeroshot, retrieval_texts};
+use midtask::{CheckpointSchedule, EpochTotals, TaskPosition};
 pub use plan::dry_run;
 use recall_sdk::GradientPass;
 use reporter::Reporter;
@@ -163,30 +165,8 @@ struct Run<'a> {
     leaks: LeakWatch,
     /// Under `merge_scope = "trained"`, the model's parameters as the current task started.
     task_start: Vec<(String, candle_core::Tensor)>,
-}
-
-/// Sums over one epoch's steps.
-#[derive(Default)]
-struct EpochTotals {
-    loss: f64,
-    steps: usize,
-    terms: BTreeMap<String, f64>,
-}
-
-impl EpochTotals {
-    fn add(&mut self, stats: StepStats) {
-        self.loss += stats.loss;
-        self.steps += 1;
-        for (name, v) in stats.terms {
-            *self.terms.entry(name).or_default() += v;
-        }
-    }
-
-    /// The epoch's mean loss and mean loss terms.
-    fn means(self) -> (f64, BTreeMap<String, f64>) {
-        let n = self.steps.max(1) as f64;
-        (self.loss / n, self.terms.into_iter().map(|(k, v)| (k, v / n)).collect())
-    }
+    /// Where a resumed run continues inside its next task (a mid-task checkpoint).
+    resume_at: Option<TaskPosition>,
 }
 
 /// Live tensor handles after each step of a task. Strategies may keep new tensors between
@@ -273,8 +253,23 @@ impl<'a> Run<'a> {
             for (s, bytes) in session.strategies.iter().zip(states) {
                 s.load_state(&bytes)?;
             }
-            report.resumed(&run_dir, k, session.tasks.len());
         }
+        // A mid-task checkpoint of the task after the last finished one (an older one is of
+        // a task that finished since).
+        let resume_at = match opts.resume {
+            true => dir.read_step_checkpoint::<TaskPosition>()?.filter(|p| p.task == progress.finished_tasks),
+            false => None,
+        };
+        if opts.resume && progress.finished_tasks < session.tasks.len() {
+            report.resumed(
+                &run_dir,
+                progress.finished_tasks,
+                session.tasks.len(),
+                resume_at.as_ref().map(|p| p.step_in_task),
+            );
+        }
+        // From here a SIGTERM or SIGINT stops the run at the next step, checkpointed.
+        crate::stop::install();
         let precision = Precision::start(&c.train, rt)?;
         Ok(Run {
             session,
@@ -285,6 +280,7 @@ impl<'a> Run<'a> {
             peak_memory: None,
             leaks: LeakWatch::default(),
             task_start: Vec::new(),
+            resume_at,
         })
     }
 
@@ -336,7 +332,7 @@ impl<'a> Run<'a> {
         let s = self.session;
         let c = &s.cfg.config;
         let task = &s.tasks[t_idx];
-        let started = Instant::now();
+        let mut started = Instant::now();
         if task.train.len() < 2 {
             bail!("task `{}` has {} training examples; at least 2 are needed", task.name, task.train.len());
         }
@@ -355,31 +351,104 @@ impl<'a> Run<'a> {
         };
         let pb = self.report.bar(n_steps, format!("task {} {}", t_idx + 1, task.name), "steps");
         self.leaks.new_task();
-        let (mut losses, mut terms) = (Vec::new(), Vec::new());
-        let mut step_in_task = 0usize;
+        let mut at = match self.resume_at.take() {
+            Some(p) => self.restore_position(p, &mut opt)?,
+            None => TaskPosition {
+                task: t_idx,
+                epoch: 0,
+                step_in_epoch: 0,
+                step_in_task: 0,
+                global_step: self.progress.global_step,
+                optimizer_step: 0,
+                losses: Vec::new(),
+                terms: Vec::new(),
+                totals: EpochTotals::default(),
+                step_seconds: 0.0,
+                images_seen: 0,
+                task_seconds: 0.0,
+            },
+        };
+        pb.inc(at.step_in_task as u64);
+        let mut schedule = CheckpointSchedule::new(&c.train);
         let pipeline = task.pipeline(&task.train, &s.train_transform, &s.model.preprocess);
-        for epoch in 0..c.train.epochs {
-            let plans = epoch_plan(s, t_idx, epoch);
-            let mut totals = EpochTotals::default();
-            s.loader.stream(&pipeline, &plans, |batch| -> anyhow::Result<()> {
-                let lr_factor = c.optimizer.lr_factor(step_in_task, epoch, n_steps, c.train.epochs);
+        while at.epoch < c.train.epochs {
+            let plans = epoch_plan(s, t_idx, at.epoch);
+            s.loader.stream(&pipeline, &plans[at.step_in_epoch.min(plans.len())..], |batch| -> anyhow::Result<()> {
+                let lr_factor = c.optimizer.lr_factor(at.step_in_task, at.epoch, n_steps, c.train.epochs);
+                steps.reseed(at.step_in_task);
                 if let Some(stats) = self.train_step(&mut steps, &mut opt, &batch, lr_factor)? {
-                    totals.add(stats);
+                    at.totals.add(stats);
                 }
-                step_in_task += 1;
+                at.step_in_task += 1;
+                at.step_in_epoch += 1;
                 pb.inc(1);
+                let stop = crate::stop::requested();
+                if schedule.due(at.step_in_task) || stop.is_some() {
+                    at.task_seconds += started.elapsed().as_secs_f64();
+                    started = Instant::now();
+                    self.save_position(&mut at, &opt)?;
+                }
+                if let Some(signal) = stop {
+                    bail!(
+                        "stopped by {signal} after step {} of task `{}`, checkpointed; continue with `recall run \
+                         --resume {}`",
+                        at.step_in_task,
+                        task.name,
+                        self.dir.path().display()
+                    );
+                }
                 Ok(())
             })?;
-            let (mean, epoch_terms) = totals.means();
-            tracing::info!(task = %task.name, epoch, loss = mean, live_handles = s.runtime().live_handles(), "epoch done");
-            losses.push(mean);
-            terms.push(epoch_terms);
+            let (mean, epoch_terms) = std::mem::take(&mut at.totals).means();
+            tracing::info!(task = %task.name, epoch = at.epoch, loss = mean, live_handles = s.runtime().live_handles(), "epoch done");
+            at.losses.push(mean);
+            at.terms.push(epoch_terms);
+            at.epoch += 1;
+            at.step_in_epoch = 0;
         }
         pb.finish_and_clear();
-        self.progress.epoch_losses.push(losses);
-        self.progress.epoch_terms.push(terms);
-        self.progress.train_seconds += started.elapsed().as_secs_f64();
+        self.progress.epoch_losses.push(at.losses);
+        self.progress.epoch_terms.push(at.terms);
+        self.progress.train_seconds += at.task_seconds + started.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// Write a mid-task checkpoint at `at` (the step just taken).
+    fn save_position(&self, at: &mut TaskPosition, opt: &AdamW) -> anyhow::Result<()> {
+        let s = self.session;
+        let (moments, optimizer_step) = opt.state()?;
+        at.global_step = self.progress.global_step;
+        at.optimizer_step = optimizer_step;
+        at.step_seconds = self.progress.step_seconds;
+        at.images_seen = self.progress.images_seen;
+        let states = s.strategies.iter().map(|st| st.save_state()).collect::<Result<Vec<_>, _>>()?;
+        self.dir.save_step_checkpoint(at.global_step, &s.runtime().params(), &moments, &states, &*at)?;
+        tracing::info!(task = at.task, step = at.step_in_task, global_step = at.global_step, "mid-task checkpoint");
+        Ok(())
+    }
+
+    /// Continue a task from a mid-task checkpoint: after `begin_task` has set the task up as
+    /// at its start (old model, fresh adapter, strategies told, the gradient pass), the
+    /// checkpoint's parameters, optimizer moments and strategy states replace what it made.
+    fn restore_position(&mut self, at: TaskPosition, opt: &mut AdamW) -> anyhow::Result<TaskPosition> {
+        let s = self.session;
+        let (moments, states) =
+            self.dir.load_step_checkpoint(at.global_step, &s.runtime().params(), s.strategies.len())?;
+        opt.restore(&moments, at.optimizer_step)?;
+        for (st, bytes) in s.strategies.iter().zip(states) {
+            st.load_state(&bytes)?;
+        }
+        let p = &mut self.progress;
+        p.global_step = at.global_step;
+        p.step_seconds = at.step_seconds;
+        p.images_seen = at.images_seen;
+        tracing::info!(
+            task = at.task,
+            step = at.step_in_task,
+            global_step = at.global_step,
+            "continuing from a mid-task checkpoint"
+        );
+        Ok(at)
     }
 
     /// One optimizer step on one prepared batch; the global step, the step time and the
@@ -455,6 +524,9 @@ impl<'a> Run<'a> {
         self.evaluate_stage()?;
         self.progress.finished_tasks = t_idx + 1;
         self.dir.write_progress(&self.progress)?;
+        // The task's mid-task checkpoints are superseded (progress first: a record left by a
+        // kill between the two names a finished task and is ignored).
+        self.dir.remove_step_checkpoints(None)?;
         tracing::info!(task = %task.name, stage = t_idx + 1, steps = self.progress.global_step, "task finished and checkpointed");
         self.report.task_finished(&self.progress, t_idx)
     }
@@ -565,8 +637,10 @@ pub fn begin_task<'a>(
             tracing::info!(group = %g.group, tensors = g.n_tensors, values = g.n_values, lr = g.lr, "optimizer group");
         }
     }
-    let ref_rng = StdRng::seed_from_u64(c.experiment.seed ^ 0x7265_6600 ^ ((t_idx as u64) << 40));
-    let steps = TaskSteps { session: s, precision, old, task_name: &task.name, ref_rng };
+    let ref_seed = c.experiment.seed ^ 0x7265_6600 ^ ((t_idx as u64) << 40);
+    let ref_rng = StdRng::seed_from_u64(ref_seed);
+    let step_seed = task_seed(c.experiment.seed, t_idx) ^ 0x7374_6570;
+    let steps = TaskSteps { session: s, precision, old, task_name: &task.name, ref_rng, ref_seed, step_seed };
     Ok((steps, opt))
 }
 

@@ -40,9 +40,14 @@ impl Reporter {
         progress(self.quiet, len as u64, label, unit)
     }
 
-    pub fn resumed(&self, run_dir: &Path, finished: usize, tasks: usize) {
-        if !self.quiet {
-            println!("resuming {} after task {finished} of {tasks}", run_dir.display());
+    /// A resumed run: after its last finished task, or inside the next one at a step.
+    pub fn resumed(&self, run_dir: &Path, finished: usize, tasks: usize, at_step: Option<usize>) {
+        if self.quiet {
+            return;
+        }
+        match at_step {
+            Some(step) => println!("resuming {} at step {step} of task {} of {tasks}", run_dir.display(), finished + 1),
+            None => println!("resuming {} after task {finished} of {tasks}", run_dir.display()),
         }
     }
 

@@ -228,8 +228,22 @@ pub struct TaskSteps<'a> {
     /// The frozen model as it was after the previous task, for strategies that ask for it.
     pub old: Option<&'a Model>,
     pub task_name: &'a str,
-    /// Draws the `[reference]` batches (ZSCL).
+    /// Draws the `[reference]` batches (ZSCL); reseeded every step from `ref_seed`.
     pub ref_rng: StdRng,
+    pub ref_seed: u64,
+    /// The seed the runtime's generator (dropout) is reseeded from every step.
+    pub step_seed: u64,
+}
+
+impl TaskSteps<'_> {
+    /// Reseed the generators a step draws from (dropout masks, reference batches) from the
+    /// step's index in the task: what a step draws depends on its position only, so a run
+    /// resumed mid-task draws what an unbroken one does.
+    pub fn reseed(&mut self, step_in_task: usize) {
+        let mix = (step_in_task as u64 + 1).wrapping_mul(0x94d0_49bb_1331_11eb);
+        self.session.runtime().reseed(self.step_seed ^ mix);
+        self.ref_rng = StdRng::seed_from_u64(self.ref_seed ^ mix);
+    }
 }
 
 /// What one step reports.

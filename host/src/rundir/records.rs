@@ -18,6 +18,10 @@ pub const PROGRESS_FILE: &str = "progress.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 const R_MATRIX_DIR: &str = "r_matrix";
+/// Named tensors (an optimizer's moments).
+pub type Tensors = std::collections::HashMap<String, candle_core::Tensor>;
+/// The record of the last mid-task checkpoint, under `checkpoints/`.
+const STEP_FILE: &str = "step.json";
 
 impl RunDir {
     pub fn path(&self) -> &Path {
@@ -137,6 +141,87 @@ impl RunDir {
                 std::fs::read(&f).with_context(|| format!("cannot read strategy state {}", f.display()))
             })
             .collect()
+    }
+
+    /// A mid-task checkpoint at global step `step`: the parameters, the optimizer's state, each
+    /// strategy's state, then `record` (the position in the task) in `checkpoints/step.json`,
+    /// written last: it names only complete checkpoints. Older step checkpoints go after it.
+    pub fn save_step_checkpoint(
+        &self,
+        step: usize,
+        params: &crate::runtime::params::ParamStore,
+        optimizer: &Tensors,
+        strategy_states: &[Vec<u8>],
+        record: &impl Serialize,
+    ) -> anyhow::Result<()> {
+        let name = |what: &str| self.path.join("checkpoints").join(format!("step-{step:08}.{what}"));
+        params.save(&name("safetensors"))?;
+        crate::fsutil::write_atomic_with(&name("optimizer.safetensors"), |tmp| {
+            candle_core::safetensors::save(optimizer, tmp).map_err(Into::into)
+        })?;
+        for (i, state) in strategy_states.iter().enumerate() {
+            write_atomic(&name(&format!("strategy-{i}.bin")), state)?;
+        }
+        write_atomic(&self.path.join("checkpoints").join(STEP_FILE), serde_json::to_string(record)?.as_bytes())?;
+        self.remove_step_checkpoints(Some(step))
+    }
+
+    /// The record of the last mid-task checkpoint, if there is one.
+    pub fn read_step_checkpoint<P: DeserializeOwned>(&self) -> anyhow::Result<Option<P>> {
+        let file = self.path.join("checkpoints").join(STEP_FILE);
+        match std::fs::read_to_string(&file) {
+            Ok(text) => Ok(Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a step checkpoint record", file.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", file.display())),
+        }
+    }
+
+    /// Load the parameters of the step checkpoint at `step`; returns its optimizer state and
+    /// the saved states of its first `strategies` strategies.
+    pub fn load_step_checkpoint(
+        &self,
+        step: usize,
+        params: &crate::runtime::params::ParamStore,
+        strategies: usize,
+    ) -> anyhow::Result<(Tensors, Vec<Vec<u8>>)> {
+        let name = |what: &str| self.path.join("checkpoints").join(format!("step-{step:08}.{what}"));
+        params.load(&name("safetensors"))?;
+        let opt = name("optimizer.safetensors");
+        let optimizer = candle_core::safetensors::load(&opt, &candle_core::Device::Cpu)
+            .with_context(|| format!("cannot read the optimizer state {}", opt.display()))?;
+        let states = (0..strategies)
+            .map(|i| {
+                let f = name(&format!("strategy-{i}.bin"));
+                std::fs::read(&f).with_context(|| format!("cannot read strategy state {}", f.display()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok((optimizer, states))
+    }
+
+    /// Remove the step checkpoints (all, or all but the one at `keep`; with `None` the
+    /// record first, so no record names a removed file).
+    pub fn remove_step_checkpoints(&self, keep: Option<usize>) -> anyhow::Result<()> {
+        let dir = self.path.join("checkpoints");
+        if keep.is_none() {
+            match std::fs::remove_file(dir.join(STEP_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("cannot remove {}", dir.join(STEP_FILE).display()))
+                }
+                _ => {}
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+        let kept = keep.map(|s| format!("step-{s:08}."));
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("step-") && kept.as_ref().is_none_or(|k| !name.starts_with(k.as_str())) {
+                std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// The progress the directory records, if it has any.
