@@ -152,6 +152,28 @@ enum DataCommand {
         /// List the datasets and whether each is prepared.
         #[arg(long)]
         list: bool,
+        /// Also write the data as WebDataset shards into this new directory (`DIR/NAME` for
+        /// each named dataset; `DIR` itself with --source): `train/` and `test/` shards where
+        /// the data has its own split, flat shards otherwise. Read back with
+        /// `source = "webdataset"`.
+        #[arg(long, value_name = "DIR")]
+        to_webdataset: Option<std::path::PathBuf>,
+        /// Samples per shard.
+        #[arg(long, default_value_t = 1000, requires = "to_webdataset")]
+        shard_size: usize,
+        /// Shard a source on disk instead of named datasets: `jsonl`, `csv`, `folders`,
+        /// `karpathy` or `webdataset` (re-sharding), read from --path as a task's data would be.
+        #[arg(long, requires_all = ["to_webdataset", "path"], conflicts_with = "names")]
+        source: Option<String>,
+        /// The data --source reads (a file or a directory).
+        #[arg(long, requires = "source")]
+        path: Option<std::path::PathBuf>,
+        /// Where image paths of a --source manifest are relative to (default: its directory).
+        #[arg(long, requires = "source")]
+        images: Option<std::path::PathBuf>,
+        /// Leave out images that cannot be read, and list them, instead of stopping.
+        #[arg(long, requires = "to_webdataset")]
+        skip_bad: bool,
     },
 }
 
@@ -364,9 +386,39 @@ fn registry_for(cli: &Cli, configured: &[PathBuf], names: Option<&[&str]>) -> lo
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Run(args) => run_command(cli, args),
-        Command::Data { what: DataCommand::Prepare { names, list } } => {
+        Command::Data {
+            what: DataCommand::Prepare { names, list, to_webdataset, shard_size, source, path, images, skip_bad },
+        } => {
             use recall_host::data::convert;
             let home = recall_host::fetch::recall_home();
+            let export = |section: recall_host::data::TaskSection, out: &std::path::Path| -> anyhow::Result<()> {
+                let mut section = section;
+                if *skip_bad {
+                    section.on_error = recall_host::data::OnError::Skip;
+                }
+                let s = recall_host::data::export::to_webdataset(&section, out, *shard_size)
+                    .with_context(|| format!("writing WebDataset shards to {}", out.display()))?;
+                println!(
+                    "wrote {} shards to {} ({} train, {} test, {} without a split{})",
+                    s.shards,
+                    out.display(),
+                    s.train,
+                    s.test,
+                    s.unsplit,
+                    if s.skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {} unreadable images left out", s.skipped.len())
+                    }
+                );
+                Ok(())
+            };
+            if let (Some(source), Some(out)) = (source, to_webdataset) {
+                let section = recall_host::data::TaskSection::for_source("data", source, path.clone(), images.clone())
+                    .map_err(anyhow::Error::msg)?;
+                export(section, out)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             if *list || names.is_empty() {
                 println!("{:<16} {:<10} {:<14} DESCRIPTION", "NAME", "PREPARED", "FROM ASSET");
                 for c in convert::CONVERTERS {
@@ -379,6 +431,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 let c = convert::converter(n)?;
                 let dir = convert::prepare(&home, c)?;
                 println!("prepared {}", dir.display());
+                if let Some(out) = to_webdataset {
+                    let section = recall_host::data::TaskSection::for_source(n, "jsonl", Some(dir), None)
+                        .map_err(anyhow::Error::msg)?;
+                    export(section, &out.join(n))?;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -120,7 +120,13 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     for epoch in 0..c.train.epochs {
         let mut rng = StdRng::seed_from_u64(c.experiment.seed ^ epoch as u64);
         let (mut sum, mut n) = (0.0, 0usize);
-        let plans = data::loader::plan_epoch(&train, bs, &mut rng, c.experiment.seed ^ ((epoch as u64) << 32));
+        let plans = data::loader::plan_epoch(
+            &train,
+            &Default::default(),
+            bs,
+            &mut rng,
+            c.experiment.seed ^ ((epoch as u64) << 32),
+        );
         loader.stream(&pipeline, &plans, |batch| -> anyhow::Result<()> {
             rt.set_training(true);
             precision.before_step(&rt)?;

@@ -106,3 +106,63 @@ fn a_training_image_damaged_past_its_header_fails_by_name_or_is_skipped() {
     let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
     assert!(log.contains("skipping") && log.contains("img1.png"), "{log}");
 }
+
+/// The same data as WebDataset shards (written by `recall data prepare --to-webdataset`):
+/// training on them gives exactly the numbers of the JSONL manifest they came from.
+#[test]
+fn webdataset_shards_train_exactly_as_the_manifest_they_were_written_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let shards = tmp.path().join("shards");
+    let out = Command::new(recall_bin())
+        .args(["data", "prepare", "--source", "jsonl", "--path"])
+        .arg(&data)
+        .arg("--to-webdataset")
+        .arg(&shards)
+        .args(["--shard-size", "10"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("wrote 5 shards") && said.contains("40 train, 8 test"), "{said}");
+    assert!(shards.join("train/data-000003.tar").is_file() && shards.join("test/data-000000.tar").is_file());
+
+    let (out, from_manifest) = run(tmp.path(), "manifest", &experiment(&data, "cache = \"off\""));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let wds = |path: &str, extra: &str| {
+        experiment(&data, "cache = \"off\"")
+            .replace("source = \"jsonl\"", &format!("source = \"webdataset\"{extra}"))
+            .replace(&format!("path = \"{}\"", data.display()), &format!("path = \"{path}\""))
+    };
+    let (out, from_shards) = run(tmp.path(), "shards", &wds(&shards.display().to_string(), ""));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(results(&from_manifest) == results(&from_shards), "the shards train differently");
+    let splits = std::fs::read_to_string(from_shards.join("splits.json")).unwrap();
+    assert!(splits.contains("data-000000.tar:000000001.png"), "examples are named by shard and key");
+
+    // A shard-ordered epoch through a buffer, with a set epoch length: trains, and the
+    // schedule counts the epoch's samples (30 per epoch at batch 16: 2 steps, 2 epochs).
+    let (out, buffered) = run(
+        tmp.path(),
+        "buffered",
+        &wds(&shards.display().to_string(), "\nshuffle_buffer = 6\nsamples_per_epoch = 30"),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(buffered.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 4, "{summary}");
+
+    // An empty glob is an error at the key, before anything runs.
+    let pattern = format!("{}/train/none-*.tar", shards.display());
+    let (out, _) = run(tmp.path(), "empty-glob", &wds(&pattern, ""));
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("empty-glob.toml:") && e.contains("none-*.tar") && e.contains("matches no shard"), "{e}");
+    // A shard that is not a tar names the shard.
+    let bogus = tmp.path().join("bogus.tar");
+    std::fs::write(&bogus, "not a tar archive, only text that happens to be long enough. ".repeat(20)).unwrap();
+    let (out, _) = run(tmp.path(), "not-a-tar", &wds(&bogus.display().to_string(), ""));
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("bogus.tar") && e.contains("not a readable tar"), "{e}");
+}

@@ -36,7 +36,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, batches: usize) -> anyhow::R
     let mut rng = StdRng::seed_from_u64(c.experiment.seed);
     let mut plans = Vec::new();
     while plans.len() < batches + 1 {
-        let epoch = crate::data::loader::plan_epoch(&task.train, bs, &mut rng, plans.len() as u64);
+        let epoch = crate::data::loader::plan_epoch(&task.train, &task.order, bs, &mut rng, plans.len() as u64);
         if epoch.is_empty() {
             bail!("task `{}` has too few training examples for a batch of {bs}", task.name);
         }

@@ -102,7 +102,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &StepBenchOptions) -> 
     };
     let precision = Precision::start(&c.train, session.runtime())?;
     let bs = c.train.batch_size;
-    let n_steps = |t: &crate::data::TaskData| engine::steps_in_task(t.train.len(), &c.train);
+    let n_steps = |t: &crate::data::TaskData| engine::steps_in_task(t.epoch_examples(), &c.train);
     for k in 0..t_idx {
         let task = &session.tasks[k];
         drop(engine::begin_task(&session, precision, k, n_steps(task))?);
@@ -123,7 +123,13 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &StepBenchOptions) -> 
     let mut plans = Vec::new();
     while plans.len() < total {
         // Only full batches: every timed step sees the configured batch size.
-        let epoch = crate::data::loader::plan_epoch(&task.train, bs, &mut rng, c.experiment.seed ^ plans.len() as u64);
+        let epoch = crate::data::loader::plan_epoch(
+            &task.train,
+            &task.order,
+            bs,
+            &mut rng,
+            c.experiment.seed ^ plans.len() as u64,
+        );
         plans.extend(epoch.into_iter().filter(|p| p.indices.len() == bs));
     }
     // Batches are prepared outside the timed step, as the loader's workers prepare them

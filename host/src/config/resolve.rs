@@ -21,8 +21,32 @@ pub fn resolve(mut loaded: LoadedConfig) -> Result<LoadedConfig, ConfigError> {
         relative_to_file(&mut loaded.config, dir);
     }
     resolve_data_paths(&mut loaded, base.as_deref())?;
+    check_shard_paths(&loaded)?;
     resolve_assets(&mut loaded)?;
     Ok(loaded)
+}
+
+/// A WebDataset `path` must name shards: an empty glob or a missing shard of a brace list is
+/// an error at the key, before anything is read.
+fn check_shard_paths(c: &LoadedConfig) -> Result<(), ConfigError> {
+    let cfg = &c.config;
+    for (key, sets) in
+        [("task", &cfg.tasks[..]), ("zeroshot", &cfg.zeroshot[..]), ("reference", cfg.reference.as_slice())]
+    {
+        for (i, t) in sets.iter().enumerate() {
+            let parts = t.parts.iter().enumerate().map(|(j, p)| (format!("{}.part[{j}]", section_key(key, i)), p));
+            for (at, section) in std::iter::once((section_key(key, i), t)).chain(parts) {
+                let Some(path) = section.path.as_deref().filter(|_| section.source == "webdataset") else { continue };
+                if path.is_dir() && crate::data::webdataset::split_dirs(path).is_some() {
+                    continue;
+                }
+                if let Err(e) = crate::data::webdataset::expand(path) {
+                    return Err(c.error_at(&format!("{at}.path"), e.to_string()));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checkpoints, inits and the file options of towers, relative to the experiment file's

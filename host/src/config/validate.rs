@@ -133,7 +133,33 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
                     ));
                 }
             }
+            if let Some(n) = t.samples_per_epoch {
+                let at = format!("{}.samples_per_epoch", section_key(key, i));
+                if key != "task" {
+                    return Err(c.error_at(&at, "samples_per_epoch sets a training epoch; only a [[task]] trains"));
+                }
+                if n < 2 {
+                    return Err(c.error_at(&at, "samples_per_epoch must be at least 2 (a contrastive batch needs two)"));
+                }
+            }
+            if !t.parts.is_empty() && t.shuffle_buffer.is_some() {
+                return Err(c.error_at(
+                    &format!("{}.shuffle_buffer", section_key(key, i)),
+                    "shuffle_buffer orders one WebDataset source's shards; a task of several parts is shuffled whole",
+                ));
+            }
             for (j, part) in t.parts.iter().enumerate() {
+                for (field, set) in [
+                    ("samples_per_epoch", part.samples_per_epoch.is_some()),
+                    ("shuffle_buffer", part.shuffle_buffer.is_some()),
+                ] {
+                    if set {
+                        return Err(c.error_at(
+                            &format!("{}.part[{j}].{field}", section_key(key, i)),
+                            format!("{field} orders a whole task's epoch; set it on the task, not on one of its parts"),
+                        ));
+                    }
+                }
                 if let Err((field, m)) = crate::data::source::validate(part) {
                     let at = format!(
                         "{}.part[{j}]{}",

@@ -1,5 +1,5 @@
 //! Where an example's image comes from, and turning it into model input. An example keeps
-//! its encoded source (a file) or, for generated and cached data, its pixels as bytes; it is
+//! its encoded source (a file, or a member of a WebDataset shard) or, for generated and cached data, its pixels as bytes; it is
 //! decoded when a batch needs it, so a dataset costs memory for its manifest, not its images.
 
 use std::path::{Path, PathBuf};
@@ -18,6 +18,8 @@ pub enum ImageSource {
     File(PathBuf),
     /// Decoded pixels held in memory (generated data), transformed when needed.
     Memory(Arc<RgbImage>),
+    /// An image inside a WebDataset shard, read (one seek, one read) and decoded when needed.
+    Shard(super::webdataset::ShardMember),
     /// The evaluation transform's output, CHW bytes at the model's size: the in-memory
     /// cache of a small set (4 bytes per pixel fewer than f32 would take).
     Prepared(Arc<[u8]>),
@@ -28,6 +30,7 @@ impl ImageSource {
     fn decode(&self) -> Result<std::borrow::Cow<'_, RgbImage>, ImageError> {
         match self {
             ImageSource::File(path) => decode_file(path).map(std::borrow::Cow::Owned),
+            ImageSource::Shard(m) => decode_bytes(&m.read()?, &m.label()).map(std::borrow::Cow::Owned),
             ImageSource::Memory(img) => Ok(std::borrow::Cow::Borrowed(img)),
             ImageSource::Prepared(_) => unreachable!("a prepared image is not decoded again"),
         }
@@ -55,6 +58,7 @@ impl ImageSource {
     pub fn resident_bytes(&self) -> usize {
         match self {
             ImageSource::File(p) => p.as_os_str().len(),
+            ImageSource::Shard(m) => m.name.len() + std::mem::size_of::<super::webdataset::ShardMember>(),
             ImageSource::Memory(img) => img.as_raw().len(),
             ImageSource::Prepared(chw) => chw.len(),
         }
@@ -65,10 +69,15 @@ impl ImageSource {
 pub fn decode_file(path: &Path) -> Result<RgbImage, ImageError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| ImageError::Read { path: p.clone(), reason: e.to_string() })?;
-    let img =
-        image::load_from_memory(&bytes).map_err(|e| ImageError::Decode { path: p.clone(), reason: e.to_string() })?;
+    decode_bytes(&bytes, &p)
+}
+
+/// Decode an encoded image held in memory to RGB; `name` names it in errors.
+pub fn decode_bytes(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
+    let img = image::load_from_memory(bytes)
+        .map_err(|e| ImageError::Decode { path: name.to_string(), reason: e.to_string() })?;
     if img.width() == 0 || img.height() == 0 {
-        return Err(ImageError::Empty { path: p, width: img.width(), height: img.height() });
+        return Err(ImageError::Empty { path: name.to_string(), width: img.width(), height: img.height() });
     }
     Ok(img.to_rgb8())
 }

@@ -267,16 +267,83 @@ pub fn in_order(n: usize, batch: usize) -> Vec<BatchPlan> {
         .collect()
 }
 
-/// The batches of one epoch over `split`: shuffled by `rng`, cut into batches of
+/// How a training split is ordered each epoch.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EpochOrder {
+    /// Read the shards in a shuffled order, in file order within each, through a shuffle
+    /// buffer of this many examples (WebDataset's and open_clip's order: reads stay
+    /// sequential within a shard). `None`: a uniform permutation of the whole split.
+    pub shuffle_buffer: Option<usize>,
+    /// Examples per epoch. Fewer than the split: the epoch stops there; more: further
+    /// passes, each ordered afresh, until it is reached. `None`: the split once.
+    pub samples_per_epoch: Option<usize>,
+}
+
+impl EpochOrder {
+    /// Examples one epoch of a split of `n` takes.
+    pub fn epoch_len(&self, n: usize) -> usize {
+        self.samples_per_epoch.unwrap_or(n)
+    }
+
+    /// One pass over a split in this order.
+    fn pass(&self, split: &[Example], rng: &mut StdRng) -> Vec<usize> {
+        use rand::seq::SliceRandom;
+        let Some(buffer) = self.shuffle_buffer else {
+            let mut order: Vec<usize> = (0..split.len()).collect();
+            order.shuffle(rng);
+            return order;
+        };
+        // Examples grouped by shard, in split order (the shards' file order) within each.
+        let mut shards: Vec<Option<u32>> = Vec::new();
+        let mut members: Vec<Vec<usize>> = Vec::new();
+        for (i, e) in split.iter().enumerate() {
+            match shards.iter().position(|s| *s == e.shard) {
+                Some(k) => members[k].push(i),
+                None => {
+                    shards.push(e.shard);
+                    members.push(vec![i]);
+                }
+            }
+        }
+        members.shuffle(rng);
+        let mut held: Vec<usize> = Vec::with_capacity(buffer.max(1));
+        let mut order = Vec::with_capacity(split.len());
+        for i in members.into_iter().flatten() {
+            if held.len() < buffer.max(1) {
+                held.push(i);
+            } else {
+                let j = rand::Rng::random_range(rng, 0..held.len());
+                order.push(std::mem::replace(&mut held[j], i));
+            }
+        }
+        while !held.is_empty() {
+            let j = rand::Rng::random_range(rng, 0..held.len());
+            order.push(held.swap_remove(j));
+        }
+        order
+    }
+}
+
+/// The batches of one epoch over `split`: ordered by `order` from `rng`, cut into batches of
 /// `batch_size` (a last batch of one example is dropped: the contrastive loss needs two),
 /// each example paired with one of its captions drawn from `rng`. Batch `k` is seeded from
 /// `seed` and `k`.
-pub fn plan_epoch(split: &[Example], batch_size: usize, rng: &mut StdRng, seed: u64) -> Vec<BatchPlan> {
-    use rand::seq::SliceRandom;
-    let mut order: Vec<usize> = (0..split.len()).collect();
-    order.shuffle(rng);
+pub fn plan_epoch(
+    split: &[Example],
+    order: &EpochOrder,
+    batch_size: usize,
+    rng: &mut StdRng,
+    seed: u64,
+) -> Vec<BatchPlan> {
+    let mut indices = order.pass(split, rng);
+    if let Some(want) = order.samples_per_epoch {
+        while indices.len() < want && !split.is_empty() {
+            indices.extend(order.pass(split, rng));
+        }
+        indices.truncate(want);
+    }
     let mut out = Vec::new();
-    for chunk in order.chunks(batch_size.max(1)) {
+    for chunk in indices.chunks(batch_size.max(1)) {
         if chunk.len() < 2 {
             continue;
         }
@@ -316,6 +383,7 @@ mod tests {
             captions: vec![format!("caption of {id}"), format!("another of {id}")],
             class: None,
             id: id.into(),
+            shard: None,
         }
     }
 
@@ -357,13 +425,13 @@ mod tests {
         let pre = Preprocess::clip(8);
         let t = augment();
         let pipeline = Pipeline { split: &split, task: "t", transform: &t, preprocess: &pre, on_error: OnError::Fail };
-        let plans = plan_epoch(&split, 5, &mut StdRng::seed_from_u64(3), 99);
+        let plans = plan_epoch(&split, &EpochOrder::default(), 5, &mut StdRng::seed_from_u64(3), 99);
         assert_eq!(plans.len(), 5, "23 examples in batches of 5: four full, one of 3");
         let one = collect(&pipeline, &plans, &Loader::new(1, 1).unwrap());
         let many = collect(&pipeline, &plans, &Loader::new(4, 3).unwrap());
         assert_eq!(one, many);
         // A later epoch's plan (another seed) augments differently.
-        let other = plan_epoch(&split, 5, &mut StdRng::seed_from_u64(3), 100);
+        let other = plan_epoch(&split, &EpochOrder::default(), 5, &mut StdRng::seed_from_u64(3), 100);
         assert_eq!(other[0].indices, plans[0].indices, "same order generator");
         assert_ne!(collect(&pipeline, &other, &Loader::new(2, 2).unwrap())[0].1, one[0].1);
     }
@@ -455,6 +523,109 @@ mod tests {
         let failing = Pipeline { on_error: OnError::Fail, ..pipeline };
         let e = failing.prepare(&in_order(1, 1)[0]).unwrap_err().to_string();
         assert!(e.contains("empty-image") && e.contains("panicked"), "{e}");
+    }
+
+    fn sharded(shards: &[usize]) -> Vec<Example> {
+        let img = Arc::new(image::RgbImage::from_pixel(4, 4, image::Rgb([1, 2, 3])));
+        let mut out = Vec::new();
+        for (s, &n) in shards.iter().enumerate() {
+            for k in 0..n {
+                let mut e = example(ImageSource::Memory(img.clone()), &format!("{s}/{k}"));
+                e.shard = Some(s as u32);
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    fn flat(plans: &[BatchPlan]) -> Vec<usize> {
+        plans.iter().flat_map(|p| p.indices.clone()).collect()
+    }
+
+    #[test]
+    fn the_default_order_is_the_uniform_shuffle_runs_have_always_used() {
+        use rand::seq::SliceRandom;
+        let split = sharded(&[9, 8]);
+        let plans = plan_epoch(&split, &EpochOrder::default(), 4, &mut StdRng::seed_from_u64(7), 1);
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut want: Vec<usize> = (0..17).collect();
+        want.shuffle(&mut rng);
+        assert_eq!(flat(&plans), want[..16], "the last batch of one is dropped");
+        let first_caption = rand::Rng::random_range(&mut rng, 0..2);
+        assert_eq!(plans[0].captions[0], split[want[0]].captions[first_caption]);
+    }
+
+    #[test]
+    fn a_shuffle_buffer_reads_shards_in_turn_and_still_visits_each_example_once() {
+        let split = sharded(&[6, 5, 7, 4]);
+        let order = |buffer| EpochOrder { shuffle_buffer: Some(buffer), samples_per_epoch: None };
+        let plans = plan_epoch(&split, &order(1), 2, &mut StdRng::seed_from_u64(3), 0);
+        let seen = flat(&plans);
+        assert_eq!(seen.len(), 22);
+        // A buffer of one is no mixing: each shard's examples come together, in file order.
+        let shard_of = |i: usize| split[i].shard.unwrap();
+        let runs = seen.windows(2).filter(|w| shard_of(w[0]) != shard_of(w[1])).count();
+        assert_eq!(runs, 3, "four shards, read one after another: {seen:?}");
+        assert!(seen.windows(2).all(|w| shard_of(w[0]) != shard_of(w[1]) || w[1] == w[0] + 1));
+        assert_ne!(seen[..6], [0, 1, 2, 3, 4, 5], "the shards' order is shuffled (for this seed)");
+        // A larger buffer mixes across shards; every example still comes once per epoch.
+        let mixed = flat(&plan_epoch(&split, &order(8), 2, &mut StdRng::seed_from_u64(3), 0));
+        let mut sorted = mixed.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..22).collect::<Vec<_>>());
+        assert!(mixed.windows(2).filter(|w| shard_of(w[0]) != shard_of(w[1])).count() > 3);
+        let again = flat(&plan_epoch(&split, &order(8), 2, &mut StdRng::seed_from_u64(3), 0));
+        assert_eq!(mixed, again, "the order depends on the seed only");
+    }
+
+    #[test]
+    fn samples_per_epoch_cuts_or_extends_the_epoch_with_fresh_passes() {
+        let split = sharded(&[5]);
+        let order = |n| EpochOrder { shuffle_buffer: None, samples_per_epoch: Some(n) };
+        let short = flat(&plan_epoch(&split, &order(3), 2, &mut StdRng::seed_from_u64(1), 0));
+        assert_eq!(short.len(), 2, "3 samples at batch 2: one batch, the single rest dropped");
+        let long = flat(&plan_epoch(&split, &order(12), 4, &mut StdRng::seed_from_u64(1), 0));
+        assert_eq!(long.len(), 12);
+        let mut first = long[..5].to_vec();
+        first.sort();
+        assert_eq!(first, [0, 1, 2, 3, 4], "each pass is a whole permutation");
+        assert_eq!(order(12).epoch_len(5), 12);
+    }
+
+    #[test]
+    fn a_corrupt_image_in_a_shard_fails_by_shard_and_key_or_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut good = Vec::new();
+        image::RgbImage::from_pixel(9, 9, image::Rgb([5, 6, 7]))
+            .write_to(&mut std::io::Cursor::new(&mut good), image::ImageFormat::Png)
+            .unwrap();
+        let bad = good[..good.len() / 2].to_vec();
+        let shard = dir.path().join("s.tar");
+        crate::data::webdataset::tests::tar_of(
+            &shard,
+            &[("a.png", good), ("a.txt", b"x".to_vec()), ("b.png", bad), ("b.txt", b"y".to_vec())],
+        );
+        let records = crate::data::webdataset::read_shard(&shard, None).unwrap();
+        let split: Vec<Example> = records
+            .iter()
+            .map(|r| {
+                let m = r.member.clone().unwrap();
+                crate::data::webdataset::check_member(&m).unwrap();
+                let mut e = example(ImageSource::Shard(m), &r.image.display().to_string());
+                e.shard = Some(0);
+                e
+            })
+            .collect();
+        let pre = Preprocess::clip(8);
+        let eval = Transform::Eval;
+        let mut pipeline =
+            Pipeline { split: &split, task: "wds", transform: &eval, preprocess: &pre, on_error: OnError::Fail };
+        let e = pipeline.prepare(&in_order(2, 2)[0]).unwrap_err().to_string();
+        assert!(e.contains("task `wds`") && e.contains("s.tar:b.png") && e.contains("on_error"), "{e}");
+        pipeline.on_error = OnError::Skip;
+        let batch = pipeline.prepare(&in_order(2, 2)[0]).unwrap();
+        assert_eq!((batch.indices.clone(), batch.skipped.len()), (vec![0], 1));
+        assert!(batch.skipped[0].ends_with("s.tar:b.png"));
     }
 
     #[test]

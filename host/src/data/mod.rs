@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod convert;
+pub mod export;
 pub mod image;
 pub mod loader;
 pub mod pickle;
@@ -12,6 +13,7 @@ mod section;
 pub mod shapes;
 pub mod source;
 pub mod transform;
+pub mod webdataset;
 
 pub use section::{CacheMode, DataSection, OnError, TaskSection, TrainTransform};
 
@@ -31,6 +33,9 @@ pub struct Example {
     pub class: Option<String>,
     /// Where the example came from (an image path, or a generated id), for the split record.
     pub id: String,
+    /// The WebDataset shard it was read from (its index among the set's shards), which a
+    /// shard-ordered epoch reads in turn.
+    pub shard: Option<u32>,
 }
 
 impl Example {
@@ -55,9 +60,16 @@ pub struct TaskData {
     pub skipped: Vec<String>,
     /// What a batch does with an image it cannot decode.
     pub on_error: OnError,
+    /// How the training split is ordered each epoch.
+    pub order: loader::EpochOrder,
 }
 
 impl TaskData {
+    /// Training examples one epoch takes (`samples_per_epoch`, else the split's size).
+    pub fn epoch_examples(&self) -> usize {
+        self.order.epoch_len(self.train.len())
+    }
+
     /// The planned examples of `split` after the evaluation transform, prepared on this
     /// thread and rayon's pool (the gradient pass, reference batches, the memory probe); an
     /// image that cannot be decoded follows the set's `on_error`.
@@ -97,6 +109,7 @@ pub fn load(
             templates: Vec::new(),
             skipped: Vec::new(),
             on_error: t.on_error,
+            order: t.epoch_order(),
         };
         for part in &t.parts {
             let d = load(part, pre, seed)?;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct TaskSection {
     pub name: String,
-    /// `shapes`, `jsonl`, `csv`, `folders` or `karpathy`.
+    /// `shapes`, `jsonl`, `csv`, `folders`, `karpathy` or `webdataset`.
     #[serde(default = "d::source")]
     pub source: String,
     /// The data: a file or a directory; `dataset:NAME` names a dataset `recall data prepare`
@@ -46,6 +46,17 @@ pub struct TaskSection {
     /// dataset's own (dataset.json), else "a photo of a {}.".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub templates: Vec<String>,
+    /// Training examples per epoch (default: the training split once). Fewer than the split
+    /// end the epoch early; more make further passes, each ordered afresh. The schedule
+    /// counts steps from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples_per_epoch: Option<usize>,
+    /// `webdataset` only: read the training shards in a shuffled order, each in file order,
+    /// through a shuffle buffer of this many samples, as WebDataset and open_clip do (reads
+    /// stay sequential within a shard: what network storage wants). Default: a uniform
+    /// shuffle of every sample, as for the other sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shuffle_buffer: Option<usize>,
     /// A missing or undecodable image: `fail` (default) stops with the file's name; `skip`
     /// counts it, records it in the run directory and goes on.
     #[serde(default = "d::on_error")]
@@ -65,6 +76,33 @@ pub struct TaskSection {
     /// of its own; their splits are concatenated. The task's own source is then unused.
     #[serde(default, rename = "part", skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<TaskSection>,
+}
+
+impl TaskSection {
+    /// A section reading `source` data from `path` with every other key at its default (the
+    /// command line's data commands); an unknown source is an error listing the known ones.
+    pub fn for_source(
+        name: &str,
+        source: &str,
+        path: Option<PathBuf>,
+        images: Option<PathBuf>,
+    ) -> Result<Self, String> {
+        let mut t: TaskSection =
+            toml::from_str(&format!("name = {}", toml::Value::from(name))).expect("a data section needs only its name");
+        t.source = source.to_string();
+        t.path = path;
+        t.images = images;
+        super::source::validate(&t).map_err(|(_, m)| m)?;
+        if source == "shapes" {
+            return Err("`shapes` is generated, not read from disk; name a source on disk".into());
+        }
+        Ok(t)
+    }
+
+    /// How its training split is ordered each epoch.
+    pub fn epoch_order(&self) -> super::loader::EpochOrder {
+        super::loader::EpochOrder { shuffle_buffer: self.shuffle_buffer, samples_per_epoch: self.samples_per_epoch }
+    }
 }
 
 /// What to do with an image that cannot be read.

@@ -149,6 +149,7 @@ pub fn generate(t: &TaskSection, image_size: usize, seed: u64) -> TaskData {
                     captions: vec![caption.clone()],
                     class: Some(shape.clone()),
                     id: format!("shapes:{}/test/{}", t.name, test.len()),
+                    shard: None,
                 });
                 for _ in 0..t.train_per_combo {
                     train.push(Example {
@@ -156,6 +157,7 @@ pub fn generate(t: &TaskSection, image_size: usize, seed: u64) -> TaskData {
                         captions: vec![caption.clone()],
                         class: Some(shape.clone()),
                         id: format!("shapes:{}/train/{}", t.name, train.len()),
+                        shard: None,
                     });
                 }
             }
@@ -171,6 +173,7 @@ pub fn generate(t: &TaskSection, image_size: usize, seed: u64) -> TaskData {
         templates,
         skipped: Vec::new(),
         on_error: t.on_error,
+        order: t.epoch_order(),
     }
 }
 

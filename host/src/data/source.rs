@@ -21,7 +21,7 @@ use super::{Example, TaskData};
 use super::{OnError, TaskSection};
 
 /// Sources that read from disk.
-pub const SOURCES: [&str; 5] = ["shapes", "jsonl", "csv", "folders", "karpathy"];
+pub const SOURCES: [&str; 6] = ["shapes", "jsonl", "csv", "folders", "karpathy", "webdataset"];
 /// The caption template used when neither the experiment nor the dataset gives one.
 pub const DEFAULT_TEMPLATE: &str = "a photo of a {}.";
 
@@ -82,6 +82,8 @@ pub struct Record {
     pub category: Option<String>,
     /// `train` or `test` when the data says so.
     pub split: Option<Split>,
+    /// The image inside a WebDataset shard (then `image` is its `SHARD:MEMBER` label).
+    pub member: Option<super::webdataset::ShardMember>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,7 +174,14 @@ pub fn read_jsonl(path: &Path, root: &Path) -> Result<Vec<Record>, DataError> {
         if l.split.as_deref().is_some_and(|s| s.starts_with("val")) {
             continue;
         }
-        out.push(Record { image: root.join(l.image), captions, class: l.class, category: l.category, split });
+        out.push(Record {
+            image: root.join(l.image),
+            captions,
+            class: l.class,
+            category: l.category,
+            split,
+            member: None,
+        });
     }
     Ok(out)
 }
@@ -235,6 +244,7 @@ pub fn read_csv(path: &Path, root: &Path) -> Result<Vec<Record>, DataError> {
                     class: get(class_col).map(String::from),
                     category: get(category_col).map(String::from),
                     split,
+                    member: None,
                 });
             }
         }
@@ -296,6 +306,7 @@ pub fn read_karpathy(path: &Path, root: &Path) -> Result<Vec<Record>, DataError>
             class: None,
             category: None,
             split: Some(split),
+            member: None,
         });
     }
     Ok(out)
@@ -331,7 +342,14 @@ pub fn read_folders(dir: &Path) -> Result<Vec<Record>, DataError> {
         for class_dir in sorted_entries(&root)?.into_iter().filter(|p| p.is_dir()) {
             let class = class_dir.file_name().unwrap_or_default().to_string_lossy().replace(['_', '-'], " ");
             for f in sorted_entries(&class_dir)?.into_iter().filter(|p| p.is_file() && is_image(p)) {
-                out.push(Record { image: f, captions: Vec::new(), class: Some(class.clone()), category: None, split });
+                out.push(Record {
+                    image: f,
+                    captions: Vec::new(),
+                    class: Some(class.clone()),
+                    category: None,
+                    split,
+                    member: None,
+                });
             }
         }
     }
@@ -348,6 +366,22 @@ pub fn read_folders(dir: &Path) -> Result<Vec<Record>, DataError> {
 pub fn validate(t: &TaskSection) -> Result<(), (Option<&'static str>, String)> {
     if !SOURCES.contains(&t.source.as_str()) {
         return Err((Some("source"), format!("unknown data source `{}`; available: {}", t.source, SOURCES.join(", "))));
+    }
+    if t.shuffle_buffer.is_some() && t.source != "webdataset" {
+        return Err((
+            Some("shuffle_buffer"),
+            format!(
+                "shuffle_buffer orders WebDataset shards; `{}` data is shuffled whole. Remove it, or use \
+                 `source = \"webdataset\"`",
+                t.source
+            ),
+        ));
+    }
+    if t.shuffle_buffer == Some(0) {
+        return Err((
+            Some("shuffle_buffer"),
+            "shuffle_buffer must be at least 1 (remove it for a full shuffle)".into(),
+        ));
     }
     if t.source == "shapes" {
         return super::shapes::validate(t).map_err(|m| (None, m));
@@ -379,8 +413,8 @@ fn dataset_info(path: &Path) -> Result<Option<DatasetInfo>, DataError> {
     Ok(Some(info))
 }
 
-/// Every record of a task's source, plus the dataset's metadata.
-fn read_records(t: &TaskSection) -> Result<(Vec<Record>, Option<DatasetInfo>), DataError> {
+/// Every record of a task's source (before filtering and splitting), plus the dataset's metadata.
+pub fn read_all(t: &TaskSection) -> Result<(Vec<Record>, Option<DatasetInfo>), DataError> {
     let path = t.path.as_deref().unwrap_or(Path::new("."));
     let info = dataset_info(path)?;
     let root_of = |file: &Path| t.images.clone().unwrap_or_else(|| file.parent().unwrap_or(Path::new(".")).into());
@@ -400,6 +434,7 @@ fn read_records(t: &TaskSection) -> Result<(Vec<Record>, Option<DatasetInfo>), D
         "csv" => read_csv(path, &root_of(path))?,
         "karpathy" => read_karpathy(path, &root_of(path))?,
         "folders" => read_folders(path)?,
+        "webdataset" => super::webdataset::read_records(path)?,
         other => {
             return Err(DataError::Invalid { path: path.display().to_string(), reason: format!("source `{other}`") })
         }
@@ -451,9 +486,15 @@ fn examples(
     t: &TaskSection,
     records: &[Record],
     templates: &[String],
+    shards: &ShardIds,
 ) -> Result<(Vec<Example>, Vec<String>), DataError> {
-    let checked: Vec<Result<(), super::preprocess::ImageError>> =
-        records.par_iter().map(|r| super::image::check_file(&r.image)).collect();
+    let checked: Vec<Result<(), super::preprocess::ImageError>> = records
+        .par_iter()
+        .map(|r| match &r.member {
+            Some(m) => super::webdataset::check_member(m),
+            None => super::image::check_file(&r.image),
+        })
+        .collect();
     let mut out = Vec::with_capacity(records.len());
     let mut skipped = Vec::new();
     for (r, check) in records.iter().zip(checked) {
@@ -484,10 +525,46 @@ fn examples(
                 reason: "this image has neither captions nor a class".into(),
             });
         }
-        let image = super::image::ImageSource::File(r.image.clone());
-        out.push(Example { image, captions, class: r.class.clone(), id: r.image.display().to_string() });
+        let image = match &r.member {
+            Some(m) => super::image::ImageSource::Shard(m.clone()),
+            None => super::image::ImageSource::File(r.image.clone()),
+        };
+        out.push(Example {
+            image,
+            captions,
+            class: r.class.clone(),
+            id: r.image.display().to_string(),
+            shard: shards.of(r),
+        });
     }
     Ok((out, skipped))
+}
+
+/// Each WebDataset shard's index in the order the shards were read.
+#[derive(Default)]
+struct ShardIds(HashMap<std::sync::Arc<Path>, u32>);
+
+impl ShardIds {
+    fn new(records: &[Record]) -> Self {
+        let mut ids = HashMap::new();
+        for m in records.iter().filter_map(|r| r.member.as_ref()) {
+            let next = ids.len() as u32;
+            ids.entry(m.shard.clone()).or_insert(next);
+        }
+        ShardIds(ids)
+    }
+
+    fn of(&self, r: &Record) -> Option<u32> {
+        r.member.as_ref().map(|m| self.0[&m.shard])
+    }
+
+    /// Records back in shard order (splitting and subsampling shuffle them), so a split is
+    /// read shard by shard, each sequentially.
+    fn sort(&self, records: &mut [Record]) {
+        if !self.0.is_empty() {
+            records.sort_by_key(|r| (self.of(r), r.member.as_ref().map(|m| m.offset)));
+        }
+    }
 }
 
 /// A task's data as its manifests describe it, read without decoding an image.
@@ -505,12 +582,16 @@ pub struct Inventory {
 
 /// The split sizes and missing files of a task on disk, after its filters and caps.
 pub fn inventory(t: &TaskSection) -> Result<Inventory, DataError> {
-    let (records, _) = read_records(t)?;
+    let (records, _) = read_all(t)?;
     let (train, test) = select(t, records);
     let mut classes: Vec<&String> = train.iter().chain(&test).filter_map(|r| r.class.as_ref()).collect();
     classes.sort();
     classes.dedup();
-    let missing = train.iter().chain(&test).filter(|r| !r.image.is_file()).map(|r| r.image.display().to_string());
+    let missing = train
+        .iter()
+        .chain(&test)
+        .filter(|r| r.member.is_none() && !r.image.is_file())
+        .map(|r| r.image.display().to_string());
     Ok(Inventory {
         train: train.len(),
         test: test.len(),
@@ -522,7 +603,7 @@ pub fn inventory(t: &TaskSection) -> Result<Inventory, DataError> {
 
 /// Load a task from disk at the model's preprocessing.
 pub fn load(t: &TaskSection, pre: &Preprocess) -> Result<TaskData, DataError> {
-    let (records, info) = read_records(t)?;
+    let (records, info) = read_all(t)?;
     let templates = if !t.templates.is_empty() {
         t.templates.clone()
     } else {
@@ -531,9 +612,12 @@ pub fn load(t: &TaskSection, pre: &Preprocess) -> Result<TaskData, DataError> {
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| vec![DEFAULT_TEMPLATE.into()])
     };
-    let (train_r, test_r) = select(t, records);
-    let (train, mut skipped) = examples(t, &train_r, &templates)?;
-    let (test, skipped_test) = examples(t, &test_r, &templates)?;
+    let shards = ShardIds::new(&records);
+    let (mut train_r, mut test_r) = select(t, records);
+    shards.sort(&mut train_r);
+    shards.sort(&mut test_r);
+    let (train, mut skipped) = examples(t, &train_r, &templates, &shards)?;
+    let (test, skipped_test) = examples(t, &test_r, &templates, &shards)?;
     skipped.extend(skipped_test);
     // Classes: the dataset's order where it has one (labels stay stable under filtering),
     // else sorted.
@@ -553,6 +637,7 @@ pub fn load(t: &TaskSection, pre: &Preprocess) -> Result<TaskData, DataError> {
         templates,
         skipped,
         on_error: t.on_error,
+        order: t.epoch_order(),
     })
 }
 

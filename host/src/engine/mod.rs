@@ -336,7 +336,7 @@ impl<'a> Run<'a> {
         if task.train.len() < 2 {
             bail!("task `{}` has {} training examples; at least 2 are needed", task.name, task.train.len());
         }
-        let n_steps = steps_in_task(task.train.len(), &c.train);
+        let n_steps = steps_in_task(task.epoch_examples(), &c.train);
         let (mut steps, mut opt) = begin_task(s, self.precision, t_idx, n_steps)?;
         self.task_start = match &c.adapter {
             // A coefficient of 1 keeps the task's result: nothing to average with.
@@ -487,7 +487,7 @@ impl<'a> Run<'a> {
         let s = self.session;
         let c = &s.cfg.config;
         let (rt, task) = (s.runtime(), &s.tasks[t_idx]);
-        let n_steps = steps_in_task(task.train.len(), &c.train);
+        let n_steps = steps_in_task(task.epoch_examples(), &c.train);
         let info = task_info(t_idx, task, n_steps);
         let after = GradientPass::AfterTask;
         gradient_pass(
@@ -575,7 +575,8 @@ pub fn epoch_plan(s: &Session, t_idx: usize, epoch: usize) -> Vec<data::loader::
     let c = &s.cfg.config;
     let mut rng = StdRng::seed_from_u64(c.experiment.seed ^ ((t_idx as u64) << 32) ^ epoch as u64);
     let augment_seed = task_seed(c.experiment.seed, t_idx) ^ (epoch as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    data::loader::plan_epoch(&s.tasks[t_idx].train, c.train.batch_size, &mut rng, augment_seed)
+    let task = &s.tasks[t_idx];
+    data::loader::plan_epoch(&task.train, &task.order, c.train.batch_size, &mut rng, augment_seed)
 }
 
 /// Copies of the model's own parameters (not the adapter's or the strategies'), by name.

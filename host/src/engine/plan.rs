@@ -85,7 +85,7 @@ pub fn dry_run(cfg: &LoadedConfig, registry: &Registry) -> anyhow::Result<String
     let _ = writeln!(out, "  {}", describe_pipeline(&c.data));
     let _ = writeln!(out, "  tasks ({} epochs each, batch {}):", c.train.epochs, c.train.batch_size);
     for (t, inv) in c.tasks.iter().zip(&tasks) {
-        let steps = steps_in_task(inv.train, &c.train);
+        let steps = steps_in_task(t.samples_per_epoch.unwrap_or(inv.train), &c.train);
         let _ = writeln!(out, "    {}", describe(t, inv, Some(steps)));
     }
     for (label, sets, invs) in

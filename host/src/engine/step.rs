@@ -135,7 +135,9 @@ pub(crate) fn gradient_pass(
     // Evaluation mode: no dropout, so the gradients are those of the trained function.
     rt.set_training(false);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6772_6164 ^ info.index);
-    for (b, plan) in data::loader::plan_epoch(examples, bs, &mut rng, 0).into_iter().take(most).enumerate() {
+    for (b, plan) in
+        data::loader::plan_epoch(examples, &Default::default(), bs, &mut rng, 0).into_iter().take(most).enumerate()
+    {
         let batch = set.eval_batch(examples, &plan, &model.preprocess)?;
         if batch.len() < 2 {
             continue;
