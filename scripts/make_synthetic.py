@@ -8,6 +8,10 @@ Written in both forms Recall and open_clip read:
   OUT/wds/data-000000.tar ...              (WebDataset shards: KEY.jpg + KEY.txt)
 
     python3 scripts/make_synthetic.py OUT --images 50000 [--test 1000] [--shard-size 5000] [--seed 0]
+                                         [--captions 2]
+
+--captions 5 gives every image five captions, as COCO and Flickr30K have (the evaluation
+memory benchmark's COCO-5k stand-in: --images 5000 --test 5000 --captions 5).
 
 Deterministic in --seed. Needs numpy and Pillow (no network). 50,000 images take about 1.3 GB
 and a few minutes on two cores.
@@ -44,7 +48,7 @@ def image(rng, size):
     px = (base[..., None] + noise).clip(0, 255).astype(np.uint8)
     img = Image.fromarray(px, "RGB")
     draw = ImageDraw.Draw(img)
-    named = []
+    named, places = [], []
     for _ in range(int(rng.integers(1, 4))):
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -53,8 +57,14 @@ def image(rng, size):
         box = [cx - r, cy - r, cx + r, cy + r]
         (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
         named.append(f"a {colour} {shape}")
+        places.append(f"({int(cx)}, {int(cy)})")
     first = " and ".join(named)
-    return img, [f"a picture of {first}", f"{len(named)} shapes: {', '.join(named)}"]
+    captions = [f"a picture of {first}", f"{len(named)} shapes: {', '.join(named)}"]
+    # Captions 3-5 name where the shapes are, so (as in COCO) no two images share a caption set.
+    where = " and ".join(places)
+    more = [f"an image showing {first} at {where}", f"{first} on a noisy background, centred at {where}",
+            f"a drawing of {', '.join(reversed(named))} at {where}"]
+    return img, captions + more
 
 
 def jpeg(img):
@@ -71,6 +81,7 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--shard-size", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--captions", type=int, default=2, choices=range(1, 6), help="captions per image (1-5)")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     root = os.path.join(args.out, "jsonl")
@@ -80,6 +91,7 @@ def main():
     shard = None
     for i in range(args.images):
         img, captions = image(rng, args.size)
+        captions = captions[: args.captions]
         data = jpeg(img)
         key = f"{i:08d}"
         name = f"images/{key}.jpg"

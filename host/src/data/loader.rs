@@ -38,11 +38,12 @@ pub struct Batch {
     /// Indices into the split of the examples it holds (a skipped image leaves a gap).
     pub indices: Vec<usize>,
     pub captions: Vec<String>,
-    /// [B, 3, S, S] bytes after the transform.
+    /// [B, 3, S, S] bytes after the transform. Batches wait in the queue as bytes, a quarter
+    /// of their floats; they are normalised when the step takes them.
     pub pixels: Vec<u8>,
-    /// The same, normalised with the model's mean and std.
-    pub normalized: Vec<f32>,
     pub size: usize,
+    /// The model's normalisation.
+    pub preprocess: Preprocess,
     /// Images that could not be decoded and were left out (`on_error = "skip"`).
     pub skipped: Vec<String>,
 }
@@ -56,10 +57,20 @@ impl Batch {
         self.indices.is_empty()
     }
 
+    /// The pixels normalised with the model's mean and std, images in parallel.
+    pub fn normalized(&self) -> Vec<f32> {
+        let image = 3 * self.size * self.size;
+        let mut out = vec![0f32; self.pixels.len()];
+        out.par_chunks_mut(image.max(1)).zip(self.pixels.par_chunks(image.max(1))).for_each(|(dst, src)| {
+            normalize_into(src, &self.preprocess, dst);
+        });
+        out
+    }
+
     /// The normalised pixels as a [B, 3, S, S] tensor.
     pub fn tensor(&self, device: &Device, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
         let s = self.size;
-        Tensor::from_slice(&self.normalized, (self.len(), 3, s, s), device)?.to_dtype(dtype)
+        Tensor::from_vec(self.normalized(), (self.len(), 3, s, s), device)?.to_dtype(dtype)
     }
 
     /// The pixels normalised with another model's constants (a teacher's).
@@ -148,8 +159,8 @@ impl Pipeline<'_> {
             indices: Vec::with_capacity(plan.indices.len()),
             captions: Vec::with_capacity(plan.indices.len()),
             pixels: Vec::with_capacity(plan.indices.len() * 3 * size * size),
-            normalized: Vec::new(),
             size,
+            preprocess: self.preprocess.clone(),
             skipped: Vec::new(),
         };
         for ((&i, caption), px) in plan.indices.iter().zip(&plan.captions).zip(prepared) {
@@ -174,11 +185,6 @@ impl Pipeline<'_> {
                 }
             }
         }
-        let image = 3 * size * size;
-        batch.normalized = vec![0f32; batch.pixels.len()];
-        batch.normalized.par_chunks_mut(image).zip(batch.pixels.par_chunks(image)).for_each(|(dst, src)| {
-            normalize_into(src, self.preprocess, dst);
-        });
         Ok(batch)
     }
 
@@ -411,7 +417,8 @@ mod tests {
         let mut out = Vec::new();
         loader
             .stream(pipeline, plans, |b| -> Result<(), LoadError> {
-                out.push((b.indices, b.pixels, b.normalized));
+                let normalized = b.normalized();
+                out.push((b.indices, b.pixels, normalized));
                 Ok(())
             })
             .unwrap();

@@ -118,7 +118,7 @@ mod d {
         2
     }
     pub fn cache_budget_mb() -> u64 {
-        1024
+        256
     }
     pub fn crop_scale() -> [f64; 2] {
         [0.9, 1.0]

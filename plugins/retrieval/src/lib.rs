@@ -7,7 +7,8 @@
 //! against the correct item, so a degenerate model (all embeddings equal) scores zero rather
 //! than a perfect score. Non-finite similarities (a model whose weights or embeddings hold NaN
 //! or infinity) are an error, never a score: NaN compares false with everything, so it would
-//! otherwise rank every right answer first. Values are percentages.
+//! otherwise rank every right answer first. Values are percentages. Similarities are computed
+//! in blocks of rows, so memory beyond the embeddings is bounded whatever the split's size.
 
 use recall_sdk::prelude::*;
 use serde::Deserialize;
@@ -27,6 +28,11 @@ pub struct Retrieval {
     ks: Vec<usize>,
 }
 
+/// Similarities are computed this many at a time at most (32 MB of f32), a block of whole
+/// rows, so evaluating COCO-5k (5,000 images x 25,000 captions: 500 MB as one matrix) stays
+/// within a bounded amount of memory beyond its embeddings.
+pub const BLOCK_ELEMENTS: usize = 8 << 20;
+
 /// Rank (0-based) of the best correct item in `scores`: the number of incorrect items scoring
 /// at least as high as the best correct one.
 pub fn best_rank(scores: &[f32], is_correct: impl Fn(usize) -> bool) -> Option<usize> {
@@ -39,9 +45,136 @@ pub fn best_rank(scores: &[f32], is_correct: impl Fn(usize) -> bool) -> Option<u
     Some(scores.iter().enumerate().filter(|(i, &s)| !is_correct(*i) && s >= best).count())
 }
 
-/// Recall@K for both directions from a row-major [Ni, Nt] similarity matrix.
-/// Recall@K both ways. `group[i]` (optional) makes images interchangeable: a text is a right
-/// answer for every image of its image's group (class captions shared by many images).
+/// The queries of a retrieval split both ways: which texts answer which images, images
+/// grouped by identical caption sets. Fed rows of similarities (an image's over all texts,
+/// a text's over all images) in any blocking; the ranks and the scores follow.
+pub struct Queries<'a> {
+    n_images: usize,
+    text_image: &'a [u32],
+    group: Vec<u32>,
+    i2t_ranks: Vec<usize>,
+    t2i_ranks: Vec<usize>,
+    non_finite: usize,
+    first_non_finite: Option<(f32, usize, usize)>,
+}
+
+impl<'a> Queries<'a> {
+    /// Checks the index and the groups against the number of images.
+    pub fn new(n_images: usize, text_image: &'a [u32], group: Option<&[u32]>) -> Result<Self> {
+        if let Some(bad) = text_image.iter().find(|&&i| i as usize >= n_images) {
+            bail!("text_image_index names image {bad}, but there are only {n_images} images");
+        }
+        let group = match group {
+            Some(g) if g.len() != n_images => bail!("image_group has {} entries for {n_images} images", g.len()),
+            Some(g) => g.to_vec(),
+            None => (0..n_images as u32).collect(),
+        };
+        Ok(Queries {
+            n_images,
+            text_image,
+            group,
+            i2t_ranks: Vec::with_capacity(n_images),
+            t2i_ranks: Vec::with_capacity(text_image.len()),
+            non_finite: 0,
+            first_non_finite: None,
+        })
+    }
+
+    /// Image `image`'s similarities to every text, in text order. Images are fed in order.
+    pub fn image_row(&mut self, image: usize, row: &[f32]) {
+        if let Some(k) = row.iter().position(|s| !s.is_finite()) {
+            self.non_finite += row.iter().filter(|s| !s.is_finite()).count();
+            self.first_non_finite.get_or_insert((row[k], image, k));
+        }
+        let (group, text_image) = (&self.group, self.text_image);
+        if let Some(r) = best_rank(row, |t| group[text_image[t] as usize] == group[image]) {
+            self.i2t_ranks.push(r);
+        }
+    }
+
+    /// Text `text`'s similarities to every image, in image order.
+    pub fn text_row(&mut self, text: usize, row: &[f32]) {
+        let right = self.group[self.text_image[text] as usize];
+        let group = &self.group;
+        self.t2i_ranks.push(best_rank(row, |i| group[i] == right).unwrap_or(usize::MAX));
+    }
+
+    /// An error naming how many similarities were not finite and the first, once every
+    /// image row has been fed: NaN compares false with everything, so it would otherwise
+    /// rank every right answer first.
+    pub fn refuse_non_finite(&self) -> Result<()> {
+        match self.first_non_finite {
+            None => Ok(()),
+            Some((value, image, text)) => bail!(
+                "{} of {} similarities are not finite (the first, {value}, at image {image} and text {text}): the \
+                 embeddings hold NaN or infinity, so no retrieval score is reported",
+                self.non_finite,
+                self.n_images * self.text_image.len(),
+            ),
+        }
+    }
+
+    /// Recall@K both ways, their mean, and what a random ranking scores (the random
+    /// baseline of FWT).
+    pub fn scores(&self, ks: &[usize]) -> Result<Vec<(String, f64)>> {
+        self.refuse_non_finite()?;
+        if self.t2i_ranks.len() != self.text_image.len() {
+            bail!("{} text rows were ranked for {} texts", self.t2i_ranks.len(), self.text_image.len());
+        }
+        let pct = |ranks: &[usize], k: usize| -> f64 {
+            if ranks.is_empty() {
+                return 0.0;
+            }
+            100.0 * ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len() as f64
+        };
+        let mut out = Vec::new();
+        for &k in ks {
+            out.push((format!("i2t_r{k}"), pct(&self.i2t_ranks, k)));
+        }
+        for &k in ks {
+            out.push((format!("t2i_r{k}"), pct(&self.t2i_ranks, k)));
+        }
+        let mean = out.iter().map(|(_, v)| v).sum::<f64>() / out.len().max(1) as f64;
+        out.push(("mean_recall".to_string(), mean));
+        out.extend(self.chance(ks));
+        Ok(out)
+    }
+
+    /// For a query with c right answers among n candidates, P(one in the top k) =
+    /// 1 - C(n-c, k) / C(n, k).
+    fn chance(&self, ks: &[usize]) -> Vec<(String, f64)> {
+        let hit = |n: usize, c: usize, k: usize| -> f64 {
+            1.0 - (0..k.min(n)).map(|j| (n.saturating_sub(c + j)) as f64 / (n - j) as f64).product::<f64>()
+        };
+        let mut images_in = std::collections::HashMap::<u32, usize>::new();
+        for &g in &self.group {
+            *images_in.entry(g).or_default() += 1;
+        }
+        let mut texts_of = std::collections::HashMap::<u32, usize>::new();
+        for &t in self.text_image {
+            *texts_of.entry(self.group[t as usize]).or_default() += 1;
+        }
+        let n_texts = self.text_image.len();
+        let mut out = Vec::new();
+        for &k in ks {
+            let queries: Vec<f64> = (self.group.iter().map(|g| texts_of.get(g).copied().unwrap_or(0)))
+                .filter(|&c| c > 0)
+                .map(|c| hit(n_texts, c, k))
+                .collect();
+            out.push((format!("i2t_r{k}_chance"), 100.0 * queries.iter().sum::<f64>() / queries.len().max(1) as f64));
+        }
+        for &k in ks {
+            let queries =
+                self.text_image.iter().map(|&img| hit(self.n_images, images_in[&self.group[img as usize]], k));
+            out.push((format!("t2i_r{k}_chance"), 100.0 * queries.sum::<f64>() / n_texts.max(1) as f64));
+        }
+        out
+    }
+}
+
+/// Recall@K both ways from a row-major [Ni, Nt] similarity matrix held whole (small sets,
+/// tests). `group[i]` (optional) makes images interchangeable: a text is a right answer for
+/// every image of its image's group (class captions shared by many images).
 pub fn recall_at_k(
     sims: &[f32],
     n_images: usize,
@@ -53,79 +186,37 @@ pub fn recall_at_k(
     if sims.len() != n_images * n_texts {
         bail!("similarity matrix has {} entries, expected {n_images} x {n_texts}", sims.len());
     }
-    if let Some(bad) = text_image.iter().find(|&&i| i as usize >= n_images) {
-        bail!("text_image_index names image {bad}, but there are only {n_images} images");
-    }
-    refuse_non_finite(sims, n_texts)?;
-    let identity: Vec<u32> = (0..n_images as u32).collect();
-    let group = group.unwrap_or(&identity);
-    if group.len() != n_images {
-        bail!("image_group has {} entries for {n_images} images", group.len());
-    }
-    let same = |a: usize, b: usize| group[a] == group[b];
-    let mut i2t_ranks = Vec::with_capacity(n_images);
+    let mut q = Queries::new(n_images, text_image, group)?;
     for i in 0..n_images {
-        let row = &sims[i * n_texts..(i + 1) * n_texts];
-        if let Some(r) = best_rank(row, |t| same(text_image[t] as usize, i)) {
-            i2t_ranks.push(r);
-        }
+        q.image_row(i, &sims[i * n_texts..(i + 1) * n_texts]);
     }
-    let mut t2i_ranks = Vec::with_capacity(n_texts);
+    q.refuse_non_finite()?;
     let mut column = vec![0f32; n_images];
-    for (t, &img) in text_image.iter().enumerate() {
+    for t in 0..n_texts {
         for (i, c) in column.iter_mut().enumerate() {
             *c = sims[i * n_texts + t];
         }
-        t2i_ranks.push(best_rank(&column, |i| same(i, img as usize)).unwrap_or(usize::MAX));
+        q.text_row(t, &column);
     }
-    let pct = |ranks: &[usize], k: usize| -> f64 {
-        if ranks.is_empty() {
-            return 0.0;
-        }
-        100.0 * ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len() as f64
-    };
-    let mut out = Vec::new();
-    for &k in ks {
-        out.push((format!("i2t_r{k}"), pct(&i2t_ranks, k)));
-    }
-    for &k in ks {
-        out.push((format!("t2i_r{k}"), pct(&t2i_ranks, k)));
-    }
-    let mean = out.iter().map(|(_, v)| v).sum::<f64>() / out.len().max(1) as f64;
-    out.push(("mean_recall".to_string(), mean));
-    // What a random ranking scores on this split (the random baseline of FWT): for a query
-    // with c right answers among n candidates, P(one in the top k) = 1 - C(n-c, k) / C(n, k).
-    let hit = |n: usize, c: usize, k: usize| -> f64 {
-        1.0 - (0..k.min(n)).map(|j| (n.saturating_sub(c + j)) as f64 / (n - j) as f64).product::<f64>()
-    };
-    let group_size: Vec<usize> = (0..n_images).map(|i| (0..n_images).filter(|&j| same(i, j)).count()).collect();
-    let right_texts: Vec<usize> =
-        (0..n_images).map(|i| text_image.iter().filter(|&&t| same(t as usize, i)).count()).collect();
-    for &k in ks {
-        let queries: Vec<f64> = right_texts.iter().filter(|&&c| c > 0).map(|&c| hit(n_texts, c, k)).collect();
-        out.push((format!("i2t_r{k}_chance"), 100.0 * queries.iter().sum::<f64>() / queries.len().max(1) as f64));
-    }
-    for &k in ks {
-        let queries: Vec<f64> = text_image.iter().map(|&img| hit(n_images, group_size[img as usize], k)).collect();
-        out.push((format!("t2i_r{k}_chance"), 100.0 * queries.iter().sum::<f64>() / queries.len().max(1) as f64));
-    }
-    Ok(out)
+    q.scores(ks)
 }
 
-/// An error naming how many similarities are not finite and the first (row, column).
-pub fn refuse_non_finite(sims: &[f32], n_cols: usize) -> Result<()> {
-    let bad = sims.iter().filter(|s| !s.is_finite()).count();
-    match sims.iter().position(|s| !s.is_finite()) {
-        None => Ok(()),
-        Some(first) => bail!(
-            "{bad} of {} similarities are not finite (the first, {}, at image {} and text {}): the \
-             embeddings hold NaN or infinity, so no retrieval score is reported",
-            sims.len(),
-            sims[first],
-            first / n_cols.max(1),
-            first % n_cols.max(1)
-        ),
+/// Rows of `a` against every row of `b` (both L2-normalised), `BLOCK_ELEMENTS` similarities
+/// at a time, each row handed to `row` with its index.
+fn similarity_rows(a: &Tensor, b: &Tensor, mut row: impl FnMut(usize, &[f32])) -> Result<()> {
+    let (n, m) = (a.dim(0)?, b.dim(0)?);
+    let per_block = (BLOCK_ELEMENTS / m.max(1)).max(1);
+    let bt = b.t()?;
+    let mut start = 0;
+    while start < n {
+        let len = per_block.min(n - start);
+        let block = a.narrow(0, start, len)?.matmul(&bt)?.to_vec_f32()?;
+        for (r, values) in block.chunks(m.max(1)).enumerate().take(len) {
+            row(start + r, values);
+        }
+        start += len;
     }
+    Ok(())
 }
 
 impl Evaluator for Retrieval {
@@ -138,14 +229,21 @@ impl Evaluator for Retrieval {
         Ok(Retrieval { ks: cfg.ks })
     }
 
+    /// Similarities in blocks of rows, images against texts then texts against images (the
+    /// products twice, so no [Ni, Nt] matrix is ever held).
     fn evaluate(&mut self, host: &Host, inputs: &[NamedTensor]) -> Result<Vec<(String, f64)>> {
         let img = host.input(inputs, "image_embeds")?.l2_normalize(1e-12)?;
         let txt = host.input(inputs, "text_embeds")?.l2_normalize(1e-12)?;
         let index = host.input(inputs, "text_image_index")?.to_vec_u32()?;
         let group = host.find_input(inputs, "image_group")?.map(|g| g.to_vec_u32()).transpose()?;
-        let n_images = img.dim(0)?;
-        let sims = img.matmul(&txt.t()?)?.to_vec_f32()?;
-        recall_at_k(&sims, n_images, &index, group.as_deref(), &self.ks)
+        if txt.dim(0)? != index.len() {
+            bail!("text_image_index has {} entries for {} texts", index.len(), txt.dim(0)?);
+        }
+        let mut q = Queries::new(img.dim(0)?, &index, group.as_deref())?;
+        similarity_rows(&img, &txt, |i, row| q.image_row(i, row))?;
+        q.refuse_non_finite()?;
+        similarity_rows(&txt, &img, |t, row| q.text_row(t, row))?;
+        q.scores(&self.ks)
     }
 }
 

@@ -23,28 +23,39 @@ pub struct ZeroShot {
     ks: Vec<usize>,
 }
 
+/// Class scores are computed this many at a time at most (32 MB of f32), in whole rows.
+pub const BLOCK_ELEMENTS: usize = 8 << 20;
+
 /// Top-k accuracies (percent) of `scores` ([N, C] row-major) against `labels`.
 pub fn top_k(scores: &[f32], n_classes: usize, labels: &[u32], ks: &[usize]) -> Result<Vec<(String, f64)>> {
+    let ranks = ranks_of(scores, n_classes, labels, 0)?;
+    Ok(accuracies(&ranks, n_classes, ks))
+}
+
+/// The rank of each image's right class among `scores` ([N, C] row-major): how many other
+/// classes score at least as high. `first` is the first row's index in the whole set (for
+/// errors). Non-finite scores are an error: NaN compares false with everything and would rank
+/// the right class first.
+pub fn ranks_of(scores: &[f32], n_classes: usize, labels: &[u32], first: usize) -> Result<Vec<usize>> {
     if n_classes == 0 || scores.len() != labels.len() * n_classes {
         bail!("scores have {} entries, expected {} images x {n_classes} classes", scores.len(), labels.len());
     }
     if let Some(bad) = labels.iter().find(|&&l| l as usize >= n_classes) {
         bail!("label {bad} is out of range for {n_classes} classes");
     }
-    // NaN compares false with everything and would rank the right class first.
-    if let Some(first) = scores.iter().position(|s| !s.is_finite()) {
+    if let Some(at) = scores.iter().position(|s| !s.is_finite()) {
         bail!(
-            "{} of {} class scores are not finite (the first, {}, at image {} and class {}): the embeddings \
-             hold NaN or infinity, so no accuracy is reported",
+            "{} of the {} class scores of images {first}..{} are not finite (the first, {}, at image {} and class \
+             {}): the embeddings hold NaN or infinity, so no accuracy is reported",
             scores.iter().filter(|s| !s.is_finite()).count(),
             scores.len(),
-            scores[first],
-            first / n_classes,
-            first % n_classes
+            first + labels.len(),
+            scores[at],
+            first + at / n_classes,
+            at % n_classes
         );
     }
-    // Rank of the right class: how many other classes score at least as high.
-    let ranks: Vec<usize> = labels
+    Ok(labels
         .iter()
         .enumerate()
         .map(|(i, &l)| {
@@ -52,7 +63,12 @@ pub fn top_k(scores: &[f32], n_classes: usize, labels: &[u32], ks: &[usize]) -> 
             let right = row[l as usize];
             row.iter().enumerate().filter(|&(c, &s)| c != l as usize && s >= right).count()
         })
-        .collect();
+        .collect())
+}
+
+/// Top-k accuracies from the ranks, and a random classifier's top-k (k of C classes: the
+/// random baseline of FWT).
+fn accuracies(ranks: &[usize], n_classes: usize, ks: &[usize]) -> Vec<(String, f64)> {
     let mut out: Vec<(String, f64)> = ks
         .iter()
         .map(|&k| {
@@ -60,11 +76,10 @@ pub fn top_k(scores: &[f32], n_classes: usize, labels: &[u32], ks: &[usize]) -> 
             (format!("top{k}"), 100.0 * hits as f64 / ranks.len().max(1) as f64)
         })
         .collect();
-    // A random classifier's top-k: k of C classes (the random baseline of FWT).
     for &k in ks {
         out.push((format!("top{k}_chance"), 100.0 * k.min(n_classes) as f64 / n_classes as f64));
     }
-    Ok(out)
+    out
 }
 
 impl Evaluator for ZeroShot {
@@ -81,9 +96,23 @@ impl Evaluator for ZeroShot {
         let img = host.input(inputs, "image_embeds")?.l2_normalize(1e-12)?;
         let classes = host.input(inputs, "class_embeds")?.l2_normalize(1e-12)?;
         let labels = host.input(inputs, "labels")?.to_vec_u32()?;
-        let n_classes = classes.dim(0)?;
-        let scores = img.matmul(&classes.t()?)?.to_vec_f32()?;
-        top_k(&scores, n_classes, &labels, &self.ks)
+        let (n_images, n_classes) = (img.dim(0)?, classes.dim(0)?);
+        if labels.len() != n_images {
+            bail!("labels has {} entries for {n_images} images", labels.len());
+        }
+        // Scores in blocks of whole rows (ImageNet's 50,000 x 1,000 would be 200 MB at once);
+        // each block's ranks are exact, so the accuracies are those of the whole matrix.
+        let per_block = (BLOCK_ELEMENTS / n_classes.max(1)).max(1);
+        let class_t = classes.t()?;
+        let mut ranks = Vec::with_capacity(n_images);
+        let mut start = 0;
+        while start < n_images {
+            let len = per_block.min(n_images - start);
+            let scores = img.narrow(0, start, len)?.matmul(&class_t)?.to_vec_f32()?;
+            ranks.extend(ranks_of(&scores, n_classes, &labels[start..start + len], start)?);
+            start += len;
+        }
+        Ok(accuracies(&ranks, n_classes, &self.ks))
     }
 }
 
@@ -122,6 +151,9 @@ mod tests {
     #[test]
     fn nan_scores_are_refused_not_counted_as_hits() {
         let e = top_k(&[0.2, f32::NAN, 0.1, 0.3], 2, &[0, 1], &[1]).unwrap_err().to_string();
-        assert!(e.contains("1 of 4 class scores are not finite") && e.contains("image 0 and class 1"), "{e}");
+        assert!(
+            e.contains("1 of the 4 class scores of images 0..2 are not finite") && e.contains("image 0 and class 1"),
+            "{e}"
+        );
     }
 }
