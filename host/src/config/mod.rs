@@ -801,6 +801,29 @@ plugin = "retrieval"
     }
 
     #[test]
+    fn epoch_order_keys_are_checked_and_located() {
+        let task = "[[task]]\nname = \"a\"\nshapes = [\"circle\", \"square\"]\n";
+        assert!(MINIMAL.contains(task));
+        let part = "[[task.part]]\nname = \"p\"\nshapes = [\"circle\"]\n";
+        let zeroshot = "[[zeroshot]]\nname = \"z\"\nshapes = [\"circle\"]\n";
+        for (extra, after, key, says) in [
+            ("shuffle_buffer = 64\n", "", "shuffle_buffer", "orders WebDataset shards"),
+            ("samples_per_epoch = 1\n", "", "samples_per_epoch", "at least 2"),
+            ("shuffle_buffer = 8\n", part, "shuffle_buffer", "a task of several parts"),
+            ("", &format!("{part}samples_per_epoch = 100\n"), "samples_per_epoch", "not on one of its parts"),
+            ("", &format!("{zeroshot}samples_per_epoch = 100\n"), "samples_per_epoch", "only a [[task]] trains"),
+        ] {
+            let src = MINIMAL.replace(task, &format!("{task}{extra}{after}"));
+            let e = parse(&src, "x.toml").unwrap_err();
+            let line = src.lines().enumerate().filter(|(_, l)| l.starts_with(key)).last().unwrap().0 + 1;
+            assert_eq!(e.line, line, "{extra}{after}: {e}");
+            assert!(e.message.contains(says), "{extra}{after}: {e}");
+        }
+        let ok = MINIMAL.replace(task, &format!("{task}samples_per_epoch = 100\n"));
+        assert_eq!(parse(&ok, "x.toml").unwrap().config.tasks[0].samples_per_epoch, Some(100));
+    }
+
+    #[test]
     fn semantic_errors_are_located() {
         let src = MINIMAL.replace("batch_size = 8", "batch_size = 1");
         let e = parse(&src, "x.toml").unwrap_err();
