@@ -66,7 +66,7 @@ for m in "${order[@]}"; do
     "$recall" run -q --resume "$dir"
     continue
   fi
-  args=(--set "experiment.seed=$seed" "${epochs_set[@]}")
+  args=(--set "experiment.seed=$seed" --set "experiment.method=$m$epochs_tag" "${epochs_set[@]}")
   file=experiments/mini-vlcl/mini-vlcl.toml
   if [[ "${methods[$m]}" == file:* ]]; then
     file="${methods[$m]#file:}"

@@ -59,12 +59,18 @@ enum Command {
     /// Compare finished runs (run or sweep directories): Avg, Last, BWT, forgetting, PD,
     /// trainable parameters and time per method, mean ± std over seeds, as Markdown.
     Compare {
+        /// Run directories and sweep directories; the seeds of one method (its method key,
+        /// `[experiment] method`) are grouped into one row.
         #[arg(required = true)]
         runs: Vec<PathBuf>,
         /// A method to show signed deltas against.
         #[arg(long)]
         baseline: Option<String>,
-        /// Also write compare.md, compare.csv and compare.html (with plots) into this directory.
+        /// What to print: a Markdown table, CSV or a LaTeX table (booktabs).
+        #[arg(long, value_enum, default_value = "markdown")]
+        format: CompareFormat,
+        /// Also write compare.md, compare.csv, compare.tex and compare.html (with plots) into
+        /// this directory.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -141,6 +147,14 @@ enum Command {
     /// tensors created, graph nodes, bytes held for backward, host reads, peak memory), or
     /// with --boundary the plugin boundary's cost on a fixed small step.
     Bench(BenchArgs),
+}
+
+/// `recall compare --format`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompareFormat {
+    Markdown,
+    Csv,
+    Latex,
 }
 
 #[derive(Subcommand)]
@@ -441,13 +455,18 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sweep(args) => sweep_command(cli, args),
         Command::Sync(args) => sync_command(args),
-        Command::Compare { runs, baseline, out } => {
+        Command::Compare { runs, baseline, format, out } => {
             let c = recall_host::report::compare(runs, baseline.as_deref())?;
             let md = c.markdown();
-            print!("{md}");
+            match format {
+                CompareFormat::Markdown => print!("{md}"),
+                CompareFormat::Csv => print!("{}", c.csv()),
+                CompareFormat::Latex => print!("{}", c.latex()),
+            }
             if let Some(dir) = out {
                 recall_host::fsutil::write_atomic(&dir.join("compare.md"), md.as_bytes())?;
                 recall_host::fsutil::write_atomic(&dir.join("compare.csv"), c.csv().as_bytes())?;
+                recall_host::fsutil::write_atomic(&dir.join("compare.tex"), c.latex().as_bytes())?;
                 let html = recall_host::report_html::render(&c, "Recall comparison");
                 recall_host::fsutil::write_atomic(&dir.join("compare.html"), html.as_bytes())?;
             }

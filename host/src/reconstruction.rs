@@ -88,7 +88,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         bail!("{}: the tasks have {} training images; at least 2 are needed", cfg.file, train.len());
     }
     let dir = open_run_dir(opts, &c.experiment)?;
-    dir.record_provenance(c.experiment.seed, false, &[])?;
+    dir.record_provenance(&c.experiment.method_key(), c.experiment.seed, false, &[])?;
     if let Err(e) = crate::runlog::open(&dir.log_file()) {
         tracing::warn!("cannot write {}: {e}", dir.log_file().display());
     }

@@ -34,6 +34,14 @@ fn compare_matches_the_golden_files() {
         std::fs::read_to_string(out.path().join("compare.csv")).unwrap(),
         std::fs::read_to_string(root.join("tests/fixtures/compare/expected.csv")).unwrap()
     );
+    // The LaTeX table: the same rounded digits (checked by hand against expected.md).
+    let tex = std::fs::read_to_string(root.join("tests/fixtures/compare/expected.tex")).unwrap();
+    assert_eq!(std::fs::read_to_string(out.path().join("compare.tex")).unwrap(), tex);
+    let mut latex = args.clone();
+    latex.truncate(latex.len() - 2);
+    latex.extend(["--format", "latex"]);
+    let (ok, stdout, stderr) = recall(&latex, &root);
+    assert!(ok && stdout == tex, "{stderr}");
     // The HTML report: self-contained, with the table and inline SVG charts.
     let html = std::fs::read_to_string(out.path().join("compare.html")).unwrap();
     assert!(html.contains("<td>finetune (baseline)</td>") && html.contains("<b>4.00 (-5.00)</b>"), "{html}");

@@ -103,6 +103,11 @@ pub struct ExperimentConfig {
 #[serde(deny_unknown_fields)]
 pub struct ExperimentSection {
     pub name: String,
+    /// The method this run is one seed of: `recall compare` groups seeds by it, and it names
+    /// the run directory and the MLflow `method` tag (default: `name`; a sweep's points are
+    /// their labels). Set it when one experiment file runs several methods through `--set`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
     #[serde(default)]
     pub seed: u64,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
@@ -115,6 +120,18 @@ pub struct ExperimentSection {
     #[serde(default = "d::output_dir")]
     pub output_dir: PathBuf,
 }
+
+impl ExperimentSection {
+    /// The method key, one for every place that names the method (run directory, run.json,
+    /// the tracker's `method` tag, `recall compare`): a sweep point's label when the sweep
+    /// runs it (`RECALL_SWEEP_LABEL`), else `method`, else `name`.
+    pub fn method_key(&self) -> String {
+        std::env::var(SWEEP_LABEL_VAR).ok().or_else(|| self.method.clone()).unwrap_or_else(|| self.name.clone())
+    }
+}
+
+/// The environment variable through which a sweep gives each point's run its label.
+pub const SWEEP_LABEL_VAR: &str = "RECALL_SWEEP_LABEL";
 
 /// The `[sweep]` section (expanded by `crate::sweep`).
 #[derive(Deserialize, Serialize, Clone, Debug, Default)]

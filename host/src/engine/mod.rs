@@ -214,7 +214,7 @@ impl<'a> Run<'a> {
             Vec::new()
         };
         let previous: Option<Progress> = if opts.resume { dir.read_progress()? } else { None };
-        dir.record_provenance(c.experiment.seed, opts.resume, &config_changes)?;
+        dir.record_provenance(&c.experiment.method_key(), c.experiment.seed, opts.resume, &config_changes)?;
         if !opts.resume || !config_changes.is_empty() {
             dir.write_identity(&identity)?;
         }

@@ -110,7 +110,7 @@ fn start_event(session: &Session, run_dir: &Path) -> anyhow::Result<Event> {
     let mut params = crate::tracking::config_params(c)?;
     params.push(("trainable_parameters".into(), session.model.trainable_parameters().to_string()));
     let mut tags: Vec<(String, String)> = vec![
-        ("method".into(), std::env::var("RECALL_SWEEP_LABEL").unwrap_or_else(|_| c.experiment.name.clone())),
+        ("method".into(), c.experiment.method_key()),
         ("seed".into(), c.experiment.seed.to_string()),
         ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
         ("recall_version".into(), env!("CARGO_PKG_VERSION").into()),

@@ -26,11 +26,17 @@ pub(crate) fn open_run_dir(
     };
     match &opts.run_dir {
         Some(d) => claim(d, how),
-        None => claim(&new_run_dir(&e.output_dir, &e.name, e.seed)?, Claim::Fresh),
+        None => claim(&new_run_dir(&e.output_dir, &file_name_of(&e.method_key()), e.seed)?, Claim::Fresh),
     }
 }
 
-/// A fresh run directory `output_dir/NAME-seedS-N` (N counts up).
+/// A method key as a file name: characters other than letters, digits, `.`, `_`, `-` and
+/// `=` become `_`.
+pub fn file_name_of(key: &str) -> String {
+    key.chars().map(|c| if c.is_ascii_alphanumeric() || "._-=".contains(c) { c } else { '_' }).collect()
+}
+
+/// A fresh run directory `output_dir/METHOD-seedS-N` (N counts up).
 fn new_run_dir(output_dir: &Path, name: &str, seed: u64) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("cannot create output directory {}", output_dir.display()))?;

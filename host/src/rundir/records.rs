@@ -37,6 +37,7 @@ impl RunDir {
     /// when; each resume is appended with the config changes it was allowed.
     pub fn record_provenance(
         &self,
+        method: &str,
         seed: u64,
         resume: bool,
         config_changes: &[crate::identity::Change],
@@ -64,6 +65,7 @@ impl RunDir {
                 }
             }
         } else {
+            record.insert("method".into(), method.into());
             record.insert("seed".into(), seed.into());
             record.insert("started".into(), event);
         }

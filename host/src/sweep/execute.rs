@@ -177,7 +177,7 @@ pub fn run_local(
             cmd.stderr(std::fs::File::create(dir.join("stderr.txt"))?);
             cmd.stdin(Stdio::null());
             // Trackers name the sweep and the point (see `tracking`).
-            cmd.env("RECALL_SWEEP_NAME", &plan.name).env("RECALL_SWEEP_LABEL", &p.label);
+            cmd.env("RECALL_SWEEP_NAME", &plan.name).env(crate::config::SWEEP_LABEL_VAR, &p.label);
             for (k, v) in env {
                 cmd.env(k, v);
             }

@@ -2,9 +2,15 @@
 //! finished runs, seeds of one method grouped (mean ± std), with signed deltas against a
 //! baseline and the best value per column marked; as Markdown and CSV.
 //!
-//! A method's name is its sweep point's label (from the sweep's `sweep.json`), or the run
-//! directory's name without a trailing `-seedN`. Runs that have not finished are listed as
-//! missing, with how far they got.
+//! A method's name is its method key (`run.json`'s `method`: a sweep point's label,
+//! `[experiment] method`, or the experiment's name); for runs recorded before the key
+//! existed, the run directory's name without a trailing `-seedN` or `-seedN-NNN`. Runs
+//! that have not finished are listed as missing, with how far they got. Runs compared on
+//! different protocols (tasks, held-out sets, evaluators, epochs), and seeds of one method
+//! whose configurations differ, are flagged under the table.
+
+mod protocol;
+mod render;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -144,10 +150,24 @@ struct Found {
     dir: PathBuf,
 }
 
+/// A run's method key: `run.json`'s `method`, else (runs from before it was recorded) the
+/// directory's name without `-seedN` or `-seedN-NNN`.
+fn method_of_run(dir: &Path) -> String {
+    let recorded = std::fs::read_to_string(dir.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["method"].as_str().map(String::from));
+    recorded.unwrap_or_else(|| method_of_dir(dir))
+}
+
 fn method_of_dir(dir: &Path) -> String {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
+    let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
     match name.rsplit_once("-seed") {
-        Some((m, s)) if !m.is_empty() && s.chars().all(|c| c.is_ascii_digit()) => m.to_string(),
+        Some((m, s)) if !m.is_empty() && digits(s) => m.to_string(),
+        Some((m, s)) if !m.is_empty() && s.split_once('-').is_some_and(|(a, b)| digits(a) && digits(b)) => {
+            m.to_string()
+        }
         _ => name,
     }
 }
@@ -164,7 +184,7 @@ fn discover(paths: &[PathBuf]) -> anyhow::Result<Vec<Found>> {
                 out.push(Found { method: point["label"].as_str().unwrap_or(id).to_string(), dir: p.join(id) });
             }
         } else if p.join("config.resolved.toml").is_file() || p.join("summary.json").is_file() {
-            out.push(Found { method: method_of_dir(p), dir: p.clone() });
+            out.push(Found { method: method_of_run(p), dir: p.clone() });
         } else {
             bail!("{} is neither a run directory nor a sweep directory (no sweep.json)", p.display());
         }
@@ -184,19 +204,25 @@ pub struct Comparison {
     pub missing: Vec<String>,
     pub batch_sizes: Vec<usize>,
     pub curves: Vec<Curves>,
+    /// What makes rows hard to compare: protocols that differ between methods, seeds of one
+    /// method whose configurations differ.
+    pub notes: Vec<String>,
 }
 
+/// Mean and sample standard deviation, each rounded once to the two decimals every format
+/// shows (a value that rounds to zero is +0, never -0).
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     let std = if v.len() > 1 { (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
-    (mean, std)
+    (render::round2(mean), render::round2(std))
 }
 
 /// Compare the runs under `paths`, grouped by method, optionally against `baseline`.
 pub fn compare(paths: &[PathBuf], baseline: Option<&str>) -> anyhow::Result<Comparison> {
     let found = discover(paths)?;
     let mut groups: Vec<(String, Vec<Summary>)> = Vec::new();
+    let mut configs: Vec<(String, PathBuf)> = Vec::new();
     let mut missing = Vec::new();
     for f in found {
         let file = f.dir.join("summary.json");
@@ -204,6 +230,7 @@ pub fn compare(paths: &[PathBuf], baseline: Option<&str>) -> anyhow::Result<Comp
             Ok(text) => {
                 let s: Summary = serde_json::from_str(&text)
                     .with_context(|| format!("{} is not a Recall run summary", file.display()))?;
+                configs.push((f.method.clone(), f.dir.join("config.resolved.toml")));
                 match groups.iter_mut().find(|(m, _)| *m == f.method) {
                     Some((_, v)) => v.push(s),
                     None => groups.push((f.method, vec![s])),
@@ -309,82 +336,31 @@ pub fn compare(paths: &[PathBuf], baseline: Option<&str>) -> anyhow::Result<Comp
         missing,
         batch_sizes,
         curves,
+        notes: protocol::notes(&configs),
     })
 }
 
-impl Comparison {
-    /// The text of cell (row i, column j): mean (± std over seeds), delta to the baseline.
-    pub fn cell(&self, i: usize, j: usize) -> String {
-        let Some((mean, std)) = self.rows[i].2[j] else { return "-".into() };
-        let integer = self.headers[j] == "trainable params";
-        let mut s = if integer {
-            format!("{mean:.0}")
-        } else if self.rows[i].1 > 1 {
-            format!("{mean:.2} ± {std:.2}")
-        } else {
-            format!("{mean:.2}")
-        };
-        if let Some(b) = self.baseline.filter(|&b| b != i) {
-            if let Some((base, _)) = self.rows[b].2[j] {
-                if !integer {
-                    s.push_str(&format!(" ({:+.2})", mean - base));
-                }
-            }
-        }
-        s
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// Markdown: best per column in bold; the baseline's row marked.
-    pub fn markdown(&self) -> String {
-        let mut out = format!(
-            "| method | seeds | {} |\n|---|---:|{}\n",
-            self.headers.join(" | "),
-            "---:|".repeat(self.headers.len())
-        );
-        for (i, (m, n, _)) in self.rows.iter().enumerate() {
-            let name = if self.baseline == Some(i) { format!("{m} (baseline)") } else { m.clone() };
-            out.push_str(&format!("| {name} | {n} |"));
-            for j in 0..self.headers.len() {
-                let c = self.cell(i, j);
-                if self.best[j] == Some(i) && self.rows.len() > 1 {
-                    out.push_str(&format!(" **{c}** |"));
-                } else {
-                    out.push_str(&format!(" {c} |"));
-                }
-            }
-            out.push('\n');
+    #[test]
+    fn a_method_is_its_recorded_key_or_its_directory_without_the_seed() {
+        for (dir, method) in [
+            ("quickstart-seed0-000", "quickstart"),
+            ("quickstart-seed12-003", "quickstart"),
+            ("finetune-e10-seed1", "finetune-e10"),
+            ("seed-bank", "seed-bank"),
+            ("a-seed1-x", "a-seed1-x"),
+        ] {
+            assert_eq!(method_of_dir(Path::new(dir)), method, "{dir}");
         }
-        out.push_str(&format!(
-            "\nmean ± std over seeds; R@1 in %, BWT and forgetting averaged over both directions, PD = zero-shot top-1 \
-             before minus after (lower is better); batch size {}.\n",
-            self.batch_sizes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", ")
-        ));
-        if !self.missing.is_empty() {
-            out.push_str(&format!(
-                "\nmissing runs:\n{}\n",
-                self.missing.iter().map(|m| format!("- {m}\n")).collect::<String>()
-            ));
-        }
-        out
-    }
-
-    /// CSV: one row per method, mean and std columns per metric.
-    pub fn csv(&self) -> String {
-        let mut out = String::from("method,seeds");
-        for h in &self.headers {
-            out.push_str(&format!(",{h} mean,{h} std"));
-        }
-        out.push('\n');
-        for (m, n, cells) in &self.rows {
-            out.push_str(&format!("\"{}\",{n}", m.replace('"', "\"\"")));
-            for c in cells {
-                match c {
-                    Some((mean, std)) => out.push_str(&format!(",{mean},{std}")),
-                    None => out.push_str(",,"),
-                }
-            }
-            out.push('\n');
-        }
-        out
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("whatever-seed0-000");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::write(run.join("run.json"), r#"{"method": "lora-merge", "seed": 0}"#).unwrap();
+        assert_eq!(method_of_run(&run), "lora-merge");
+        std::fs::write(run.join("run.json"), r#"{"seed": 0}"#).unwrap();
+        assert_eq!(method_of_run(&run), "whatever", "runs from before the key fall back to the directory");
     }
 }
