@@ -64,13 +64,14 @@ pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
 
 /// Keys that change how fast batches come or how often a run is checkpointed, never a number
 /// it reports: a resume may change them.
-const SPEED_ONLY: [&str; 6] = [
+const SPEED_ONLY: [&str; 7] = [
     "data.workers",
     "data.prefetch",
     "data.cache",
     "data.cache_budget_mb",
     "train.checkpoint_every_steps",
     "train.checkpoint_every_minutes",
+    "train.log_every_steps",
 ];
 
 /// The identity of `c` as run with the plugins of `registry`. Tracking settings are left out:

@@ -232,14 +232,15 @@ impl Tracking {
         }
     }
 
-    /// How many metric events the log holds (before any end: a run logs one per stage).
+    /// How many stage events the log holds (metric events before any end, training
+    /// telemetry aside: a run logs one per stage).
     pub fn stages_logged(&self) -> anyhow::Result<usize> {
         Ok(self
             .local
             .events()?
             .iter()
             .take_while(|e| !matches!(e, Event::End { .. }))
-            .filter(|e| matches!(e, Event::Metrics { .. }))
+            .filter(|e| matches!(e, Event::Metrics { metrics, .. } if !is_training(metrics)))
             .count())
     }
 
@@ -247,6 +248,11 @@ impl Tracking {
     pub fn is_started(&self) -> bool {
         self.local.delivered() > 0
     }
+}
+
+/// Whether a metrics event is training telemetry (`train/...`) rather than a stage's scores.
+fn is_training(metrics: &[(String, f64, u64)]) -> bool {
+    metrics.first().is_some_and(|(k, _, _)| k.starts_with("train/"))
 }
 
 /// Hand `tracker` every event of `events` it does not hold yet; returns how many it took.

@@ -178,6 +178,13 @@ fn a_sweep_is_one_parent_run_with_nested_children() {
         // Metrics per stage: before training, after task a, after task b.
         assert_eq!(history(&server, id, "a/retrieval/i2t_r1"), vec![0, 1, 2]);
         assert_eq!(history(&server, id, "continual/retrieval/i2t_r1/bwt"), vec![2]);
+        assert_eq!(history(&server, id, "continual/retrieval/i2t_r1/transfer"), vec![2]);
+        // Chance levels apart from the scores; training telemetry at global steps.
+        assert_eq!(history(&server, id, "chance/a/retrieval/i2t_r1"), vec![0, 1, 2]);
+        assert!(history(&server, id, "a/retrieval/i2t_r1_chance").is_empty());
+        let train = history(&server, id, "train/loss");
+        assert!(!train.is_empty() && train.windows(2).all(|w| w[0] < w[1]), "{train:?}");
+        assert_eq!(history(&server, id, "train/lr"), train);
         let files = api_get(&server, "artifacts/list", &[("run_id", id)]);
         let names: Vec<&str> = files["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
         assert!(names.contains(&"summary.json") && names.contains(&"config.resolved.toml"), "{names:?}");

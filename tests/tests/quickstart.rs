@@ -39,6 +39,26 @@ fn quickstart_learns_and_is_reproducible() {
         assert!(tmp.path().join("a").join(f).exists(), "{f} missing from the run directory");
     }
 
+    // Training telemetry: every 10 global steps (and at each task's end) the event log holds
+    // the loss, its terms, the lr and the epoch; the loss falls over the run.
+    let events = std::fs::read_to_string(tmp.path().join("a/tracking/events.jsonl")).unwrap();
+    let mut train: Vec<(u64, f64)> = Vec::new();
+    for line in events.lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        let Some(metrics) = e["metrics"].as_array() else { continue };
+        if metrics.first().is_some_and(|m| m[0] == "train/loss") {
+            let names: Vec<&str> = metrics.iter().map(|m| m[0].as_str().unwrap()).collect();
+            for want in ["train/clip", "train/lr", "train/epoch", "train/images_per_second"] {
+                assert!(names.contains(&want), "{want} missing from {names:?}");
+            }
+            train.push((metrics[0][2].as_u64().unwrap(), metrics[0][1].as_f64().unwrap()));
+        }
+    }
+    let steps = a["steps"].as_u64().unwrap();
+    assert!(train.len() as u64 >= steps / 10, "{train:?}");
+    assert!(train.iter().any(|(s, _)| *s == 10) && train.last().unwrap().0 == steps, "{train:?}");
+    assert!(train.last().unwrap().1 < train[0].1, "{train:?}");
+
     let b = run(&tmp.path().join("b"));
     assert_eq!(a["results"], b["results"], "same seed, different results");
     assert_eq!(a["epoch_losses"], b["epoch_losses"]);

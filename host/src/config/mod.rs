@@ -358,6 +358,18 @@ pub enum ScheduleUnit {
 }
 
 impl OptimizerSection {
+    /// The lr of the default group and of each `[[optimizer.groups]]` entry that sets one,
+    /// at `factor` of the schedule, named as telemetry records them (`lr`, `lr/group0`, ...).
+    pub fn lrs_at(&self, factor: f64) -> Vec<(String, f64)> {
+        let mut out = vec![("lr".to_string(), self.lr * factor)];
+        for (i, g) in self.groups.iter().enumerate() {
+            if let Some(lr) = g.lr {
+                out.push((format!("lr/group{i}"), lr * factor));
+            }
+        }
+        out
+    }
+
     /// The lr factor at `step` (0-based, within the task) of `epoch`, for a task of
     /// `n_steps` steps over `epochs` epochs.
     pub fn lr_factor(&self, step: usize, epoch: usize, n_steps: usize, epochs: usize) -> f64 {
@@ -444,6 +456,19 @@ pub struct TrainSection {
     /// ... and every M minutes of training.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every_minutes: Option<f64>,
+    /// Record training telemetry every N steps (default 10): the loss and each loss term
+    /// averaged over those steps, each group's lr, the gradient norm when clipping computes
+    /// it, images per second and the epoch, at the global step, in the event log, the
+    /// tracker and the progress bar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_every_steps: Option<usize>,
+}
+
+impl TrainSection {
+    /// See [`TrainSection::log_every_steps`].
+    pub fn log_every(&self) -> usize {
+        self.log_every_steps.unwrap_or(10)
+    }
 }
 
 /// An evaluator plugin and which data it judges.

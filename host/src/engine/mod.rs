@@ -14,6 +14,7 @@ mod session;
 mod step;
 mod store;
 mod summary;
+mod telemetry;
 mod terminal;
 
 use std::collections::BTreeMap;
@@ -369,6 +370,7 @@ impl<'a> Run<'a> {
             },
         };
         pb.inc(at.step_in_task as u64);
+        self.report.begin_task(format!("task {} {}", t_idx + 1, task.name), c.train.epochs);
         let mut schedule = CheckpointSchedule::new(&c.train);
         let pipeline = task.pipeline(&task.train, &s.train_transform, &s.model.preprocess);
         while at.epoch < c.train.epochs {
@@ -376,7 +378,17 @@ impl<'a> Run<'a> {
             s.loader.stream(&pipeline, &plans[at.step_in_epoch.min(plans.len())..], |batch| -> anyhow::Result<()> {
                 let lr_factor = c.optimizer.lr_factor(at.step_in_task, at.epoch, n_steps, c.train.epochs);
                 steps.reseed(at.step_in_task);
+                let step_started = Instant::now();
                 if let Some(stats) = self.train_step(&mut steps, &mut opt, &batch, lr_factor)? {
+                    let record = telemetry::StepRecord {
+                        steps_done: self.progress.global_step,
+                        epoch: at.epoch as f64 + (at.step_in_epoch + 1) as f64 / plans.len().max(1) as f64,
+                        lrs: c.optimizer.lrs_at(lr_factor),
+                        stats: &stats,
+                        images: batch.len(),
+                        seconds: step_started.elapsed().as_secs_f64(),
+                    };
+                    self.report.step_done(record, c.train.log_every(), at.epoch, &pb)?;
                     at.totals.add(stats);
                 }
                 at.step_in_task += 1;
@@ -406,6 +418,7 @@ impl<'a> Run<'a> {
             at.epoch += 1;
             at.step_in_epoch = 0;
         }
+        self.report.end_task_training()?;
         pb.finish_and_clear();
         self.progress.epoch_losses.push(at.losses);
         self.progress.epoch_terms.push(at.terms);

@@ -9,6 +9,7 @@ use indicatif::ProgressBar;
 
 use super::store::Progress;
 use super::summary;
+use super::telemetry::{StepRecord, Window};
 use super::terminal::{format_heldout, format_table, progress};
 use super::{RunSummary, Session};
 use crate::tracking::{now_ms, Event, Tracking};
@@ -16,6 +17,10 @@ use crate::tracking::{now_ms, Event, Tracking};
 pub(crate) struct Reporter {
     quiet: bool,
     tracking: Tracking,
+    /// Training telemetry since its last record, and the task it belongs to (the progress
+    /// bar's label) with its number of epochs.
+    window: Window,
+    task: (String, usize),
     /// The metrics shown in the terminal tables (R@1, R@5, mean recall).
     shown: Vec<String>,
     /// Whether the run has held-out zero-shot sets (their table follows each stage's).
@@ -32,12 +37,61 @@ impl Reporter {
         if !tracking.is_started() {
             tracking.log(start_event(session, run_dir)?)?;
         }
-        Ok(Reporter { quiet, tracking, shown: Vec::new(), heldout: !session.heldout_sets.is_empty() })
+        Ok(Reporter {
+            quiet,
+            tracking,
+            window: Window::default(),
+            task: (String::new(), 0),
+            shown: Vec::new(),
+            heldout: !session.heldout_sets.is_empty(),
+        })
     }
 
     /// A progress bar of `len` units, hidden when quiet or not on a terminal.
     pub fn bar(&self, len: usize, label: String, unit: &str) -> ProgressBar {
         progress(self.quiet, len as u64, label, unit)
+    }
+
+    /// A task's training starts (or continues after a resume): `label` names it on the bar.
+    pub fn begin_task(&mut self, label: String, epochs: usize) {
+        self.window = Window::default();
+        self.task = (label, epochs);
+    }
+
+    /// A step was taken: added to the telemetry window, which every `every` steps is recorded
+    /// (event log, tracker, log.txt) and shown on the bar with the epoch and running loss.
+    pub fn step_done(&mut self, r: StepRecord, every: usize, epoch: usize, bar: &ProgressBar) -> anyhow::Result<()> {
+        let steps_done = r.steps_done;
+        let record = self.window.add(r, every);
+        let loss = match &record {
+            Some(m) => m.first().map(|(_, v, _)| *v),
+            None => self.window.running_loss(),
+        };
+        if let Some(loss) = loss {
+            let (label, epochs) = &self.task;
+            bar.set_message(format!("{label} · epoch {}/{epochs} · loss {loss:.4}", epoch + 1));
+        }
+        if let Some(metrics) = record {
+            self.record_train(steps_done, metrics)?;
+        }
+        Ok(())
+    }
+
+    /// The task's last steps, if the window holds any, are recorded.
+    pub fn end_task_training(&mut self) -> anyhow::Result<()> {
+        match self.window.take() {
+            Some(metrics) => {
+                let steps_done = metrics.first().map_or(0, |(_, _, s)| *s as usize);
+                self.record_train(steps_done, metrics)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn record_train(&mut self, steps_done: usize, metrics: Vec<(String, f64, u64)>) -> anyhow::Result<()> {
+        let text: Vec<String> = metrics.iter().map(|(k, v, _)| format!("{}={v:.5}", &k["train/".len()..])).collect();
+        tracing::info!(step = steps_done, "train: {}", text.join(" "));
+        self.tracking.record(Event::Metrics { metrics, time_ms: now_ms() })
     }
 
     /// A resumed run: after its last finished task, or inside the next one at a step.
@@ -75,8 +129,17 @@ impl Reporter {
         self.tracking.log(p.stage_event(t_idx + 1))?;
         self.print_stage(p, t_idx + 1);
         if !self.quiet {
-            let losses = p.epoch_losses[t_idx].iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" ");
-            println!("  loss per epoch: {losses}");
+            let line = |v: &mut dyn Iterator<Item = f64>| v.map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" ");
+            println!("  loss per epoch: {}", line(&mut p.epoch_losses[t_idx].iter().copied()));
+            // Each term of the loss (the task's `clip`, a strategy's), when there are several.
+            let terms = p.epoch_terms.get(t_idx).map(Vec::as_slice).unwrap_or_default();
+            let names: Vec<&String> = terms.first().map(|t| t.keys().collect()).unwrap_or_default();
+            if names.len() > 1 {
+                for name in names {
+                    let values = &mut terms.iter().map(|t| t.get(name).copied().unwrap_or(f64::NAN));
+                    println!("    {name:<12} {}", line(values));
+                }
+            }
         }
         Ok(())
     }

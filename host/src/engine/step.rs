@@ -257,6 +257,8 @@ pub struct StepStats {
     pub peak_memory: Option<u64>,
     /// The autograd graph the step's backward walked, when [`StepProbe::count_graph`] is set.
     pub graph: Option<GraphSize>,
+    /// The gradient norm before clipping, when clipping computed it.
+    pub grad_norm: Option<f64>,
 }
 
 /// Extra measurements of a step for `recall bench`; the training loop asks for none.
@@ -482,6 +484,7 @@ impl TaskSteps<'_> {
         let hooks = s.strategies.iter().try_for_each(|st| st.after_backward(global_step as u64));
         let grads = rt.set_grads(None).expect("gradients were set above");
         hooks?;
+        let mut grad_norm = None;
         let scale = match s.cfg.config.optimizer.grad_clip {
             Some(max) => {
                 let norm = crate::runtime::counters::read_back(|| opt.grad_norm(&grads))?;
@@ -493,6 +496,7 @@ impl TaskSteps<'_> {
                         self.task_name
                     );
                 }
+                grad_norm = Some(norm);
                 clip_factor(norm, Some(max))
             }
             None => 1.0,
@@ -504,6 +508,6 @@ impl TaskSteps<'_> {
             st.after_step(global_step as u64)?;
         }
         mark(probe, 3)?;
-        Ok(StepStats { loss: value, terms, peak_memory, graph })
+        Ok(StepStats { loss: value, terms, peak_memory, graph, grad_norm })
     }
 }

@@ -83,7 +83,12 @@ impl Progress {
             if let Some(row) = m.rows.get(stage) {
                 for (i, cell) in row.iter().enumerate() {
                     for (k, v) in cell {
-                        metrics.push((format!("{suite}{}/{k}", m.tasks[i]), *v, stage as u64));
+                        // What a random ranking scores sits apart from the scores.
+                        let name = match k.strip_suffix("_chance") {
+                            Some(base) => format!("chance/{suite}{}/{base}", m.tasks[i]),
+                            None => format!("{suite}{}/{k}", m.tasks[i]),
+                        };
+                        metrics.push((name, *v, stage as u64));
                     }
                 }
             }

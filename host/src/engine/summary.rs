@@ -126,7 +126,17 @@ pub(crate) fn final_metrics(summary: &RunSummary) -> Vec<(String, f64, u64)> {
     let t = summary.results.tasks.len() as u64;
     let mut metrics = Vec::new();
     for (m, s) in &summary.continual {
-        for (k, v) in [("last", Some(s.last)), ("avg", Some(s.avg)), ("bwt", s.bwt), ("forgetting", s.forgetting)] {
+        let every = [
+            ("last", Some(s.last)),
+            ("avg", Some(s.avg)),
+            ("avg_mtil", Some(s.avg_mtil)),
+            ("bwt", s.bwt),
+            ("forgetting", s.forgetting),
+            ("fwt", s.fwt),
+            ("transfer", Some(s.transfer)),
+            ("transfer_zscl", s.transfer_zscl),
+        ];
+        for (k, v) in every {
             if let Some(v) = v {
                 metrics.push((format!("continual/{m}/{k}"), v, t));
             }

@@ -14,7 +14,7 @@ pub(crate) fn progress(quiet: bool, len: u64, label: String, unit: &str) -> Prog
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template(&format!(
-            "{{msg:>24}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  eta {{eta}}"
+            "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  {{elapsed}} elapsed, eta {{eta}}"
         ))
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
