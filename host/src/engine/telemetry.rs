@@ -19,6 +19,9 @@ pub(crate) struct StepRecord<'a> {
     pub seconds: f64,
 }
 
+/// Where the last step of a window stood: steps done, epoch, each group's lr.
+type Position = (usize, f64, Vec<(String, f64)>);
+
 /// Steps since the last record.
 #[derive(Default)]
 pub(crate) struct Window {
@@ -28,7 +31,7 @@ pub(crate) struct Window {
     grad_norms: Vec<f64>,
     images: usize,
     seconds: f64,
-    last: Option<(usize, f64, Vec<(String, f64)>)>,
+    last: Option<Position>,
 }
 
 impl Window {
@@ -44,7 +47,7 @@ impl Window {
         self.images += r.images;
         self.seconds += r.seconds;
         self.last = Some((r.steps_done, r.epoch, r.lrs));
-        (r.steps_done % every.max(1) == 0).then(|| self.take()).flatten()
+        r.steps_done.is_multiple_of(every.max(1)).then(|| self.take()).flatten()
     }
 
     /// The window's mean loss, if it holds a step.
