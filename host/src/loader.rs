@@ -319,11 +319,13 @@ pub fn probe_in_child(recall_exe: &Path, lib: &Path) -> Result<ProbedPlugin, Str
 pub struct Registry {
     pub plugins: Vec<LoadedPlugin>,
     pub failures: Vec<(PathBuf, LoadError)>,
+    /// The directories searched, in order (for the message when a plugin is not found).
+    pub searched: Vec<PathBuf>,
 }
 
 impl Registry {
     pub fn discover(dirs: &[PathBuf]) -> Registry {
-        let mut reg = Registry::default();
+        let mut reg = Registry { searched: dirs.to_vec(), ..Registry::default() };
         reg.load_all(dirs.iter().flat_map(|d| candidates(d)));
         reg
     }
@@ -339,7 +341,7 @@ impl Registry {
             .iter()
             .flat_map(|d| candidates(d))
             .partition(|p| p.file_name().and_then(|f| f.to_str()).is_some_and(|f| wanted.iter().any(|w| w == f)));
-        let mut reg = Registry::default();
+        let mut reg = Registry { searched: dirs.to_vec(), ..Registry::default() };
         reg.load_all(named);
         if names.iter().any(|n| !reg.plugins.iter().any(|p| p.name == *n)) {
             reg.load_all(rest);
@@ -383,6 +385,15 @@ impl Registry {
                         self.failures.len()
                     ));
                 }
+                let file =
+                    format!("{}recall_plugin_{}{DYLIB_SUFFIX}", std::env::consts::DLL_PREFIX, name.replace('-', "_"));
+                let dirs: Vec<String> = self.searched.iter().map(|d| d.display().to_string()).collect();
+                msg.push_str(&format!(
+                    ". Searched: {}. A plugin is a library named {file} (a crate `recall-plugin-{name}`, built with \
+                     `cargo build --release`); put its directory in `[plugins] search_path`, `--plugin-path DIR` or \
+                     RECALL_PLUGIN_PATH (colon-separated), or copy the library next to the `recall` binary",
+                    if dirs.is_empty() { "nothing".to_string() } else { dirs.join(", ") }
+                ));
                 Err(msg)
             }
         }

@@ -208,6 +208,8 @@ enum NewCommand {
 
 #[derive(clap::Args)]
 struct SyncArgs {
+    /// Run directories and sweep directories (a sweep's parent run, then every point) whose
+    /// event logs hold events the tracking server has not received.
     #[arg(required = true)]
     dirs: Vec<PathBuf>,
     /// Tracking server (default: the run's [tracking] uri, else MLFLOW_TRACKING_URI).
@@ -270,6 +272,7 @@ struct RunArgs {
 }
 #[derive(clap::Args)]
 struct SweepArgs {
+    /// The experiment file; its `[sweep]` section gives the axes, seeds and rows.
     file: PathBuf,
     /// Override a key of the base experiment; repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]

@@ -35,7 +35,37 @@ pub struct TrackingSection {
     pub tags: toml::Table,
 }
 
+/// The environment variable that names an MLflow server, as MLflow's own clients read it.
+pub const MLFLOW_URI_VAR: &str = "MLFLOW_TRACKING_URI";
+
 impl TrackingSection {
+    /// The tracking a run gets: its `[tracking]` section, or, without one, MLflow at
+    /// `MLFLOW_TRACKING_URI` when that is set (as MLflow's own clients do); `None`: the
+    /// run directory's event log only.
+    pub fn effective(section: Option<&TrackingSection>) -> Option<TrackingSection> {
+        match section {
+            Some(t) => Some(t.clone()),
+            None => std::env::var(MLFLOW_URI_VAR).ok().filter(|u| !u.trim().is_empty()).map(|uri| TrackingSection {
+                backend: "mlflow".into(),
+                uri: Some(uri),
+                experiment: None,
+                tags: toml::Table::new(),
+            }),
+        }
+    }
+
+    /// Where events go, for the run's first lines: `mlflow at URI (experiment E)`.
+    pub fn describe(&self, experiment: &str) -> String {
+        match self.backend.as_str() {
+            "mlflow" => format!(
+                "MLflow at {} (experiment `{}`), and the run directory's event log",
+                self.uri().map(|u| redact(&u)).unwrap_or_else(|e| format!("? ({e})")),
+                self.experiment.as_deref().unwrap_or(experiment)
+            ),
+            _ => "the run directory's event log only".into(),
+        }
+    }
+
     pub fn uri(&self) -> anyhow::Result<String> {
         match self.uri.clone().or_else(|| std::env::var("MLFLOW_TRACKING_URI").ok()) {
             Some(u) => Ok(u.trim_end_matches('/').to_string()),

@@ -72,6 +72,23 @@ fn unknown_plugin_lists_the_available_ones() {
 }
 
 #[test]
+fn an_error_in_a_set_value_names_the_set_and_where_plugins_come_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_experiment(&dir, SMALL_EXPERIMENT);
+    let set = "strategy=[{plugin=\"my-strat\"}]";
+    let (ok, _, err) = recall(&["run", &file, "-q", "--set", set]);
+    assert!(!ok);
+    assert!(err.contains(&format!("--set {set}: unknown strategy plugin `my-strat`")), "{err}");
+    assert!(!err.contains(&format!("{file}:")), "the file is not to blame: {err}");
+    assert!(err.contains("librecall_plugin_my_strat.so") && err.contains("RECALL_PLUGIN_PATH"), "{err}");
+    assert!(err.contains("--plugin-path") && err.contains("Searched: "), "{err}");
+    // A key the schema does not know, given by --set, is the --set's too.
+    let (ok, _, err) = recall(&["run", &file, "-q", "--set", "train.epochz=3"]);
+    assert!(!ok);
+    assert!(err.contains("--set train.epochz=3: unknown key `epochz`") && err.contains("`epochs`"), "{err}");
+}
+
+#[test]
 fn cuda_in_a_cpu_build_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let file = write_experiment(&dir, SMALL_EXPERIMENT);
@@ -232,9 +249,10 @@ fn dry_run_checks_everything_prints_the_plan_and_writes_nothing() {
         !ok && err.contains("task[1] `flickr` names 1 image files that do not exist") && err.contains("3.png"),
         "{err}"
     );
-    // A bad plugin option is refused by the plugin, located, as a run would refuse it.
+    // A bad plugin option is refused by the plugin, located (at the --set that gave it), as
+    // a run would refuse it.
     let (ok, _, err) = recall(&["run", "--dry-run", &exp, "--set", "evaluator[0].ks=[0]"]);
-    assert!(!ok && err.contains("exp.toml:") && err.contains("plugin `retrieval`: ks must be"), "{err}");
+    assert!(!ok && err.contains("--set evaluator[0].ks=[0]: plugin `retrieval`: ks must be"), "{err}");
 }
 
 /// A JSONL directory (`train.jsonl`, `test.jsonl`, `dataset.json`) of `n` images per split:

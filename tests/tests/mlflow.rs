@@ -164,6 +164,17 @@ fn a_sweep_is_one_parent_run_with_nested_children() {
         assert_eq!(t.get("mlflow.parentRunId").map(String::as_str), Some(parent_id));
         assert_eq!(t.get("baseline").map(String::as_str), Some("lr=0.001"));
         assert!(t.get("method").unwrap().starts_with("optimizer.lr="), "{t:?}");
+        // A child is named by its label and seed (its directory is a hash); MLflow's system
+        // tags are set.
+        let name = child["info"]["run_name"].as_str().unwrap();
+        let seed = name.rsplit_once(" seed").map(|(_, s)| s.to_string()).unwrap_or_default();
+        assert!(
+            name.starts_with("optimizer.lr=") && Some(seed.as_str()) == t.get("seed").map(String::as_str),
+            "{name}"
+        );
+        for system in ["mlflow.source.git.commit", "mlflow.source.name", "mlflow.user"] {
+            assert!(t.get(system).is_some_and(|v| !v.is_empty()), "{system} missing: {t:?}");
+        }
         assert!(t.contains_key("git_commit") && t.contains_key("seed"));
         assert_eq!(child["info"]["status"], "FINISHED");
         let params: std::collections::HashMap<&str, &str> = child["data"]["params"]
@@ -187,7 +198,9 @@ fn a_sweep_is_one_parent_run_with_nested_children() {
         assert_eq!(history(&server, id, "train/lr"), train);
         let files = api_get(&server, "artifacts/list", &[("run_id", id)]);
         let names: Vec<&str> = files["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
-        assert!(names.contains(&"summary.json") && names.contains(&"config.resolved.toml"), "{names:?}");
+        for f in ["summary.json", "config.resolved.toml", "log.txt", "run.json", "plugins.json"] {
+            assert!(names.contains(&f), "{f} not uploaded: {names:?}");
+        }
     }
     assert_eq!(parent["info"]["status"], "FINISHED");
     // The parent carries the sweep's manifest and comparison report.
@@ -249,4 +262,35 @@ fn an_outage_mid_run_loses_nothing_and_sync_sends_each_metric_once() {
     }
     let r = api_get(&server, "runs/get", &[("run_id", &id)]);
     assert_eq!(r["run"]["info"]["status"], "FINISHED");
+}
+
+#[test]
+fn mlflow_tracking_uri_alone_tracks_and_the_run_says_where() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("mlflow"), free_port());
+    std::fs::write(tmp.path().join("e.toml"), SMALL_EXPERIMENT).unwrap();
+    let uri = format!("http://127.0.0.1:{}", server.port);
+    let out = Command::new(recall_bin())
+        .args(["run", "e.toml", "--run-dir", "run"])
+        .current_dir(tmp.path())
+        .env("MLFLOW_TRACKING_URI", &uri)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first = stdout.lines().find(|l| l.starts_with("tracking:")).unwrap_or_default();
+    assert!(first.contains(&format!("MLflow at {uri}")), "{stdout}");
+    let id = recall_host::tracking::run_id(&tmp.path().join("run")).expect("an MLflow run was created");
+    let r = api_get(&server, "runs/get", &[("run_id", &id)]);
+    assert_eq!(r["run"]["info"]["status"], "FINISHED");
+    assert!(!history(&server, &id, "train/loss").is_empty());
+    // Without the variable, the run says it keeps its events locally.
+    let out = Command::new(recall_bin())
+        .args(["run", "e.toml", "--run-dir", "local"])
+        .current_dir(tmp.path())
+        .env_remove("MLFLOW_TRACKING_URI")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("tracking: the run directory's event log only"), "{stdout}");
 }

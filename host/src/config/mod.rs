@@ -552,25 +552,58 @@ pub struct LoadedConfig {
     pub config: ExperimentConfig,
     pub source: String,
     pub file: String,
+    /// The `--set KEY=VALUE` overrides applied to the file's text, as given.
+    pub overrides: Vec<String>,
 }
 
 impl LoadedConfig {
-    /// A located error for the key at `dotted` (e.g. `adapter.rnak`).
+    /// A located error for the key at `dotted` (e.g. `adapter.rnak`): the file's line, or
+    /// the `--set` that gave the key (or a table above it) its value.
     pub fn error_at(&self, dotted: &str, message: impl Into<String>) -> ConfigError {
+        if let Some(o) = self.overrides.iter().rev().find(|o| override_covers(o, dotted)) {
+            return ConfigError { file: format!("--set {o}"), line: 0, column: 0, message: message.into() };
+        }
         let (line, column) =
             locate(&self.source, &parse_path(dotted)).map_or((1, 1), |s| line_col(&self.source, s.start));
         ConfigError { file: self.file.clone(), line, column, message: message.into() }
     }
 }
 
+/// Whether the override `KEY=VALUE` set the key `dotted` or a table that holds it.
+fn override_covers(o: &str, dotted: &str) -> bool {
+    let key = o.split_once('=').map_or(o, |(k, _)| k).trim();
+    dotted == key || dotted.strip_prefix(key).is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+}
+
 /// Parse and check experiment text. Pure: no file is read and nothing is resolved, so a
 /// config can be checked anywhere (a sweep's points, the fuzzer); `resolve` is the step
 /// that makes its paths and assets real.
 pub fn parse(src: &str, file: &str) -> Result<LoadedConfig, ConfigError> {
+    parse_with(src, file, &[])
+}
+
+/// [`parse`] of a file's text after `overrides`: errors in keys they set name the `--set`.
+fn parse_with(src: &str, file: &str, overrides: &[String]) -> Result<LoadedConfig, ConfigError> {
     let config: ExperimentConfig = toml::from_str(src).map_err(|e| located(file, src, &e))?;
-    let loaded = LoadedConfig { config, source: src.to_string(), file: file.to_string() };
+    let loaded =
+        LoadedConfig { config, source: src.to_string(), file: file.to_string(), overrides: overrides.to_vec() };
     validate::validate(&loaded)?;
     Ok(loaded)
+}
+
+/// When the file's own text reads as an experiment but it no longer does after the
+/// overrides, the first override that breaks it, as the error's place.
+fn blame_override(original: &str, file: &str, overrides: &[String]) -> Option<ConfigError> {
+    let reads = |text: &str| toml::from_str::<ExperimentConfig>(text);
+    reads(original).ok()?;
+    for i in 0..overrides.len() {
+        let text = apply_overrides(original, file, &overrides[..=i]).ok()?;
+        if let Err(e) = reads(&text) {
+            let message = located(file, &text, &e).message;
+            return Some(ConfigError { file: format!("--set {}", overrides[i]), line: 0, column: 0, message });
+        }
+    }
+    None
 }
 
 /// Read, override, parse and resolve an experiment file.
@@ -582,8 +615,12 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedConfig, ConfigErr
         column: 1,
         message: format!("cannot read the experiment file: {e}"),
     })?;
-    let src = apply_overrides(&src, &file, overrides)?;
-    resolve(parse(&src, &file)?)
+    let edited = apply_overrides(&src, &file, overrides)?;
+    match parse_with(&edited, &file, overrides) {
+        Ok(loaded) => resolve(loaded),
+        Err(e) if e.file == file && !overrides.is_empty() => Err(blame_override(&src, &file, overrides).unwrap_or(e)),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -32,8 +32,20 @@ impl Reporter {
     /// start with the config's parameters and the run's tags.
     pub fn open(session: &Session, run_dir: &Path, quiet: bool) -> anyhow::Result<Self> {
         let (cfg, c) = (session.cfg, &session.cfg.config);
+        let section = crate::tracking::TrackingSection::effective(c.tracking.as_ref());
         let mut tracking =
-            Tracking::open(run_dir, c.tracking.as_ref()).map_err(|e| cfg.error_at("tracking", format!("{e:#}")))?;
+            Tracking::open(run_dir, section.as_ref()).map_err(|e| cfg.error_at("tracking", format!("{e:#}")))?;
+        let experiment = tracking_experiment(c);
+        let where_to = match &section {
+            Some(t) => t.describe(&experiment),
+            None => {
+                format!("the run directory's event log only ({} unset, no [tracking])", crate::tracking::MLFLOW_URI_VAR)
+            }
+        };
+        tracing::info!("tracking: {where_to}");
+        if !quiet {
+            println!("tracking: {where_to}");
+        }
         if !tracking.is_started() {
             tracking.log(start_event(session, run_dir)?)?;
         }
@@ -112,12 +124,10 @@ impl Reporter {
         for stage in self.tracking.stages_logged()?..p.results.rows.len() {
             self.tracking.log(p.stage_event(stage))?;
         }
-        self.shown = p
-            .results
-            .metric_names()
-            .into_iter()
-            .filter(|m| m.ends_with("_r1") || m.ends_with("_r5") || m.ends_with("mean_recall"))
-            .collect();
+        // Every score in reading order (every configured K); chance levels stay in the files.
+        self.shown = super::terminal::ordered_columns(
+            p.results.metric_names().into_iter().filter(|m| !m.ends_with("_chance")).collect(),
+        );
         if p.finished_tasks == 0 {
             self.print_stage(p, 0);
         }
@@ -178,6 +188,14 @@ fn start_event(session: &Session, run_dir: &Path) -> anyhow::Result<Event> {
         ("git_commit".into(), env!("RECALL_GIT_COMMIT").into()),
         ("recall_version".into(), env!("CARGO_PKG_VERSION").into()),
         ("run_dir".into(), std::path::absolute(run_dir)?.display().to_string()),
+        // MLflow's own system tags, as its clients set them.
+        ("mlflow.source.git.commit".into(), env!("RECALL_GIT_COMMIT").into()),
+        ("mlflow.source.name".into(), session.cfg.file.clone()),
+        ("mlflow.source.type".into(), "LOCAL".into()),
+        (
+            "mlflow.user".into(),
+            std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()),
+        ),
     ];
     if let Ok(parent) = std::env::var("RECALL_MLFLOW_PARENT_RUN_ID") {
         tags.push(("mlflow.parentRunId".into(), parent));
@@ -185,12 +203,20 @@ fn start_event(session: &Session, run_dir: &Path) -> anyhow::Result<Event> {
     for (k, v) in c.tracking.iter().flat_map(|t| &t.tags) {
         tags.push((k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())));
     }
-    let experiment = c
-        .tracking
+    let experiment = tracking_experiment(c);
+    // A sweep's point is named by its label (its id is a hash); a run by its directory.
+    let name = match std::env::var(crate::config::SWEEP_LABEL_VAR) {
+        Ok(label) => format!("{label} seed{}", c.experiment.seed),
+        Err(_) => run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    Ok(Event::Start { experiment, name, tags, params, time_ms: now_ms() })
+}
+
+/// The tracker's experiment: `[tracking] experiment`, the sweep's name, or the experiment's.
+fn tracking_experiment(c: &crate::config::ExperimentConfig) -> String {
+    c.tracking
         .as_ref()
         .and_then(|t| t.experiment.clone())
         .or_else(|| std::env::var("RECALL_SWEEP_NAME").ok())
-        .unwrap_or_else(|| c.experiment.name.clone());
-    let name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(Event::Start { experiment, name, tags, params, time_ms: now_ms() })
+        .unwrap_or_else(|| c.experiment.name.clone())
 }

@@ -117,6 +117,11 @@ pub(crate) fn write(summary: &RunSummary, dir: &RunDir) -> anyhow::Result<Vec<St
     dir.write_summary(summary)?;
     let mut files = vec!["config.resolved.toml".to_string(), "summary.json".into(), "splits.json".into()];
     files.extend(dir.r_matrix_files()?);
+    // The records of how it ran: the log (complete but for its last lines), the build and
+    // command line, the plugins' libraries.
+    files.extend(
+        ["run.json", "plugins.json", "log.txt"].into_iter().map(String::from).filter(|f| dir.path().join(f).is_file()),
+    );
     Ok(files)
 }
 

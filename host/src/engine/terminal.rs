@@ -56,9 +56,40 @@ pub fn format_table(results: &ResultMatrix, stage: usize, metrics: &[&str]) -> S
     s
 }
 
+/// Metric columns in reading order: each evaluator's together (in the order first seen),
+/// image-to-text recalls by K, then text-to-image by K, then top-K accuracies by K, then the
+/// rest (`mean_recall`), and what chance scores last.
+pub(crate) fn ordered_columns(names: Vec<String>) -> Vec<String> {
+    let mut plugins: Vec<String> = Vec::new();
+    for n in &names {
+        let p = n.rsplit_once('/').map_or("", |(p, _)| p).to_string();
+        if !plugins.contains(&p) {
+            plugins.push(p);
+        }
+    }
+    let key = |n: &String| {
+        let (plugin, metric) = n.rsplit_once('/').unwrap_or(("", n));
+        let (metric, chance) = metric.strip_suffix("_chance").map_or((metric, false), |m| (m, true));
+        let k: usize = metric.rsplit(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse().ok()).unwrap_or(0);
+        let class = if metric.starts_with("i2t_r") {
+            0
+        } else if metric.starts_with("t2i_r") {
+            1
+        } else if metric.starts_with("top") {
+            2
+        } else {
+            3
+        };
+        (plugins.iter().position(|p| p == plugin), chance, class, k, metric.to_string())
+    };
+    let mut names = names;
+    names.sort_by_key(key);
+    names
+}
+
 /// A table of one stage's zero-shot scores.
 pub(crate) fn format_heldout(heldout: &ResultMatrix, stage: usize) -> String {
-    let names: Vec<String> = heldout.metric_names();
+    let names: Vec<String> = ordered_columns(heldout.metric_names());
     // Columns as wide as their names, so long metric names stay apart.
     let widths: Vec<usize> = names.iter().map(|m| m.len().max(8) + 2).collect();
     let mut s = format!("{:<20}", "zero-shot set");
@@ -75,4 +106,38 @@ pub(crate) fn format_heldout(heldout: &ResultMatrix, stage: usize) -> String {
         s.push('\n');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_read_i2t_then_t2i_by_k_then_the_mean_and_chance_last() {
+        let names = [
+            "retrieval/i2t_r10",
+            "retrieval/i2t_r1",
+            "retrieval/mean_recall",
+            "retrieval/t2i_r5",
+            "retrieval/i2t_r5",
+            "retrieval/t2i_r1",
+            "retrieval/t2i_r10",
+            "retrieval/i2t_r1_chance",
+        ];
+        let got = ordered_columns(names.iter().map(|s| s.to_string()).collect());
+        let want = [
+            "retrieval/i2t_r1",
+            "retrieval/i2t_r5",
+            "retrieval/i2t_r10",
+            "retrieval/t2i_r1",
+            "retrieval/t2i_r5",
+            "retrieval/t2i_r10",
+            "retrieval/mean_recall",
+            "retrieval/i2t_r1_chance",
+        ];
+        assert_eq!(got, want);
+        let zs = ["zeroshot/top5_chance", "zeroshot/top5", "zeroshot/top1_chance", "zeroshot/top1"];
+        let got = ordered_columns(zs.iter().map(|s| s.to_string()).collect());
+        assert_eq!(got, ["zeroshot/top1", "zeroshot/top5", "zeroshot/top1_chance", "zeroshot/top5_chance"]);
+    }
 }

@@ -61,7 +61,10 @@ type ChildEnv = Vec<(String, String)>;
 /// With `[tracking]`: the sweep's parent run (its events live in the sweep directory, like a
 /// run's), and the environment that makes each point its nested child.
 fn open_parent_run(plan: &Plan, cfg: &LoadedConfig) -> anyhow::Result<(Option<Tracking>, ChildEnv)> {
-    let Some(t) = &cfg.config.tracking else { return Ok((None, Vec::new())) };
+    let Some(t) = tracking::TrackingSection::effective(cfg.config.tracking.as_ref()) else {
+        return Ok((None, Vec::new()));
+    };
+    let t = &t;
     std::fs::create_dir_all(&plan.dir)?;
     let mut tr = Tracking::open(&plan.dir, Some(t))?;
     if !tr.is_started() {
