@@ -472,6 +472,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 recall_host::fsutil::write_atomic(&dir.join("compare.tex"), c.latex().as_bytes())?;
                 let html = recall_host::report_html::render(&c, "Recall comparison");
                 recall_host::fsutil::write_atomic(&dir.join("compare.html"), html.as_bytes())?;
+                // Each chart on its own too, for a paper's figures.
+                for f in recall_host::report_html::figures(&c).into_iter().flatten() {
+                    let file = dir.join("figures").join(format!("{}.svg", f.name));
+                    recall_host::fsutil::write_atomic(&file, f.svg.as_bytes())?;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
