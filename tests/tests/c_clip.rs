@@ -44,7 +44,13 @@ dim = 24
     // The CKC projector trains: it is counted among the trainable parameters.
     let plugins: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("plugins.json")).unwrap()).unwrap();
-    assert!(plugins.as_array().unwrap().iter().any(|p| p["name"] == "ckc"));
+    let ckc = plugins["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "ckc").expect("ckc recorded");
+    assert_eq!(ckc["sha256"].as_str().unwrap().len(), 64, "{ckc}");
+    assert!(std::path::Path::new(ckc["path"].as_str().unwrap()).is_absolute(), "{ckc}");
+    assert_eq!(plugins["recall"]["sha256"].as_str().unwrap().len(), 64, "and the binary's own: {plugins}");
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).unwrap()).unwrap();
+    assert!(run["host"]["logical_cores"].as_u64().unwrap() >= 1 && run["host"]["os"] == "linux", "{run}");
     assert!(summary["continual"]["retrieval/i2t_r1"]["bwt"].is_number());
     // FWT against the evaluator's chance level: R[i-1][i] minus what a random ranking scores.
     let i2t = &summary["continual"]["retrieval/i2t_r1"];

@@ -67,6 +67,7 @@ impl RunDir {
         } else {
             record.insert("method".into(), method.into());
             record.insert("seed".into(), seed.into());
+            record.insert("host".into(), crate::runtime::host_info());
             record.insert("started".into(), event);
         }
         write_atomic(&f, serde_json::to_string_pretty(&serde_json::Value::Object(record))?.as_bytes())
@@ -84,16 +85,29 @@ impl RunDir {
         write_atomic(&self.path.join("config.resolved.toml"), resolved.as_bytes())
     }
 
-    /// plugins.json: every plugin library the registry found, with its version and SDK.
+    /// plugins.json: every plugin library the registry found (name, kind, version, SDK, the
+    /// library's absolute path and SHA-256) and the `recall` binary that ran them (its path
+    /// and SHA-256), so a result names the exact code behind it.
     pub fn write_plugins(&self, registry: &crate::loader::Registry) -> anyhow::Result<()> {
-        let plugins: Vec<serde_json::Value> = registry
-            .plugins
-            .iter()
-            .map(|p| {
-                serde_json::json!({"name": p.name, "kind": p.kind, "version": p.version, "sdk": p.sdk_version, "path": p.path})
-            })
-            .collect();
-        write_atomic(&self.path.join("plugins.json"), serde_json::to_string_pretty(&plugins)?.as_bytes())
+        let file = |path: &Path| -> anyhow::Result<(String, String)> {
+            let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            Ok((absolute.display().to_string(), crate::identity::file_sha256(path)?))
+        };
+        let mut plugins = Vec::new();
+        for p in &registry.plugins {
+            let (path, sha256) = file(&p.path)?;
+            plugins.push(serde_json::json!({
+                "name": p.name, "kind": p.kind, "version": p.version, "sdk": p.sdk_version,
+                "path": path, "sha256": sha256,
+            }));
+        }
+        let exe = std::env::current_exe().context("cannot find the running recall binary")?;
+        let (path, sha256) = file(&exe)?;
+        let record = serde_json::json!({
+            "recall": {"path": path, "sha256": sha256, "version": env!("CARGO_PKG_VERSION"), "git_commit": env!("RECALL_GIT_COMMIT")},
+            "plugins": plugins,
+        });
+        write_atomic(&self.path.join("plugins.json"), serde_json::to_string_pretty(&record)?.as_bytes())
     }
 
     /// splits.json: which examples each task and zero-shot set trained and tested on.

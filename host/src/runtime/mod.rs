@@ -136,6 +136,42 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// The machine a run ran on, for run.json: the OS and architecture, the CPU's model and
+/// its logical cores, the cores this process may use, the memory, and, where the NVIDIA
+/// driver is loaded, its version and each GPU's model (read from `/proc`, so no CUDA build is
+/// needed to record them). Unknown fields are left out.
+pub fn host_info() -> serde_json::Value {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let field = |text: &str, key: &str| {
+        text.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
+    };
+    let cpuinfo = read("/proc/cpuinfo").unwrap_or_default();
+    let mut host = serde_json::json!({
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "logical_cores": cpuinfo.lines().filter(|l| l.starts_with("processor")).count(),
+        "usable_cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    });
+    if let Some(model) = field(&cpuinfo, "model name") {
+        host["cpu"] = model.into();
+    }
+    if let Some(mem) = read("/proc/meminfo").and_then(|m| field(&m, "MemTotal")) {
+        host["memory"] = mem.into();
+    }
+    if let Some(driver) = read("/proc/driver/nvidia/version") {
+        host["nvidia_driver"] = driver.lines().next().unwrap_or_default().trim().into();
+        let gpus: Vec<String> = std::fs::read_dir("/proc/driver/nvidia/gpus")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|d| read(&d.path().join("information").display().to_string()))
+            .filter_map(|info| field(&info, "Model"))
+            .collect();
+        host["gpus"] = gpus.into();
+    }
+    host
+}
+
 /// The process's peak resident memory (Linux `VmHWM`), if known.
 pub fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
