@@ -172,6 +172,12 @@ fn auto_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// One line per series over stages 0..=T, each point marked; the y axis fits the data.
 fn lines(title: &str, y_label: &str, series: &[(String, Vec<f64>)]) -> String {
+    line_chart(title, "tasks trained", 0, y_label, series)
+}
+
+/// One line per series, point k at x = `first_x` + k, each point marked; the y axis fits
+/// the data.
+fn line_chart(title: &str, x_label: &str, first_x: usize, y_label: &str, series: &[(String, Vec<f64>)]) -> String {
     let stages = series.iter().map(|(_, v)| v.len()).max().unwrap_or(1).max(2);
     let (lo, hi) = auto_range(series.iter().flat_map(|(_, v)| v.iter().copied()));
     svg(640, 340, |root| {
@@ -180,11 +186,11 @@ fn lines(title: &str, y_label: &str, series: &[(String, Vec<f64>)]) -> String {
             .margin(10)
             .x_label_area_size(34)
             .y_label_area_size(50)
-            .build_cartesian_2d(-0.2f64..(stages - 1) as f64 + 0.2, lo..hi)
+            .build_cartesian_2d(first_x as f64 - 0.2..(first_x + stages - 1) as f64 + 0.2, lo..hi)
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
-            .x_desc("tasks trained")
+            .x_desc(x_label)
             .y_desc(y_label)
             .x_labels(stages)
             .x_label_formatter(&|x| {
@@ -199,7 +205,7 @@ fn lines(title: &str, y_label: &str, series: &[(String, Vec<f64>)]) -> String {
         for (k, (name, v)) in series.iter().enumerate() {
             let c = color(k);
             let points: Vec<(f64, f64)> =
-                v.iter().enumerate().filter(|(_, y)| y.is_finite()).map(|(x, y)| (x as f64, *y)).collect();
+                v.iter().enumerate().filter(|(_, y)| y.is_finite()).map(|(x, y)| ((first_x + x) as f64, *y)).collect();
             chart
                 .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
                 .map_err(|e| e.to_string())?
@@ -278,6 +284,9 @@ fn row_mean(row: &[f64]) -> f64 {
     }
 }
 
+/// Charts per method: two R matrices, the per-task curves, the training loss.
+const FIGURES_PER_METHOD: usize = 4;
+
 /// A chart of the report, also written on its own (`figures/NAME.svg`).
 pub struct Figure {
     /// A file name without extension: lower-case letters, digits and dashes.
@@ -349,6 +358,10 @@ pub fn figures(c: &Comparison) -> [Vec<Figure>; 3] {
             .collect();
         let svg = lines("I2T R@1 per task", "R@1 %", &per_task);
         methods.push(Figure { name: file_stem(&[&k.method, "i2t-r1-per-task"]), svg });
+        // The training loss of each task, epoch by epoch (mean over seeds).
+        let losses: Vec<(String, Vec<f64>)> = k.tasks.iter().cloned().zip(k.losses.iter().cloned()).collect();
+        let svg = line_chart("training loss per epoch", "epoch", 1, "loss", &losses);
+        methods.push(Figure { name: file_stem(&[&k.method, "training-loss"]), svg });
     }
     [summary, sequence, methods]
 }
@@ -393,7 +406,7 @@ pub fn render(c: &Comparison, title: &str) -> String {
     body.push_str("</div>\n<h2>Across the task sequence</h2>\n<div class=\"row\">");
     body.push_str(&row(&sequence));
     body.push_str("</div>\n");
-    for (k, figs) in c.curves.iter().zip(methods.chunks(3)) {
+    for (k, figs) in c.curves.iter().zip(methods.chunks(FIGURES_PER_METHOD)) {
         body.push_str(&format!("<h2>{}</h2>\n<div class=\"row\">{}</div>\n", html_escape(&k.method), row(figs)));
     }
     format!(
@@ -432,6 +445,7 @@ mod tests {
             t2i: vec![vec![1.0, 2.0], vec![3.0, 4.0], vec![5.0, 6.0]],
             heldout_sets: Vec::new(),
             zeroshot: Vec::new(),
+            losses: Vec::new(),
         }
     }
 

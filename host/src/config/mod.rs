@@ -903,6 +903,16 @@ plugin = "retrieval"
     }
 
     #[test]
+    fn evaluators_whose_metrics_would_collide_are_a_located_error() {
+        let src = format!("{MINIMAL}\n[[evaluator]]\nplugin = \"retrieval\"\nks = [1, 10]\n");
+        let e = parse(&src, "x.toml").unwrap_err();
+        assert!(e.message.contains("evaluator[0] already runs `retrieval`") && e.message.contains("collide"), "{e}");
+        let line =
+            src.lines().enumerate().filter(|(_, l)| l.starts_with("plugin = \"retrieval\"")).last().unwrap().0 + 1;
+        assert_eq!(e.line, line, "{e}");
+    }
+
+    #[test]
     fn semantic_errors_are_located() {
         let src = MINIMAL.replace("batch_size = 8", "batch_size = 1");
         let e = parse(&src, "x.toml").unwrap_err();

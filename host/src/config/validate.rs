@@ -184,6 +184,18 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
                 "this evaluator judges the [[zeroshot]] sets, but the experiment declares none",
             ));
         }
+        // Metrics are named `PLUGIN/METRIC` per suite: a second evaluator of one plugin on
+        // one suite would overwrite the first's numbers.
+        if let Some(j) = cfg.evaluators[..i].iter().position(|f| f.plugin == e.plugin && f.suite == e.suite) {
+            return Err(c.error_at(
+                &format!("evaluator[{i}].plugin"),
+                format!(
+                    "evaluator[{j}] already runs `{}` on the `{}` suite, and their metrics (`{}/...`) would collide; \
+                     give one evaluator every option (e.g. all the `ks`), or remove one",
+                    e.plugin, e.suite, e.plugin
+                ),
+            ));
+        }
     }
     if let Some(t) = &cfg.tracking {
         if !["local", "mlflow"].contains(&t.backend.as_str()) {

@@ -31,6 +31,9 @@ struct Summary {
     results: Matrix,
     #[serde(default)]
     heldout: Matrix,
+    /// The mean loss of every epoch, per task.
+    #[serde(default)]
+    epoch_losses: Vec<Vec<f64>>,
 }
 
 /// A result matrix as summary.json stores it: `rows[stage][set][metric]`.
@@ -56,6 +59,8 @@ pub struct Curves {
     pub heldout_sets: Vec<String>,
     /// `[stage][set]`, zero-shot top-1.
     pub zeroshot: Vec<Vec<f64>>,
+    /// `[task][epoch]`, the training loss.
+    pub losses: Vec<Vec<f64>>,
 }
 
 /// Element-wise mean of equally shaped matrices (runs of one method).
@@ -325,6 +330,7 @@ pub fn compare(paths: &[PathBuf], baseline: Option<&str>) -> anyhow::Result<Comp
                 t2i: matrices(&|s| s.results.metric("retrieval/t2i_r1")),
                 heldout_sets: runs[0].heldout.tasks.clone(),
                 zeroshot: matrices(&|s| s.heldout.metric("zeroshot/top1")),
+                losses: matrices(&|s| s.epoch_losses.clone()),
             }
         })
         .collect();
