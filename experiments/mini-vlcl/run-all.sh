@@ -79,4 +79,7 @@ for m in "${order[@]}"; do
   "$recall" run -q "$file" "${args[@]}" --run-dir "$dir"
   echo "   $(( $(date +%s) - start )) s"
 done
-"$recall" compare "${dirs[@]}" --baseline "finetune$epochs_tag" --out runs/mini-vlcl
+# Deltas against fine-tuning when it is among the methods run.
+baseline=()
+for m in "${order[@]}"; do [ "$m" = finetune ] && baseline=(--baseline "finetune$epochs_tag"); done
+"$recall" compare "${dirs[@]}" "${baseline[@]}" --out runs/mini-vlcl
