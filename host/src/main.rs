@@ -66,6 +66,10 @@ enum Command {
         /// A method to show signed deltas against.
         #[arg(long)]
         baseline: Option<String>,
+        /// Which splits the table scores: `test` (after each stage) or `val` (each task's
+        /// validation split at the end of its training, for choosing hyperparameters).
+        #[arg(long, value_enum, default_value = "test")]
+        on: CompareOn,
         /// What to print: a Markdown table, CSV or a LaTeX table (booktabs).
         #[arg(long, value_enum, default_value = "markdown")]
         format: CompareFormat,
@@ -147,6 +151,13 @@ enum Command {
     /// tensors created, graph nodes, bytes held for backward, host reads, peak memory), or
     /// with --boundary the plugin boundary's cost on a fixed small step.
     Bench(BenchArgs),
+}
+
+/// `recall compare --on`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompareOn {
+    Test,
+    Val,
 }
 
 /// `recall compare --format`.
@@ -458,8 +469,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sweep(args) => sweep_command(cli, args),
         Command::Sync(args) => sync_command(args),
-        Command::Compare { runs, baseline, format, out } => {
-            let c = recall_host::report::compare(runs, baseline.as_deref())?;
+        Command::Compare { runs, baseline, on, format, out } => {
+            let split = match on {
+                CompareOn::Test => recall_host::report::Split::Test,
+                CompareOn::Val => recall_host::report::Split::Val,
+            };
+            let c = recall_host::report::compare_on(runs, baseline.as_deref(), split)?;
             let md = c.markdown();
             match format {
                 CompareFormat::Markdown => print!("{md}"),

@@ -190,6 +190,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         epoch_losses: vec![epoch_losses],
         results: ResultMatrix { tasks: tasks.iter().map(|t| t.name.clone()).collect(), rows: vec![before, after] },
         heldout: ResultMatrix::default(),
+        validation: Vec::new(),
         continual: BTreeMap::new(),
         performance_drop: BTreeMap::new(),
         data: tasks

@@ -462,6 +462,11 @@ pub struct TrainSection {
     /// tracker and the progress bar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_every_steps: Option<usize>,
+    /// Inside each task, every N epochs (and after its last when N divides the epochs), run
+    /// the task-suite evaluators on the task's validation split (`val_fraction`); the test
+    /// split is never seen before the stage's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_every_epochs: Option<usize>,
 }
 
 impl TrainSection {

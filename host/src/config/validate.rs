@@ -108,6 +108,15 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     if let Err((key, message)) = cfg.data.check() {
         return Err(c.error_at(&format!("data.{key}"), message));
     }
+    if cfg.train.eval_every_epochs == Some(0) {
+        return Err(c.error_at("train.eval_every_epochs", "eval_every_epochs must be at least 1"));
+    }
+    if cfg.train.eval_every_epochs.is_some() && !cfg.tasks.iter().any(|t| t.val_fraction.is_some()) {
+        return Err(c.error_at(
+            "train.eval_every_epochs",
+            "eval_every_epochs scores the tasks' validation splits, but no [[task]] sets val_fraction",
+        ));
+    }
     if cfg.train.checkpoint_every_steps == Some(0) {
         return Err(c.error_at("train.checkpoint_every_steps", "checkpoint_every_steps must be at least 1"));
     }
@@ -142,6 +151,15 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
                     return Err(c.error_at(&at, "samples_per_epoch must be at least 2 (a contrastive batch needs two)"));
                 }
             }
+            if let Some(f) = t.val_fraction {
+                let at = format!("{}.val_fraction", section_key(key, i));
+                if key != "task" {
+                    return Err(c.error_at(&at, "val_fraction holds out training data; only a [[task]] trains"));
+                }
+                if !(f > 0.0 && f < 1.0) {
+                    return Err(c.error_at(&at, format!("val_fraction must be in (0, 1), not {f}")));
+                }
+            }
             if !t.parts.is_empty() && t.shuffle_buffer.is_some() {
                 return Err(c.error_at(
                     &format!("{}.shuffle_buffer", section_key(key, i)),
@@ -152,6 +170,7 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
                 for (field, set) in [
                     ("samples_per_epoch", part.samples_per_epoch.is_some()),
                     ("shuffle_buffer", part.shuffle_buffer.is_some()),
+                    ("val_fraction", part.val_fraction.is_some()),
                 ] {
                     if set {
                         return Err(c.error_at(

@@ -52,6 +52,10 @@ pub struct TaskData {
     pub image_size: usize,
     pub train: Vec<Example>,
     pub test: Vec<Example>,
+    /// The validation split (`val_fraction`), carved from the training data: what in-task
+    /// evaluation (`[train] eval_every_epochs`) scores, so the test split is seen only at a
+    /// stage's end.
+    pub val: Vec<Example>,
     /// Class names (empty for caption-only data).
     pub classes: Vec<String>,
     /// Prompt templates for zero-shot classification (`{}` is the class).
@@ -65,6 +69,33 @@ pub struct TaskData {
 }
 
 impl TaskData {
+    /// Move `fraction` of the training examples (at least one) to the validation split,
+    /// chosen by `split_seed` (never by the experiment's seed, so every seed validates on the
+    /// same examples); both keep their order. At least two examples must be left to train.
+    pub fn carve_validation(&mut self, fraction: f64, split_seed: u64) -> Result<(), String> {
+        use rand::seq::SliceRandom;
+        let n = self.train.len();
+        let n_val = ((n as f64 * fraction).round() as usize).max(1);
+        if n < n_val + 2 {
+            return Err(format!(
+                "val_fraction = {fraction} leaves {} of its {n} training examples to train; at least 2 must; lower \
+                 val_fraction or give the task more data",
+                n.saturating_sub(n_val)
+            ));
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(split_seed ^ 0x0076_616c_6964));
+        let mut is_val = vec![false; n];
+        for &i in &order[..n_val] {
+            is_val[i] = true;
+        }
+        let (val, train): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.train).into_iter().zip(is_val).partition(|(_, v)| *v);
+        self.val = val.into_iter().map(|(e, _)| e).collect();
+        self.train = train.into_iter().map(|(e, _)| e).collect();
+        Ok(())
+    }
+
     /// Training examples one epoch takes (`samples_per_epoch`, else the split's size).
     pub fn epoch_examples(&self) -> usize {
         self.order.epoch_len(self.train.len())
@@ -104,6 +135,7 @@ pub fn load(
             name: t.name.clone(),
             image_size: pre.size,
             train: Vec::new(),
+            val: Vec::new(),
             test: Vec::new(),
             classes: Vec::new(),
             templates: Vec::new(),

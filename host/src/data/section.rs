@@ -46,6 +46,11 @@ pub struct TaskSection {
     /// dataset's own (dataset.json), else "a photo of a {}.".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub templates: Vec<String>,
+    /// Hold out this fraction of the training examples (0 < f < 1) as a validation split,
+    /// chosen by `split_seed`: what `[train] eval_every_epochs` scores inside a task, and
+    /// `recall compare --on val` compares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_fraction: Option<f64>,
     /// Training examples per epoch (default: the training split once). Fewer than the split
     /// end the epoch early; more make further passes, each ordered afresh. The schedule
     /// counts steps from it.

@@ -168,6 +168,7 @@ pub fn generate(t: &TaskSection, image_size: usize, seed: u64) -> TaskData {
         name: t.name.clone(),
         image_size,
         train,
+        val: Vec::new(),
         test,
         classes: t.shapes.clone(),
         templates,

@@ -632,6 +632,7 @@ pub fn load(t: &TaskSection, pre: &Preprocess) -> Result<TaskData, DataError> {
         name: t.name.clone(),
         image_size: pre.size,
         train,
+        val: Vec::new(),
         test,
         classes,
         templates,

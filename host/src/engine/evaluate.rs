@@ -38,13 +38,19 @@ pub fn retrieval_texts(split: &[data::Example]) -> (Vec<String>, Vec<u32>, Vec<u
 /// Image embeddings of a set's test split in evaluation mode, its batches prepared by the
 /// loader's workers while the previous one is encoded. A test image that cannot be decoded
 /// is an error whatever `on_error` says: a skipped one would shift every index after it.
-fn embed_images(model: &Model, set: &TaskData, batch: usize, loader: &Loader) -> anyhow::Result<Tensor> {
+fn embed_images(
+    model: &Model,
+    set: &TaskData,
+    split: &[data::Example],
+    batch: usize,
+    loader: &Loader,
+) -> anyhow::Result<Tensor> {
     let rt = &model.runtime;
     let eval = data::transform::Transform::Eval;
-    let mut pipeline = set.pipeline(&set.test, &eval, &model.preprocess);
+    let mut pipeline = set.pipeline(split, &eval, &model.preprocess);
     pipeline.on_error = data::OnError::Fail;
     let mut img = Vec::new();
-    loader.stream(&pipeline, &data::loader::in_order(set.test.len(), batch), |b| -> anyhow::Result<()> {
+    loader.stream(&pipeline, &data::loader::in_order(split.len(), batch), |b| -> anyhow::Result<()> {
         img.push(model.encode_images(&b.tensor(rt.device(), rt.float_dtype())?)?.detach());
         Ok(())
     })?;
@@ -83,10 +89,23 @@ pub fn evaluate(
     batch: usize,
     loader: &Loader,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
+    evaluate_split(model, evaluators, task, &task.test, batch, loader)
+}
+
+/// Every task-suite evaluator on one split of a task (its test split, or its validation
+/// split inside the task).
+pub fn evaluate_split(
+    model: &Model,
+    evaluators: &[EvaluatorInstance],
+    task: &TaskData,
+    split: &[data::Example],
+    batch: usize,
+    loader: &Loader,
+) -> anyhow::Result<BTreeMap<String, f64>> {
     model.runtime.set_training(false);
     let dev = model.runtime.device();
-    let img = embed_images(model, task, batch, loader)?;
-    let (texts, index, group) = retrieval_texts(&task.test);
+    let img = embed_images(model, task, split, batch, loader)?;
+    let (texts, index, group) = retrieval_texts(split);
     let txt = embed_texts(model, &texts, batch)?;
     let index = Tensor::from_vec(index.clone(), index.len(), dev)?;
     let group = Tensor::from_vec(group.clone(), group.len(), dev)?;
@@ -134,7 +153,7 @@ pub fn evaluate_zeroshot(
             )
         })
         .collect::<anyhow::Result<Vec<u32>>>()?;
-    let img = embed_images(model, set, batch, loader)?;
+    let img = embed_images(model, set, &set.test, batch, loader)?;
     let classes = class_embeddings(model, &set.classes, &set.templates, batch)?;
     let labels = Tensor::from_vec(labels.clone(), labels.len(), model.runtime.device())?;
     run_evaluators(evaluators, &[("image_embeds", &img), ("class_embeds", &classes), ("labels", &labels)])

@@ -52,6 +52,20 @@ pub(crate) struct TaskPosition {
     pub step_seconds: f64,
     pub images_seen: usize,
     pub task_seconds: f64,
+    /// The task's validation scores so far (`[train] eval_every_epochs`).
+    #[serde(default)]
+    pub validation: Vec<ValidationRecord>,
+}
+
+/// The evaluators' scores on a task's validation split after one of its epochs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ValidationRecord {
+    /// The task (0-based) and the epochs it had trained (1-based: after its first is 1).
+    pub task: usize,
+    pub epoch: usize,
+    /// Steps the run had taken.
+    pub step: usize,
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// `[train] checkpoint_every_steps` / `checkpoint_every_minutes`.

@@ -98,6 +98,8 @@ pub struct RunSummary {
     pub results: ResultMatrix,
     /// Zero-shot scores on the held-out sets after each stage (columns: the sets).
     pub heldout: ResultMatrix,
+    /// Scores on each task's validation split inside it (`[train] eval_every_epochs`).
+    pub validation: Vec<midtask::ValidationRecord>,
     /// Continual-learning summaries (Last, Avg, BWT, forgetting, transfer) per metric.
     pub continual: BTreeMap<String, crate::metrics::ClSummary>,
     /// PD per zero-shot metric and held-out set: initial score minus final score.
@@ -367,6 +369,7 @@ impl<'a> Run<'a> {
                 step_seconds: 0.0,
                 images_seen: 0,
                 task_seconds: 0.0,
+                validation: Vec::new(),
             },
         };
         pb.inc(at.step_in_task as u64);
@@ -417,12 +420,34 @@ impl<'a> Run<'a> {
             at.terms.push(epoch_terms);
             at.epoch += 1;
             at.step_in_epoch = 0;
+            self.validate(t_idx, &mut at)?;
         }
         self.report.end_task_training()?;
         pb.finish_and_clear();
+        self.progress.validation.append(&mut at.validation);
         self.progress.epoch_losses.push(at.losses);
         self.progress.epoch_terms.push(at.terms);
         self.progress.train_seconds += at.task_seconds + started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// `[train] eval_every_epochs`: after every N epochs of a task with a validation split,
+    /// the task-suite evaluators score it (the test split waits for the stage's end); the
+    /// scores are recorded at the global step and kept with the task's position.
+    fn validate(&mut self, t_idx: usize, at: &mut TaskPosition) -> anyhow::Result<()> {
+        let s = self.session;
+        let (c, task) = (&s.cfg.config, &s.tasks[t_idx]);
+        let due = c.train.eval_every_epochs.is_some_and(|n| at.epoch.is_multiple_of(n.max(1)));
+        if !due || task.val.is_empty() {
+            return Ok(());
+        }
+        let metrics = self.precision.evaluating(s.runtime(), || {
+            evaluate::evaluate_split(&s.model, &s.task_evaluators, task, &task.val, c.train.eval_batch_size, &s.loader)
+        })?;
+        let record =
+            midtask::ValidationRecord { task: t_idx, epoch: at.epoch, step: self.progress.global_step, metrics };
+        self.report.validation(&task.name, &record)?;
+        at.validation.push(record);
         Ok(())
     }
 

@@ -106,6 +106,22 @@ impl Reporter {
         self.tracking.record(Event::Metrics { metrics, time_ms: now_ms() })
     }
 
+    /// A task's validation scores: recorded as `val/TASK/METRIC` at the global step, shown.
+    pub fn validation(&mut self, task: &str, r: &super::midtask::ValidationRecord) -> anyhow::Result<()> {
+        let metrics: Vec<(String, f64, u64)> =
+            r.metrics.iter().map(|(k, v)| (format!("val/{task}/{k}"), *v, r.step as u64)).collect();
+        let shown: Vec<String> = super::terminal::ordered_columns(r.metrics.keys().cloned().collect())
+            .into_iter()
+            .filter(|k| !k.ends_with("_chance"))
+            .map(|k| format!("{}={:.2}", k.rsplit('/').next().unwrap_or(&k), r.metrics[&k]))
+            .collect();
+        tracing::info!(task, epoch = r.epoch, step = r.step, "validation: {}", shown.join(" "));
+        if !self.quiet {
+            println!("  validation of `{task}` after epoch {}: {}", r.epoch, shown.join(" "));
+        }
+        self.tracking.record(Event::Metrics { metrics, time_ms: now_ms() })
+    }
+
     /// A resumed run: after its last finished task, or inside the next one at a step.
     pub fn resumed(&self, run_dir: &Path, finished: usize, tasks: usize, at_step: Option<usize>) {
         if self.quiet {

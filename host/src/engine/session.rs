@@ -26,8 +26,12 @@ fn load_sets(
     sets.iter()
         .enumerate()
         .map(|(i, t)| {
-            let d = data::load(t, pre, cfg.config.experiment.seed)
+            let mut d = data::load(t, pre, cfg.config.experiment.seed)
                 .with_context(|| format!("{}: loading the data of {key}[{i}] `{}`", cfg.file, t.name))?;
+            if let Some(fraction) = t.val_fraction {
+                d.carve_validation(fraction, t.split_seed)
+                    .map_err(|m| cfg.error_at(&format!("{key}[{i}].val_fraction"), format!("task `{}`: {m}", t.name)))?;
+            }
             if need_test && d.test.is_empty() {
                 bail!("{}: {key}[{i}] `{}` has no test examples; check its path, filters and test_fraction", cfg.file, t.name);
             }

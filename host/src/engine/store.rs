@@ -66,6 +66,9 @@ pub(crate) struct Progress {
     pub epoch_terms: Vec<Vec<BTreeMap<String, f64>>>,
     pub results: ResultMatrix,
     pub heldout: ResultMatrix,
+    /// Validation scores inside the finished tasks, in order.
+    #[serde(default)]
+    pub validation: Vec<super::midtask::ValidationRecord>,
 }
 
 impl Progress {
@@ -151,6 +154,7 @@ mod tests {
             epoch_terms: vec![vec![values.iter().enumerate().map(|(i, v)| (i.to_string(), *v)).collect()]],
             results: ResultMatrix::default(),
             heldout: ResultMatrix::default(),
+            validation: Vec::new(),
         };
         let back: Progress = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

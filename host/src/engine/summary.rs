@@ -58,6 +58,7 @@ pub(crate) fn build(
         epoch_terms: p.epoch_terms,
         results: p.results,
         heldout: p.heldout,
+        validation: p.validation,
         continual,
         performance_drop,
         data,

@@ -34,6 +34,57 @@ struct Summary {
     /// The mean loss of every epoch, per task.
     #[serde(default)]
     epoch_losses: Vec<Vec<f64>>,
+    /// Scores on the tasks' validation splits inside them.
+    #[serde(default)]
+    validation: Vec<Validation>,
+}
+
+/// One validation record of summary.json.
+#[derive(serde::Deserialize)]
+struct Validation {
+    task: usize,
+    metrics: BTreeMap<String, f64>,
+}
+
+impl Summary {
+    /// The mean over tasks of `metric` on each task's validation split at its last record
+    /// (the end of the task's training, when `eval_every_epochs` divides its epochs).
+    fn final_validation(&self, metric: &str) -> Option<f64> {
+        let mut last: BTreeMap<usize, f64> = BTreeMap::new();
+        for r in &self.validation {
+            if let Some(v) = r.metrics.get(metric) {
+                last.insert(r.task, *v);
+            }
+        }
+        (!last.is_empty()).then(|| last.values().sum::<f64>() / last.len() as f64)
+    }
+}
+
+/// Which split `recall compare` tables: the test splits after each stage, or the validation
+/// splits inside each task (to choose hyperparameters without touching the test data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Test,
+    Val,
+}
+
+/// The columns of `--on val`: each task's final validation R@1 both ways, averaged over tasks.
+fn validation_columns() -> Vec<Column> {
+    let val = |metric: &'static str| -> Getter { Box::new(move |s: &Summary| s.final_validation(metric)) };
+    vec![
+        Column { title: "Val I2T R@1".into(), higher_is_better: true, value: val("retrieval/i2t_r1") },
+        Column { title: "Val T2I R@1".into(), higher_is_better: true, value: val("retrieval/t2i_r1") },
+        Column {
+            title: "trainable params".into(),
+            higher_is_better: false,
+            value: Box::new(|s: &Summary| Some(s.trainable_parameters as f64)),
+        },
+        Column {
+            title: "train s".into(),
+            higher_is_better: false,
+            value: Box::new(|s: &Summary| Some(s.train_seconds)),
+        },
+    ]
 }
 
 /// A result matrix as summary.json stores it: `rows[stage][set][metric]`.
@@ -223,8 +274,14 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (render::round2(mean), render::round2(std))
 }
 
-/// Compare the runs under `paths`, grouped by method, optionally against `baseline`.
+/// Compare the runs under `paths` on their test splits, grouped by method, optionally
+/// against `baseline`.
 pub fn compare(paths: &[PathBuf], baseline: Option<&str>) -> anyhow::Result<Comparison> {
+    compare_on(paths, baseline, Split::Test)
+}
+
+/// [`compare`] on the test or the validation splits.
+pub fn compare_on(paths: &[PathBuf], baseline: Option<&str>, on: Split) -> anyhow::Result<Comparison> {
     let found = discover(paths)?;
     let mut groups: Vec<(String, Vec<Summary>)> = Vec::new();
     let mut configs: Vec<(String, PathBuf)> = Vec::new();
@@ -267,7 +324,18 @@ pub fn compare(paths: &[PathBuf], baseline: Option<&str>) -> anyhow::Result<Comp
             }
         }
     }
-    let cols = columns(&heldout);
+    let cols = match on {
+        Split::Test => columns(&heldout),
+        Split::Val => {
+            if !groups.iter().flat_map(|(_, v)| v).any(|s| !s.validation.is_empty()) {
+                bail!(
+                    "none of these runs scored a validation split; set `val_fraction` on the tasks and `[train] \
+                     eval_every_epochs`, or compare on the test splits (the default)"
+                );
+            }
+            validation_columns()
+        }
+    };
     let rows: Vec<Row> = groups
         .iter()
         .map(|(m, runs)| {
