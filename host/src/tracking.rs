@@ -262,15 +262,15 @@ impl Tracking {
         }
     }
 
-    /// How many stage events the log holds (metric events before any end, training
-    /// telemetry aside: a run logs one per stage).
+    /// How many stage events the log holds (metric events before any end, the records made
+    /// inside tasks aside: a run logs one per stage).
     pub fn stages_logged(&self) -> anyhow::Result<usize> {
         Ok(self
             .local
             .events()?
             .iter()
             .take_while(|e| !matches!(e, Event::End { .. }))
-            .filter(|e| matches!(e, Event::Metrics { metrics, .. } if !is_training(metrics)))
+            .filter(|e| matches!(e, Event::Metrics { metrics, .. } if !is_in_task(metrics)))
             .count())
     }
 
@@ -280,9 +280,10 @@ impl Tracking {
     }
 }
 
-/// Whether a metrics event is training telemetry (`train/...`) rather than a stage's scores.
-fn is_training(metrics: &[(String, f64, u64)]) -> bool {
-    metrics.first().is_some_and(|(k, _, _)| k.starts_with("train/"))
+/// Whether a metrics event was recorded inside a task (training telemetry, `train/...`, or
+/// validation scores, `val/...`) rather than being a stage's scores.
+fn is_in_task(metrics: &[(String, f64, u64)]) -> bool {
+    metrics.first().is_some_and(|(k, _, _)| k.starts_with("train/") || k.starts_with("val/"))
 }
 
 /// Hand `tracker` every event of `events` it does not hold yet; returns how many it took.
@@ -676,6 +677,17 @@ mod tests {
         assert_eq!(deliver_pending(&log.events().unwrap(), &mut flaky).unwrap(), 0);
         // A reopened log counts what is there.
         assert_eq!(LocalStore::open(dir.path()).unwrap().delivered(), 4);
+    }
+
+    #[test]
+    fn records_made_inside_tasks_are_not_counted_as_stages() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Tracking::open(dir.path(), None).unwrap();
+        let at = |name: &str| Event::Metrics { metrics: vec![(name.to_string(), 1.0, 0)], time_ms: 0 };
+        for name in ["a/retrieval/i2t_r1", "train/loss", "val/a/retrieval/i2t_r1", "a/retrieval/i2t_r1"] {
+            t.record(at(name)).unwrap();
+        }
+        assert_eq!(t.stages_logged().unwrap(), 2, "two stages; telemetry and validation in between");
     }
 
     #[test]

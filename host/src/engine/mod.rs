@@ -386,7 +386,7 @@ impl<'a> Run<'a> {
                     let record = telemetry::StepRecord {
                         steps_done: self.progress.global_step,
                         epoch: at.epoch as f64 + (at.step_in_epoch + 1) as f64 / plans.len().max(1) as f64,
-                        lrs: c.optimizer.lrs_at(lr_factor),
+                        lr_factor,
                         stats: &stats,
                         images: batch.len(),
                         seconds: step_started.elapsed().as_secs_f64(),

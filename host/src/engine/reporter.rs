@@ -21,6 +21,8 @@ pub(crate) struct Reporter {
     /// bar's label) with its number of epochs.
     window: Window,
     task: (String, usize),
+    /// Each optimizer group's lr before the schedule (`train/lr`, `train/lr/groupN`).
+    base_lrs: Vec<(String, f64)>,
     /// The metrics shown in the terminal tables (R@1, R@5, mean recall).
     shown: Vec<String>,
     /// Whether the run has held-out zero-shot sets (their table follows each stage's).
@@ -54,6 +56,7 @@ impl Reporter {
             tracking,
             window: Window::default(),
             task: (String::new(), 0),
+            base_lrs: c.optimizer.lrs_at(1.0),
             shown: Vec::new(),
             heldout: !session.heldout_sets.is_empty(),
         })
@@ -74,7 +77,7 @@ impl Reporter {
     /// (event log, tracker, log.txt) and shown on the bar with the epoch and running loss.
     pub fn step_done(&mut self, r: StepRecord, every: usize, epoch: usize, bar: &ProgressBar) -> anyhow::Result<()> {
         let steps_done = r.steps_done;
-        let record = self.window.add(r, every);
+        let record = self.window.add(r, every, &self.base_lrs);
         let loss = match &record {
             Some(m) => m.first().map(|(_, v, _)| *v),
             None => self.window.running_loss(),
@@ -91,7 +94,7 @@ impl Reporter {
 
     /// The task's last steps, if the window holds any, are recorded.
     pub fn end_task_training(&mut self) -> anyhow::Result<()> {
-        match self.window.take() {
+        match self.window.take(&self.base_lrs) {
             Some(metrics) => {
                 let steps_done = metrics.first().map_or(0, |(_, _, s)| *s as usize);
                 self.record_train(steps_done, metrics)
