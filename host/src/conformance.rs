@@ -321,27 +321,50 @@ fn strategy(p: &LoadedPlugin, options: &str, add: &mut dyn FnMut(&str, Check)) {
     // gradients (EWC, WiSE-FT, ZSCL) have something to work on.
     let weight = rt.param("vision.proj.weight", &[8, 8], ParamInit::normal(0.0, 0.1), true).unwrap();
     let old_scale = scale.detach();
+    // A replaying strategy gets a replay batch (and its stored features, when it keeps them).
+    let replay = s.replay();
+    add("replay: the exemplar memory asked for is valid", replay.as_ref().map(|_| ()).map_err(|e| err(e.clone())));
+    let replay = replay.ok().flatten();
+    let (replay_img, replay_txt) = (feats(), feats());
     // One step as the engine runs it; returns the live handles afterwards.
     let step = |n: u64| -> Result<usize, String> {
         s.before_step(n).map_err(err)?;
         let img = img.matmul(&weight).map_err(err)?;
+        let replay_img = replay_img.matmul(&weight).map_err(err)?;
+        let mut replayed: Vec<(&str, &Tensor)> = Vec::new();
+        if let Some(r) = &replay {
+            replayed
+                .extend([(inputs::REPLAY_IMAGE_FEATURES, &replay_img), (inputs::REPLAY_TEXT_FEATURES, &replay_txt)]);
+            if r.store_features {
+                replayed.extend([
+                    (inputs::REPLAY_STORED_IMAGE_FEATURES, &old_img),
+                    (inputs::REPLAY_STORED_TEXT_FEATURES, &old_txt),
+                ]);
+            }
+        }
         let terms = s
-            .loss_terms(&[
-                (inputs::IMAGE_FEATURES, &img),
-                (inputs::TEXT_FEATURES, &txt),
-                (inputs::LOGIT_SCALE, &scale),
-                (inputs::OLD_IMAGE_FEATURES, &old_img),
-                (inputs::OLD_TEXT_FEATURES, &old_txt),
-                (inputs::OLD_LOGIT_SCALE, &old_scale),
-                (inputs::REFERENCE_IMAGE_FEATURES, &img),
-                (inputs::REFERENCE_TEXT_FEATURES, &txt),
-                (inputs::INITIAL_IMAGE_FEATURES, &old_img),
-                (inputs::INITIAL_TEXT_FEATURES, &old_txt),
-                (inputs::INITIAL_LOGIT_SCALE, &old_scale),
-                (inputs::TEACHER_IMAGE_FEATURES, &teacher_img),
-                (inputs::IMAGE_TOKENS, &img_tokens),
-                (inputs::TEACHER_IMAGE_TOKENS, &teacher_tokens),
-            ])
+            .loss_terms(
+                &[
+                    &replayed[..],
+                    &[
+                        (inputs::IMAGE_FEATURES, &img),
+                        (inputs::TEXT_FEATURES, &txt),
+                        (inputs::LOGIT_SCALE, &scale),
+                        (inputs::OLD_IMAGE_FEATURES, &old_img),
+                        (inputs::OLD_TEXT_FEATURES, &old_txt),
+                        (inputs::OLD_LOGIT_SCALE, &old_scale),
+                        (inputs::REFERENCE_IMAGE_FEATURES, &img),
+                        (inputs::REFERENCE_TEXT_FEATURES, &txt),
+                        (inputs::INITIAL_IMAGE_FEATURES, &old_img),
+                        (inputs::INITIAL_TEXT_FEATURES, &old_txt),
+                        (inputs::INITIAL_LOGIT_SCALE, &old_scale),
+                        (inputs::TEACHER_IMAGE_FEATURES, &teacher_img),
+                        (inputs::IMAGE_TOKENS, &img_tokens),
+                        (inputs::TEACHER_IMAGE_TOKENS, &teacher_tokens),
+                    ],
+                ]
+                .concat(),
+            )
             .map_err(err)?;
         let mut total = img.sqr().and_then(|x| x.mean_all()).map_err(err)?;
         for (name, t) in &terms {

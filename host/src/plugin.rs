@@ -320,6 +320,14 @@ impl StrategyInstance {
         })
     }
 
+    /// The exemplar memory the strategy asks for (plugins older than SDK 1.7: none).
+    pub fn replay(&self) -> Result<Option<recall_sdk::Replay>, PluginFailure> {
+        let Some(f) = self.fns.replay() else { return Ok(None) };
+        let spec = lift(&self.plugin, "replay", f(self.state))?;
+        recall_sdk::Replay::from_spec(spec)
+            .map_err(|m| host_failure(&self.plugin, "replay", format!("returned {m}, which SDK 1.7 does not know")))
+    }
+
     pub fn on_gradients(&self, task: &TaskInfo, batch: u64) -> Result<(), PluginFailure> {
         match self.fns.on_gradients() {
             Some(f) => lift(&self.plugin, "on_gradients", f(self.state, self.ctx.handle(), task.clone(), batch)),

@@ -161,7 +161,7 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
     }
     pb.finish_and_clear();
     let train_seconds = started.elapsed().as_secs_f64();
-    dir.save_checkpoint(1, &rt.params(), &[])?;
+    dir.save_checkpoint(1, &rt.params(), &Default::default())?;
     let after = eval("after training")?;
     if !opts.quiet {
         for (i, t) in tasks.iter().enumerate() {

@@ -492,7 +492,42 @@ pub struct StrategyFns {
     /// after the task on its training data (the default, and what older plugins get), or
     /// before the task, on the model the task starts from and the task's held-out split.
     pub gradient_pass: extern "C" fn(StatePtr) -> PluginResult<u32>,
+    // ---- appended in 1.7 ----
+    /// The exemplar memory the strategy asks the host to keep and draw replay batches from;
+    /// `budget` 0: none (what older plugins get).
+    pub replay: extern "C" fn(StatePtr) -> PluginResult<ReplaySpec>,
 }
+
+/// A strategy's request for a host-managed exemplar memory (`StrategyFns::replay`). The host
+/// keeps the memory (which examples, and their features when asked), saves it with every
+/// checkpoint, and draws a replay batch from it at each step.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplaySpec {
+    /// Exemplars kept, in examples; 0: no memory.
+    pub budget: u64,
+    /// How the memory is filled: a `REPLAY_POLICY_*` code.
+    pub policy: u32,
+    /// Exemplars drawn for each step's replay batch.
+    pub batch_size: u64,
+    /// Where the replay batch goes: a `REPLAY_MODE_*` code.
+    pub mode: u32,
+    /// Keep each exemplar's image and text features as the model computed them when it
+    /// entered the memory (DER's targets), passed as `replay_stored_*_features`.
+    pub store_features: bool,
+}
+
+/// `ReplaySpec::policy`: reservoir sampling over every training example the steps see.
+pub const REPLAY_POLICY_RESERVOIR: u32 = 0;
+/// `ReplaySpec::policy`: after each task, the budget split evenly over the tasks seen.
+pub const REPLAY_POLICY_TASK_BALANCED: u32 = 1;
+/// `ReplaySpec::policy`: after each task, the budget split evenly over the classes seen.
+pub const REPLAY_POLICY_CLASS_BALANCED: u32 = 2;
+/// `ReplaySpec::mode`: the replay examples join the step's batch (one forward, one task loss).
+pub const REPLAY_MODE_JOIN: u32 = 0;
+/// `ReplaySpec::mode`: the replay batch has a forward of its own, its features passed as
+/// `replay_image_features` / `replay_text_features`.
+pub const REPLAY_MODE_SEPARATE: u32 = 1;
 
 /// `StrategyFns::gradient_pass`: after the task, the trained model on the task's training data.
 pub const GRADIENT_PASS_AFTER_TASK: u32 = 0;

@@ -34,6 +34,15 @@ pub const INITIAL_IMAGE_FEATURES: &str = "initial_image_features";
 pub const INITIAL_TEXT_FEATURES: &str = "initial_text_features";
 pub const INITIAL_LOGIT_SCALE: &str = "initial_logit_scale";
 
+// ---- a replay batch, for `Strategy::replay` in separate mode ----
+/// Exemplars drawn from the host's memory, encoded by the model being trained [R, D].
+pub const REPLAY_IMAGE_FEATURES: &str = "replay_image_features";
+pub const REPLAY_TEXT_FEATURES: &str = "replay_text_features";
+/// The same exemplars' features as the model computed them when they entered the memory
+/// [R, D] (with `store_features`).
+pub const REPLAY_STORED_IMAGE_FEATURES: &str = "replay_stored_image_features";
+pub const REPLAY_STORED_TEXT_FEATURES: &str = "replay_stored_text_features";
+
 // ---- a frozen teacher (`[teacher]`, TokLIP's distillation) ----
 pub const TEACHER_IMAGE_FEATURES: &str = "teacher_image_features";
 pub const TEACHER_IMAGE_TOKENS: &str = "teacher_image_tokens";

@@ -144,6 +144,11 @@ pub trait Strategy: Sized + 'static {
     fn wants_initial_model(&self) -> bool {
         false
     }
+    /// Return a request to have the host keep an exemplar memory and draw a replay batch
+    /// from it at every step (see [`crate::replay`]). Asked once, after `create`.
+    fn replay(&self) -> Option<crate::replay::Replay> {
+        None
+    }
 }
 
 /// Computes named metrics from embeddings the host provides.
@@ -416,6 +421,13 @@ extern "C" fn strategy_wants_old_model<T: Strategy>(s: StatePtr) -> PluginResult
     guard("wants_old_model", || Ok(unsafe { state::<T>(s) }.borrow().wants_old_model()))
 }
 
+extern "C" fn strategy_replay<T: Strategy>(s: StatePtr) -> PluginResult<ReplaySpec> {
+    // SAFETY: `s` came from strategy_create::<T>.
+    guard("replay", || {
+        Ok(unsafe { state::<T>(s) }.borrow().replay().map_or_else(crate::replay::no_replay, |r| r.to_spec()))
+    })
+}
+
 #[doc(hidden)]
 pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo) -> PluginModuleRef {
     let fns = StrategyFns {
@@ -434,6 +446,7 @@ pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo) -> Plug
         on_gradients: strategy_on_gradients::<T>,
         wants_initial_model: strategy_wants_initial_model::<T>,
         gradient_pass: strategy_gradient_pass::<T>,
+        replay: strategy_replay::<T>,
     }
     .leak_into_prefix();
     PluginModule { info, tokenizer: RNone, encoder: RNone, adapter: RNone, strategy: RSome(fns), evaluator: RNone }

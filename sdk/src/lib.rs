@@ -40,6 +40,7 @@ pub mod inputs;
 mod kinds;
 pub mod losses;
 pub mod nn;
+pub mod replay;
 pub mod state;
 mod tensor;
 
@@ -47,6 +48,7 @@ pub use abi::{DType, EncoderSpec, NamedTensor, ParamInit, SiteInfo, TaskInfo, To
 pub use config::parse_config;
 pub use error::{panic_message, Error, Result};
 pub use kinds::{Adapter, Encoder, Evaluator, GradientPass, Strategy, Tokenizer};
+pub use replay::{Replay, ReplayMode, ReplayPolicy};
 pub use tensor::{named, Host, LogLevel, Site, Tensor};
 
 /// What most plugins import.
@@ -55,7 +57,7 @@ pub mod prelude {
     pub use crate::inputs;
     pub use crate::{
         bail, Adapter, DType, Encoder, EncoderSpec, Error, Evaluator, GradientPass, Host, NamedTensor, ParamInit,
-        Result, Site, SiteInfo, Strategy, TaskInfo, Tensor, TokenBatch, Tokenizer,
+        Replay, ReplayMode, ReplayPolicy, Result, Site, SiteInfo, Strategy, TaskInfo, Tensor, TokenBatch, Tokenizer,
     };
 }
 

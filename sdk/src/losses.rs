@@ -25,3 +25,18 @@ pub fn distill_both_ways(student: &Tensor, teacher: &Tensor, t: f64, average: bo
     let both = distill(student, teacher, t)?.add(&distill(&student.t()?, &teacher.t()?, t)?)?;
     both.scale(if average { 0.5 } else { 1.0 })
 }
+
+/// CLIP's contrastive loss: cross-entropy of the logits against the diagonal, image->text on
+/// the rows and text->image on the columns, averaged (what the host's task loss computes).
+pub fn clip_loss(img: &Tensor, txt: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
+    let logits = clip_logits(img, txt, logit_scale)?;
+    let n = logits.dim(0)?;
+    let labels = logits.host().tensor_u32(&(0..n as u32).collect::<Vec<_>>(), &[n])?;
+    logits.cross_entropy(&labels)?.add(&logits.t()?.cross_entropy(&labels)?)?.scale(0.5)
+}
+
+/// Mean squared error over every element (PyTorch's `F.mse_loss`, mean reduction).
+pub fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let d = a.sub(b)?;
+    d.mul(&d)?.mean_all()
+}

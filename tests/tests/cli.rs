@@ -123,6 +123,8 @@ fn check_plugin_passes_on_every_in_tree_plugin() {
          z_channels = 8\ncodebook_size = 16\nnorm_groups = 4\n",
     )
     .unwrap();
+    let replay = dir.path().join("replay.toml");
+    std::fs::write(&replay, "memory = 4\n").unwrap();
     let distill_tokens = dir.path().join("distill.toml");
     std::fs::write(&distill_tokens, "token_weight = 10.0\n").unwrap();
     let cases = [
@@ -141,6 +143,8 @@ fn check_plugin_passes_on_every_in_tree_plugin() {
         ("recall-plugin-distill", Some(&distill_tokens)),
         ("recall-plugin-vq-tokenizer", Some(&small_vq)),
         ("recall-plugin-llamagen-vq", Some(&small_llamagen)),
+        ("recall-plugin-replay", Some(&replay)),
+        ("recall-plugin-der", Some(&replay)),
     ];
     for (krate, config) in cases {
         let lib = cdylib(krate).display().to_string();

@@ -475,3 +475,72 @@ fn distill_value_and_gradients_match_pytorch() {
     let e = StrategyInstance::create(&plugin, &rt, "strategy.", "weight = -1.0").err().unwrap().to_string();
     assert!(e.contains("weight"), "{e}");
 }
+
+/// The replay batch's inputs of the fixture: the replayed features as variables (gradients
+/// reach them), the stored ones as plain tensors (targets, as the host passes them).
+fn replay_inputs(fx: &std::collections::HashMap<String, Tensor>) -> Vec<(&'static str, Var)> {
+    variables(fx, &["replay_image_features", "replay_text_features", "logit_scale"])
+}
+
+#[test]
+fn experience_replay_s_separate_term_matches_pytorch() {
+    let fx = fixture("replay.safetensors");
+    let plugin = load_plugin(&cdylib("recall-plugin-replay")).unwrap();
+    let rt = Runtime::new(Device::Cpu, DType::F64, 0);
+    let s =
+        StrategyInstance::create(&plugin, &rt, "strategy.", "memory = 10\nmode = \"separate\"\nweight = 0.7").unwrap();
+    let spec = s.replay().unwrap().unwrap();
+    assert_eq!((spec.budget, spec.mode, spec.store_features), (10, recall_sdk::ReplayMode::Separate, false));
+    let vars = replay_inputs(&fx);
+    let inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
+    let terms = s.loss_terms(&inputs).unwrap();
+    assert_eq!(terms.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(), ["replay"]);
+    loss_matches_fixture(&fx, "er", &terms[0].1, &vars);
+    // Without a replay batch (an empty memory) there is no term.
+    let (img, txt) = (&fx["replay_image_features"], &fx["replay_text_features"]);
+    let current = [("image_features", img), ("text_features", txt), ("logit_scale", &fx["logit_scale"])];
+    assert!(s.loss_terms(&current).unwrap().is_empty());
+}
+
+#[test]
+fn der_plus_plus_terms_match_pytorch() {
+    let fx = fixture("replay.safetensors");
+    let plugin = load_plugin(&cdylib("recall-plugin-der")).unwrap();
+    let rt = Runtime::new(Device::Cpu, DType::F64, 0);
+    let s = StrategyInstance::create(&plugin, &rt, "strategy.", "memory = 10\nalpha = 0.3\nbeta = 0.6").unwrap();
+    let spec = s.replay().unwrap().unwrap();
+    assert_eq!((spec.mode, spec.store_features), (recall_sdk::ReplayMode::Separate, true));
+    let vars = replay_inputs(&fx);
+    let mut inputs: Vec<(&str, &Tensor)> = vars.iter().map(|(n, v)| (*n, v.as_tensor())).collect();
+    inputs.push(("replay_stored_image_features", &fx["replay_stored_image_features"]));
+    inputs.push(("replay_stored_text_features", &fx["replay_stored_text_features"]));
+    let terms = s.loss_terms(&inputs).unwrap();
+    assert_eq!(terms.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(), ["der_mse", "der_clip"]);
+    for (name, term) in &terms {
+        let (value, want) =
+            (term.to_scalar::<f64>().unwrap(), fx[&format!("{name}.loss")].to_vec1::<f64>().unwrap()[0]);
+        assert!((value - want).abs() / want.abs() <= 1e-5, "{name}: {value} vs {want}");
+    }
+    let total = (&terms[0].1 + &terms[1].1).unwrap();
+    loss_matches_fixture(&fx, "der", &total, &vars);
+}
+
+#[test]
+fn replay_strategies_reject_bad_options() {
+    let cases = [
+        ("recall-plugin-replay", "memory = 0", "memory", "at least 1"),
+        ("recall-plugin-replay", "memory = 5\nbatch_size = 0", "batch_size", "at least 1"),
+        ("recall-plugin-replay", "memory = 5\nweight = 2.0", "weight", "separate"),
+        ("recall-plugin-replay", "memory = 5\npolicy = \"fifo\"", "policy", "reservoir"),
+        ("recall-plugin-der", "memory = 5\nalpha = -1.0", "alpha", ">= 0"),
+    ];
+    for (lib, config, key, says) in cases {
+        let rt = Runtime::new(Device::Cpu, DType::F64, 0);
+        let e = match StrategyInstance::create(&load_plugin(&cdylib(lib)).unwrap(), &rt, "strategy.0.", config) {
+            Ok(_) => panic!("{lib}: `{config}` was accepted"),
+            Err(e) => e,
+        };
+        assert!(e.config_key.as_deref() == Some(key) || e.message.contains(key), "{lib} `{config}`: {e:?}");
+        assert!(e.message.contains(says), "{lib} `{config}`: {}", e.message);
+    }
+}

@@ -85,6 +85,18 @@ impl Batch {
     }
 
     /// A hash of each image's pixels (the image-code cache's key).
+    /// This batch followed by `other`'s examples (replay joining a step's batch).
+    pub fn joined(&self, other: &Batch) -> Batch {
+        Batch {
+            indices: self.indices.iter().chain(&other.indices).copied().collect(),
+            captions: self.captions.iter().chain(&other.captions).cloned().collect(),
+            pixels: [self.pixels.as_slice(), other.pixels.as_slice()].concat(),
+            size: self.size,
+            preprocess: self.preprocess.clone(),
+            skipped: self.skipped.iter().chain(&other.skipped).cloned().collect(),
+        }
+    }
+
     pub fn content_keys(&self) -> Vec<u64> {
         let n = 3 * self.size * self.size;
         self.pixels.chunks(n.max(1)).map(content_key).collect()

@@ -9,6 +9,7 @@ mod evaluate;
 pub mod memory;
 mod midtask;
 mod plan;
+mod replay;
 mod reporter;
 mod session;
 mod step;
@@ -227,6 +228,7 @@ impl<'a> Run<'a> {
         if let Err(e) = crate::runlog::open(&dir.log_file()) {
             tracing::warn!("cannot write {}: {e}", dir.log_file().display());
         }
+        replay::warn_if_budget_exceeds_data(session);
         if !opts.resume {
             // The records a fresh run writes once: the resolved config, the plugins, the splits.
             dir.write_config(c)?;
@@ -252,10 +254,8 @@ impl<'a> Run<'a> {
         if progress.finished_tasks > 0 {
             // Continue from the last finished task: its parameters and each strategy's state.
             let k = progress.finished_tasks;
-            let states = dir.load_checkpoint(k, &rt.params(), session.strategies.len())?;
-            for (s, bytes) in session.strategies.iter().zip(states) {
-                s.load_state(&bytes)?;
-            }
+            let states = dir.load_checkpoint(k, &rt.params(), state_shape(session))?;
+            restore_states(session, states)?;
         }
         // A mid-task checkpoint of the task after the last finished one (an older one is of
         // a task that finished since).
@@ -459,7 +459,7 @@ impl<'a> Run<'a> {
         at.optimizer_step = optimizer_step;
         at.step_seconds = self.progress.step_seconds;
         at.images_seen = self.progress.images_seen;
-        let states = s.strategies.iter().map(|st| st.save_state()).collect::<Result<Vec<_>, _>>()?;
+        let states = saved_states(s)?;
         self.dir.save_step_checkpoint(at.global_step, &s.runtime().params(), &moments, &states, &*at)?;
         tracing::info!(task = at.task, step = at.step_in_task, global_step = at.global_step, "mid-task checkpoint");
         Ok(())
@@ -470,12 +470,9 @@ impl<'a> Run<'a> {
     /// checkpoint's parameters, optimizer moments and strategy states replace what it made.
     fn restore_position(&mut self, at: TaskPosition, opt: &mut AdamW) -> anyhow::Result<TaskPosition> {
         let s = self.session;
-        let (moments, states) =
-            self.dir.load_step_checkpoint(at.global_step, &s.runtime().params(), s.strategies.len())?;
+        let (moments, states) = self.dir.load_step_checkpoint(at.global_step, &s.runtime().params(), state_shape(s))?;
         opt.restore(&moments, at.optimizer_step)?;
-        for (st, bytes) in s.strategies.iter().zip(states) {
-            st.load_state(&bytes)?;
-        }
+        restore_states(s, states)?;
         let p = &mut self.progress;
         p.global_step = at.global_step;
         p.step_seconds = at.step_seconds;
@@ -542,6 +539,7 @@ impl<'a> Run<'a> {
         for st in &s.strategies {
             st.after_task(&info)?;
         }
+        replay::fill_after_task(s, t_idx)?;
         // Never checkpoint (or mark finished) a task whose weights diverged: the previous
         // checkpoint stays the one `--resume` continues from.
         if let Some((first, count)) = crate::finite::non_finite_params(&rt.params())? {
@@ -557,8 +555,7 @@ impl<'a> Run<'a> {
             );
         }
         // Checkpoint first, progress last: progress.json names only finished checkpoints.
-        let states = s.strategies.iter().map(|st| st.save_state()).collect::<Result<Vec<_>, _>>()?;
-        self.dir.save_checkpoint(t_idx + 1, &rt.params(), &states)?;
+        self.dir.save_checkpoint(t_idx + 1, &rt.params(), &saved_states(s)?)?;
         self.evaluate_stage()?;
         self.progress.finished_tasks = t_idx + 1;
         self.dir.write_progress(&self.progress)?;
@@ -679,7 +676,19 @@ pub fn begin_task<'a>(
     let ref_seed = c.experiment.seed ^ 0x7265_6600 ^ ((t_idx as u64) << 40);
     let ref_rng = StdRng::seed_from_u64(ref_seed);
     let step_seed = task_seed(c.experiment.seed, t_idx) ^ 0x7374_6570;
-    let steps = TaskSteps { session: s, precision, old, task_name: &task.name, ref_rng, ref_seed, step_seed };
+    let replay_seed = c.experiment.seed ^ 0x7265_706c ^ ((t_idx as u64) << 40);
+    let steps = TaskSteps {
+        session: s,
+        precision,
+        old,
+        task_name: &task.name,
+        ref_rng,
+        ref_seed,
+        step_seed,
+        task_index: t_idx,
+        replay_rng: StdRng::seed_from_u64(replay_seed),
+        replay_seed,
+    };
     Ok((steps, opt))
 }
 
@@ -694,6 +703,32 @@ pub fn end_task_untrained(s: &Session, t_idx: usize, n_steps: usize) -> anyhow::
     s.runtime().set_training(false);
     for st in &s.strategies {
         st.after_task(&info)?;
+    }
+    replay::fill_after_task(s, t_idx)
+}
+
+/// What a checkpoint of the session holds beside the parameters: how many strategy states,
+/// and whether a replay memory.
+fn state_shape(s: &Session) -> (usize, bool) {
+    (s.strategies.len(), s.replay.is_some())
+}
+
+/// Each strategy's state and the replay memory, as a checkpoint saves them.
+fn saved_states(s: &Session) -> anyhow::Result<crate::rundir::States> {
+    Ok(crate::rundir::States {
+        strategies: s.strategies.iter().map(|st| st.save_state()).collect::<Result<Vec<_>, _>>()?,
+        replay: s.replay.as_ref().map(|m| m.borrow().to_bytes()).transpose()?,
+    })
+}
+
+/// Hand each strategy its saved state and put the replay memory back.
+fn restore_states(s: &Session, states: crate::rundir::States) -> anyhow::Result<()> {
+    for (st, bytes) in s.strategies.iter().zip(states.strategies) {
+        st.load_state(&bytes)?;
+    }
+    if let (Some(memory), Some(bytes)) = (&s.replay, states.replay) {
+        let request = memory.borrow().request;
+        *memory.borrow_mut() = replay::ExemplarMemory::from_bytes(request, &bytes)?;
     }
     Ok(())
 }

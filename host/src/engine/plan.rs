@@ -71,6 +71,20 @@ pub fn dry_run(cfg: &LoadedConfig, registry: &Registry) -> anyhow::Result<String
         let pass = if pass > 0 { format!(", gradient pass of {pass} batches {when}") } else { String::new() };
         let _ = writeln!(out, "  strategy `{}` {version}{pass}", s.plugin);
     }
+    if let Some(r) = &parts.replay {
+        let mode = match r.mode {
+            recall_sdk::ReplayMode::Join => "joined to each batch",
+            recall_sdk::ReplayMode::Separate => "a separate forward",
+        };
+        let features = if r.store_features { ", features kept" } else { "" };
+        let _ = writeln!(
+            out,
+            "  replay memory: {} exemplars ({}{features}), {} per step, {mode}",
+            r.budget,
+            r.policy.name(),
+            r.batch_size
+        );
+    }
     if parts.wants_old {
         let first = if c.train.old_model_on_first_task { "from the first task" } else { "from the second task" };
         let _ = writeln!(out, "  old model: a frozen copy, {first}");

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context};
 
+use super::replay::ExemplarMemory;
 use super::step::copy_parameters;
 use crate::config::LoadedConfig;
 use crate::data::{self, TaskData};
@@ -64,6 +65,8 @@ pub struct Session<'c> {
     pub train_transform: data::transform::Transform,
     /// The decode workers that prepare batches ahead of the step.
     pub loader: data::loader::Loader,
+    /// The exemplar memory a strategy asked for; the steps and the ends of tasks update it.
+    pub replay: Option<std::cell::RefCell<ExemplarMemory>>,
 }
 
 /// The model with every plugin of the experiment created and checked against each other:
@@ -78,6 +81,8 @@ pub struct Parts {
     /// A strategy distils from the initial model (ZSCL).
     pub wants_initial: bool,
     pub teacher: Option<Teacher>,
+    /// The exemplar memory one strategy asks for.
+    pub replay: Option<recall_sdk::Replay>,
 }
 
 impl Parts {
@@ -127,8 +132,74 @@ impl Parts {
             Some(t) => Some(Teacher::build(t, &c.experiment, cfg, registry)?),
             None => None,
         };
-        Ok(Parts { model, strategies, task_evaluators, zeroshot_evaluators, wants_old, wants_initial, teacher })
+        let replay = replay_request(cfg, &strategies, &model, teacher.is_some())?;
+        Ok(Parts { model, strategies, task_evaluators, zeroshot_evaluators, wants_old, wants_initial, teacher, replay })
     }
+}
+
+/// The one exemplar memory the strategies ask for, checked against the rest of the run: two
+/// strategies asking, or replay examples joining batches that a teacher or the code cache
+/// also reads, are located errors.
+fn replay_request(
+    cfg: &LoadedConfig,
+    strategies: &[StrategyInstance],
+    model: &Model,
+    teacher: bool,
+) -> anyhow::Result<Option<recall_sdk::Replay>> {
+    let mut found: Option<(usize, recall_sdk::Replay)> = None;
+    for (i, st) in strategies.iter().enumerate() {
+        let Some(r) = st.replay()? else { continue };
+        if let Some((j, _)) = found {
+            return Err(cfg
+                .error_at(
+                    &format!("strategy[{i}]"),
+                    format!(
+                        "strategies {j} (`{}`) and {i} (`{}`) both ask for an exemplar memory; a run keeps one, so \
+                         keep one replaying strategy",
+                        strategies[j].plugin, st.plugin
+                    ),
+                )
+                .into());
+        }
+        if r.mode == recall_sdk::ReplayMode::Join && (teacher || model.code_cache.is_some()) {
+            let what = if teacher { "a [teacher]" } else { "[train] cache_image_codes" };
+            return Err(cfg
+                .error_at(
+                    &format!("strategy[{i}]"),
+                    format!(
+                        "`{}` joins replay examples to the step's batch, which {what} reads as the data loader \
+                         prepared it; use the strategy's separate replay mode, or drop {what}",
+                        st.plugin
+                    ),
+                )
+                .into());
+        }
+        found = Some((i, r));
+    }
+    Ok(found.map(|(_, r)| r))
+}
+
+/// The memory for `request`, checked against the data: the class-balanced policy needs every
+/// training example's class.
+fn replay_memory(
+    cfg: &LoadedConfig,
+    request: recall_sdk::Replay,
+    tasks: &[TaskData],
+) -> anyhow::Result<std::cell::RefCell<ExemplarMemory>> {
+    if request.policy == recall_sdk::ReplayPolicy::ClassBalanced {
+        for (i, t) in tasks.iter().enumerate() {
+            if let Some(e) = t.train.iter().find(|e| e.class.is_none()) {
+                bail!(
+                    "{}: the replay memory is class-balanced, but task[{i}] `{}` has a training example without a \
+                     class (`{}`); give its data classes, or use the task-balanced or reservoir policy",
+                    cfg.file,
+                    t.name,
+                    e.id
+                );
+            }
+        }
+    }
+    Ok(std::cell::RefCell::new(ExemplarMemory::new(request)))
 }
 
 impl<'c> Session<'c> {
@@ -136,8 +207,16 @@ impl<'c> Session<'c> {
     /// key at fault.
     pub fn prepare(cfg: &'c LoadedConfig, registry: &Registry) -> anyhow::Result<Self> {
         let c = &cfg.config;
-        let Parts { model, strategies, task_evaluators, zeroshot_evaluators, wants_old, wants_initial, teacher } =
-            Parts::build(cfg, registry)?;
+        let Parts {
+            model,
+            strategies,
+            task_evaluators,
+            zeroshot_evaluators,
+            wants_old,
+            wants_initial,
+            teacher,
+            replay,
+        } = Parts::build(cfg, registry)?;
         let frozen_copy = || -> anyhow::Result<Model> {
             let m = Model::build(cfg, registry)?;
             m.freeze_all();
@@ -167,6 +246,7 @@ impl<'c> Session<'c> {
         let train_transform = c.data.train_transform();
         cache_images(cfg, &model, &train_transform, &mut tasks, &mut heldout_sets, reference.as_mut())?;
         let loader = data::loader::Loader::new(c.data.workers(), c.data.prefetch)?;
+        let replay = replay.map(|r| replay_memory(cfg, r, &tasks)).transpose()?;
         Ok(Session {
             cfg,
             model,
@@ -181,6 +261,7 @@ impl<'c> Session<'c> {
             heldout_sets,
             train_transform,
             loader,
+            replay,
         })
     }
 

@@ -218,6 +218,14 @@ impl<'t> StrategyInputs<'t> {
         ]);
     }
 
+    /// The replay batch's features from the model being trained, and the stored ones.
+    fn replay(&mut self, f: &'t super::replay::ReplayFeatures) {
+        self.named.extend([(inputs::REPLAY_IMAGE_FEATURES, &f.image), (inputs::REPLAY_TEXT_FEATURES, &f.text)]);
+        if let Some((i, t)) = &f.stored {
+            self.named.extend([(inputs::REPLAY_STORED_IMAGE_FEATURES, i), (inputs::REPLAY_STORED_TEXT_FEATURES, t)]);
+        }
+    }
+
     fn as_slice(&self) -> &[(&'static str, &'t Tensor)] {
         &self.named
     }
@@ -235,6 +243,11 @@ pub struct TaskSteps<'a> {
     pub ref_seed: u64,
     /// The seed the runtime's generator (dropout) is reseeded from every step.
     pub step_seed: u64,
+    /// The task's position in the sequence (what the replay memory records).
+    pub task_index: usize,
+    /// Draws the replay batch and the reservoir's slots; reseeded every step from `replay_seed`.
+    pub replay_rng: StdRng,
+    pub replay_seed: u64,
 }
 
 impl TaskSteps<'_> {
@@ -245,6 +258,49 @@ impl TaskSteps<'_> {
         let mix = (step_in_task as u64 + 1).wrapping_mul(0x94d0_49bb_1331_11eb);
         self.session.runtime().reseed(self.step_seed ^ mix);
         self.ref_rng = StdRng::seed_from_u64(self.ref_seed ^ mix);
+        self.replay_rng = StdRng::seed_from_u64(self.replay_seed ^ mix);
+    }
+
+    /// This step's replay batch, when the memory holds exemplars.
+    fn draw_replay(&mut self) -> anyhow::Result<Option<super::replay::ReplayBatch>> {
+        let s = self.session;
+        let Some(memory) = &s.replay else { return Ok(None) };
+        let memory = memory.borrow();
+        if memory.is_empty() {
+            return Ok(None);
+        }
+        let slots = memory.draw(&mut self.replay_rng);
+        let seed = rand::Rng::random(&mut self.replay_rng);
+        let rb = super::replay::prepare(&memory, &slots, &s.tasks, &s.train_transform, &s.model.preprocess, seed)
+            .context("preparing the replay batch")?;
+        Ok((!rb.slots.is_empty()).then_some(rb))
+    }
+
+    /// Reservoir sampling offers the current batch's examples (its first `batch.len()` rows of
+    /// `img` / `txt`) to the memory, after the replay batch was drawn; their features are
+    /// read back only when the memory keeps them and an example entered.
+    fn offer_to_memory(&mut self, batch: &data::loader::Batch, img: &Tensor, txt: &Tensor) -> anyhow::Result<()> {
+        let Some(memory) = &self.session.replay else { return Ok(()) };
+        let mut memory = memory.borrow_mut();
+        let offers = memory.offer(batch.len(), &mut self.replay_rng);
+        if offers.is_empty() {
+            return Ok(());
+        }
+        let features = match memory.request.store_features {
+            true => Some(super::replay::read_rows(img, txt, &offers.iter().map(|&(row, _)| row).collect::<Vec<_>>())?),
+            false => None,
+        };
+        for (k, &(row, slot)) in offers.iter().enumerate() {
+            let exemplar = super::replay::Exemplar {
+                task: self.task_index as u32,
+                index: batch.indices[row] as u32,
+                caption: batch.captions[row].clone(),
+                class: None,
+                features: features.as_ref().map(|f| f[k].clone()),
+            };
+            memory.place(slot, exemplar);
+        }
+        Ok(())
     }
 }
 
@@ -380,8 +436,15 @@ impl TaskSteps<'_> {
         for st in &s.strategies {
             st.before_step(global_step as u64)?;
         }
-        let pixels = batch.tensor(rt.device(), rt.compute_dtype())?;
-        let (ids, mask) = model.tokenize(&batch.captions)?;
+        let replay = self.draw_replay()?;
+        let separate = s.replay.as_ref().is_some_and(|m| m.borrow().request.mode == recall_sdk::ReplayMode::Separate);
+        let joined = match (&replay, separate) {
+            (Some(rb), false) => Some(batch.joined(&rb.batch)),
+            _ => None,
+        };
+        let forward_batch = joined.as_ref().unwrap_or(batch);
+        let pixels = forward_batch.tensor(rt.device(), rt.compute_dtype())?;
+        let (ids, mask) = model.tokenize(&forward_batch.captions)?;
         mark(probe, 0)?;
         let img = match &model.code_cache {
             Some(_) => model.encode_cached(&batch.content_keys(), &pixels)?,
@@ -391,6 +454,11 @@ impl TaskSteps<'_> {
         let image_tokens = model.image_tokens()?;
         let txt = model.encode_texts(&ids, &mask)?;
         let loss = ops::clip_loss(&img, &txt, &model.logit_scale)?;
+        self.offer_to_memory(batch, &img, &txt)?;
+        let replay_features = match (&replay, separate) {
+            (Some(rb), true) => Some(super::replay::encode(model, rb, s.replay.as_ref())?),
+            _ => None,
+        };
         let old_features = match self.old {
             Some(m) => Some((
                 m.encode_images(&pixels)?.detach(),
@@ -427,6 +495,9 @@ impl TaskSteps<'_> {
         }
         if let Some((oi, ot, os)) = &old_features {
             inputs.old_model([oi, ot, os]);
+        }
+        if let Some(f) = &replay_features {
+            inputs.replay(f);
         }
         let reference_features = match &s.initial_model {
             Some(im) => Some(reference_features(
@@ -477,7 +548,7 @@ impl TaskSteps<'_> {
         let grads = total.backward()?;
         // The graph goes now: nothing of the forward outlives backward.
         drop(inputs);
-        drop((old_features, teacher_features, reference_features, total, loss, img, txt, pixels));
+        drop((old_features, teacher_features, reference_features, replay_features, total, loss, img, txt, pixels));
         peak_memory = peak_memory.max(crate::runtime::device_memory_in_use(rt.device()));
         mark(probe, 2)?;
         rt.set_grads(Some(grads));

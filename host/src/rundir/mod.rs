@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 mod records;
-pub use records::{METRICS_FILE, PROGRESS_FILE, SUMMARY_FILE};
+pub use records::{States, METRICS_FILE, PROGRESS_FILE, SUMMARY_FILE};
 
 /// What a run directory may hold that Recall wrote. `--overwrite` removes exactly these, so
 /// a user's own files beside them (and a sweep's `stdout.txt` / `stderr.txt`) survive.

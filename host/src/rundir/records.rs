@@ -23,6 +23,40 @@ pub type Tensors = std::collections::HashMap<String, candle_core::Tensor>;
 /// The record of the last mid-task checkpoint, under `checkpoints/`.
 const STEP_FILE: &str = "step.json";
 
+/// What a checkpoint holds beside the parameters: each strategy's own state (in order) and
+/// the replay memory, as bytes.
+#[derive(Default)]
+pub struct States {
+    pub strategies: Vec<Vec<u8>>,
+    pub replay: Option<Vec<u8>>,
+}
+
+impl States {
+    /// `strategy-I.bin` for each strategy, `replay.json` for the memory, each named by `path`.
+    fn write(&self, path: impl Fn(&str) -> PathBuf) -> anyhow::Result<()> {
+        for (i, state) in self.strategies.iter().enumerate() {
+            write_atomic(&path(&format!("strategy-{i}.bin")), state)?;
+        }
+        if let Some(memory) = &self.replay {
+            write_atomic(&path("replay.json"), memory)?;
+        }
+        Ok(())
+    }
+
+    fn read((strategies, replay): (usize, bool), path: impl Fn(&str) -> PathBuf) -> anyhow::Result<Self> {
+        let read = |what: &str, kind: &str| {
+            let f = path(what);
+            std::fs::read(&f).with_context(|| format!("cannot read the {kind} {}", f.display()))
+        };
+        Ok(States {
+            strategies: (0..strategies)
+                .map(|i| read(&format!("strategy-{i}.bin"), "strategy state"))
+                .collect::<anyhow::Result<_>>()?,
+            replay: if replay { Some(read("replay.json", "replay memory")?) } else { None },
+        })
+    }
+}
+
 impl RunDir {
     pub fn path(&self) -> &Path {
         &self.path
@@ -128,46 +162,40 @@ impl RunDir {
         self.path.join("checkpoints").join(format!("task-{task:02}.{what}"))
     }
 
-    /// The checkpoint after `task` tasks: every parameter, then each strategy's own state.
+    /// The checkpoint after `task` tasks: every parameter, then each strategy's own state and
+    /// the replay memory.
     pub fn save_checkpoint(
         &self,
         task: usize,
         params: &crate::runtime::params::ParamStore,
-        strategy_states: &[Vec<u8>],
+        states: &States,
     ) -> anyhow::Result<()> {
         params.save(&self.checkpoint_path(task, "safetensors"))?;
-        for (i, state) in strategy_states.iter().enumerate() {
-            write_atomic(&self.checkpoint_path(task, &format!("strategy-{i}.bin")), state)?;
-        }
-        Ok(())
+        states.write(|what| self.checkpoint_path(task, what))
     }
 
-    /// Load the parameters of the checkpoint after `task` tasks and return the saved states
-    /// of its first `strategies` strategies.
+    /// Load the parameters of the checkpoint after `task` tasks and return its saved states:
+    /// those of the first `shape.0` strategies, and the replay memory when `shape.1`.
     pub fn load_checkpoint(
         &self,
         task: usize,
         params: &crate::runtime::params::ParamStore,
-        strategies: usize,
-    ) -> anyhow::Result<Vec<Vec<u8>>> {
+        shape: (usize, bool),
+    ) -> anyhow::Result<States> {
         params.load(&self.checkpoint_path(task, "safetensors"))?;
-        (0..strategies)
-            .map(|i| {
-                let f = self.checkpoint_path(task, &format!("strategy-{i}.bin"));
-                std::fs::read(&f).with_context(|| format!("cannot read strategy state {}", f.display()))
-            })
-            .collect()
+        States::read(shape, |what| self.checkpoint_path(task, what))
     }
 
-    /// A mid-task checkpoint at global step `step`: the parameters, the optimizer's state, each
-    /// strategy's state, then `record` (the position in the task) in `checkpoints/step.json`,
-    /// written last: it names only complete checkpoints. Older step checkpoints go after it.
+    /// A mid-task checkpoint at global step `step`: the parameters, the optimizer's state, the
+    /// strategies' states and the replay memory, then `record` (the position in the task) in
+    /// `checkpoints/step.json`, written last: it names only complete checkpoints. Older step
+    /// checkpoints go after it.
     pub fn save_step_checkpoint(
         &self,
         step: usize,
         params: &crate::runtime::params::ParamStore,
         optimizer: &Tensors,
-        strategy_states: &[Vec<u8>],
+        states: &States,
         record: &impl Serialize,
     ) -> anyhow::Result<()> {
         let name = |what: &str| self.path.join("checkpoints").join(format!("step-{step:08}.{what}"));
@@ -175,9 +203,7 @@ impl RunDir {
         crate::fsutil::write_atomic_with(&name("optimizer.safetensors"), |tmp| {
             candle_core::safetensors::save(optimizer, tmp).map_err(Into::into)
         })?;
-        for (i, state) in strategy_states.iter().enumerate() {
-            write_atomic(&name(&format!("strategy-{i}.bin")), state)?;
-        }
+        states.write(name)?;
         write_atomic(&self.path.join("checkpoints").join(STEP_FILE), serde_json::to_string(record)?.as_bytes())?;
         self.remove_step_checkpoints(Some(step))
     }
@@ -196,25 +222,19 @@ impl RunDir {
     }
 
     /// Load the parameters of the step checkpoint at `step`; returns its optimizer state and
-    /// the saved states of its first `strategies` strategies.
+    /// its saved states (of the first `shape.0` strategies, the replay memory when `shape.1`).
     pub fn load_step_checkpoint(
         &self,
         step: usize,
         params: &crate::runtime::params::ParamStore,
-        strategies: usize,
-    ) -> anyhow::Result<(Tensors, Vec<Vec<u8>>)> {
+        shape: (usize, bool),
+    ) -> anyhow::Result<(Tensors, States)> {
         let name = |what: &str| self.path.join("checkpoints").join(format!("step-{step:08}.{what}"));
         params.load(&name("safetensors"))?;
         let opt = name("optimizer.safetensors");
         let optimizer = candle_core::safetensors::load(&opt, &candle_core::Device::Cpu)
             .with_context(|| format!("cannot read the optimizer state {}", opt.display()))?;
-        let states = (0..strategies)
-            .map(|i| {
-                let f = name(&format!("strategy-{i}.bin"));
-                std::fs::read(&f).with_context(|| format!("cannot read strategy state {}", f.display()))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok((optimizer, states))
+        Ok((optimizer, States::read(shape, name)?))
     }
 
     /// Remove the step checkpoints (all, or all but the one at `keep`; with `None` the
