@@ -38,12 +38,17 @@ declare -A methods=(
   # that task's held-out split, lambda 0.4 in the lambda/2 form, previous task only.
   [zscl-cclip-table]='strategy=[{plugin="lwf",temperature=1.0,average_directions=true,weight=2.0,teacher_scale="student"}]|train.old_model_on_first_task=true'
   [ewc-cclip-code]='strategy=[{plugin="ewc",lambda=0.4,mode="online",gamma=0.0,fisher="before-task",fisher_batches=16}]'
+  # Replay with a host-kept memory of 500 exemplars (about 15 % of the four tasks' training
+  # data), reservoir-sampled: ER joins 64 of them to every batch; DER++ replays 64 through a
+  # forward of their own against the features they entered with.
+  [er]='strategy=[{plugin="replay",memory=500,batch_size=64}]'
+  [der]='strategy=[{plugin="der",memory=500,batch_size=64,alpha=0.1,beta=0.5}]'
   # The presets of experiments/c-clip/ (their own optimizer and schedule), run as they are.
   [c-clip-paper]="file:experiments/c-clip/paper.toml"
   [c-clip-authors-code]="file:experiments/c-clip/authors-code.toml"
   [c-clip-code]="adapter={plugin=\"lora\",rank=16,alpha=32,dropout=0.1,targets=[\"vision.*.mlp.*\",\"text.*.mlp.*\"],merge_after_task=true,merge_scope=\"trained\",merge_schedule=\"c-clip-code\"}|strategy=[{plugin=\"ckc\",dim=128,batch_norm=\"per-modality\",normalize_inputs=false,fresh_per_task=true}]|train.old_model_on_first_task=true"
 )
-order=(finetune lora lora-merge ewc ewc-cclip-code lwf zscl zscl-cclip-table wise-ft c-clip c-clip-code
+order=(finetune lora lora-merge ewc ewc-cclip-code lwf zscl zscl-cclip-table wise-ft er der c-clip c-clip-code
   c-clip-code-no-ckc c-clip-paper c-clip-authors-code)
 if [ -n "${METHODS:-}" ]; then
   read -ra order <<< "$METHODS"

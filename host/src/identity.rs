@@ -21,6 +21,10 @@ pub struct Identity {
     /// SHA-256 over `keys` in order: one value to compare or quote.
     pub sha256: String,
     pub keys: BTreeMap<String, String>,
+    /// The keys of `keys` that plugins filled in as defaults; `None` in identities written
+    /// before plugins reported their defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<std::collections::BTreeSet<String>>,
 }
 
 /// One key that differs between the identity a run started with and the one it resumes with.
@@ -76,7 +80,8 @@ const SPEED_ONLY: [&str; 7] = [
 
 /// The identity of `c` as run with the plugins of `registry`. Tracking settings are left out:
 /// where events are delivered does not change a result; so are the pipeline's speed settings.
-pub fn of(c: &ExperimentConfig, registry: &Registry) -> anyhow::Result<Identity> {
+pub fn of(resolved: &crate::resolved::Resolved, registry: &Registry) -> anyhow::Result<Identity> {
+    let c = &resolved.config;
     let mut keys: BTreeMap<String, String> =
         crate::tracking::config_params(c)?.into_iter().filter(|(k, _)| !SPEED_ONLY.contains(&k.as_str())).collect();
     for name in plugins_used(c) {
@@ -92,7 +97,7 @@ pub fn of(c: &ExperimentConfig, registry: &Registry) -> anyhow::Result<Identity>
         h.update(v.as_bytes());
         h.update([0]);
     }
-    Ok(Identity { sha256: format!("{:x}", h.finalize()), keys })
+    Ok(Identity { sha256: format!("{:x}", h.finalize()), keys, defaults: Some(resolved.defaults.clone()) })
 }
 
 /// Every key whose value differs, in key order.
@@ -127,7 +132,13 @@ pub fn check_resume(run_dir: &Path, current: &Identity, allow: &[String]) -> any
     };
     let saved: Identity =
         serde_json::from_str(&text).with_context(|| format!("{} is not a Recall identity file", file.display()))?;
-    let all = changes(&saved, current);
+    let mut all = changes(&saved, current);
+    if saved.defaults.is_none() {
+        // Started before plugins reported their defaults: a default now recorded was in
+        // effect then too, unwritten.
+        let now = current.defaults.clone().unwrap_or_default();
+        all.retain(|c| !(c.before.is_none() && now.contains(&c.key)));
+    }
     let (ok, refused): (Vec<Change>, Vec<Change>) = all.into_iter().partition(|c| allowed(&c.key, allow));
     if !refused.is_empty() {
         let list: Vec<String> = refused.iter().map(|c| format!("  {c}")).collect();
@@ -147,7 +158,27 @@ mod tests {
     use super::*;
 
     fn identity(pairs: &[(&str, &str)]) -> Identity {
-        Identity { sha256: String::new(), keys: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+        Identity {
+            sha256: String::new(),
+            keys: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            defaults: Some(Default::default()),
+        }
+    }
+
+    /// A run started before plugins reported their defaults resumes: the defaults now
+    /// recorded are not changes; a default that differs from a written value still is.
+    #[test]
+    fn defaults_recorded_since_an_older_start_are_not_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut before = identity(&[("adapter.rank", "8")]);
+        before.defaults = None;
+        std::fs::write(tmp.path().join(FILE), serde_json::to_string(&before).unwrap()).unwrap();
+        let mut after = identity(&[("adapter.rank", "8"), ("adapter.rslora", "false")]);
+        after.defaults = Some(["adapter.rslora".to_string()].into());
+        assert!(check_resume(tmp.path(), &after, &[]).unwrap().is_empty());
+        after.keys.insert("adapter.alpha".into(), "16".into());
+        let e = check_resume(tmp.path(), &after, &[]).unwrap_err().to_string();
+        assert!(e.contains("adapter.alpha") && !e.contains("adapter.rslora"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod reconstruction;
 pub mod reference;
 pub mod report;
 pub mod report_html;
+pub mod resolved;
 pub mod rundir;
 pub mod runlog;
 pub mod runtime;

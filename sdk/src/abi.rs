@@ -566,6 +566,11 @@ pub struct PluginModule {
     pub strategy: ROption<StrategyFnsRef>,
     #[sabi(last_prefix_field)]
     pub evaluator: ROption<EvaluatorFnsRef>,
+    // ---- appended in 1.7 ----
+    /// A config section as the plugin resolves it, every default filled in, as TOML; `None`
+    /// when the plugin's config type cannot say (it does not implement `Serialize`). The
+    /// host records it (config.resolved.toml, the tracked params, the resume check).
+    pub resolve_config: extern "C" fn(RStr<'_>) -> PluginResult<ROption<RString>>,
 }
 
 impl RootModule for PluginModuleRef {

@@ -122,3 +122,33 @@ mod glob_tests {
         assert!(glob_match("vision.*.fc?", "vision.a.fc?"));
     }
 }
+
+/// What `export_plugin!` uses to report a plugin's resolved config: for a config type that
+/// implements `Serialize` the parsed section written back as TOML (its defaults filled in),
+/// for any other type nothing. The choice is made at compile time, by method resolution on
+/// `&&ResolveProbe<C>` (the first impl needs one auto-deref less than the second).
+#[doc(hidden)]
+pub struct ResolveProbe<C>(pub std::marker::PhantomData<C>);
+
+#[doc(hidden)]
+pub trait ResolveViaSerialize {
+    fn resolve(&self, text: &str) -> Result<Option<String>, Error>;
+}
+
+impl<C: DeserializeOwned + serde::Serialize> ResolveViaSerialize for &ResolveProbe<C> {
+    fn resolve(&self, text: &str) -> Result<Option<String>, Error> {
+        let config: C = parse_config(text)?;
+        toml::to_string(&config)
+            .map(Some)
+            .map_err(|e| Error::new(format!("cannot write the resolved config as TOML: {e}")))
+    }
+}
+
+#[doc(hidden)]
+pub trait ResolveUnknown {
+    fn resolve(&self, _text: &str) -> Result<Option<String>, Error> {
+        Ok(None)
+    }
+}
+
+impl<C> ResolveUnknown for ResolveProbe<C> {}

@@ -160,6 +160,15 @@ pub trait Evaluator: Sized + 'static {
 
 static PLUGIN_NAME: OnceLock<&'static str> = OnceLock::new();
 
+/// `PluginModule::resolve_config`, which `export_plugin!` writes for the plugin's config type.
+pub type ResolveFn = extern "C" fn(RStr<'_>) -> PluginResult<ROption<RString>>;
+
+/// The body of `resolve_config`: the resolver's result across the boundary, a panic caught.
+#[doc(hidden)]
+pub fn resolve_config_shim(f: impl FnOnce() -> Result<Option<String>>) -> PluginResult<ROption<RString>> {
+    guard("resolve_config", || Ok(f()?.map(RString::from).into()))
+}
+
 #[doc(hidden)]
 pub fn set_plugin_name(name: &'static str) {
     let _ = PLUGIN_NAME.set(name);
@@ -245,7 +254,10 @@ extern "C" fn tokenizer_encode<T: Tokenizer>(
 }
 
 #[doc(hidden)]
-pub fn tokenizer_module<T: Tokenizer>(info: extern "C" fn() -> PluginInfo) -> PluginModuleRef {
+pub fn tokenizer_module<T: Tokenizer>(
+    info: extern "C" fn() -> PluginInfo,
+    resolve_config: ResolveFn,
+) -> PluginModuleRef {
     let fns = TokenizerFns {
         create: tokenizer_create::<T>,
         destroy: destroy::<T>,
@@ -253,8 +265,16 @@ pub fn tokenizer_module<T: Tokenizer>(info: extern "C" fn() -> PluginInfo) -> Pl
         encode: tokenizer_encode::<T>,
     }
     .leak_into_prefix();
-    PluginModule { info, tokenizer: RSome(fns), encoder: RNone, adapter: RNone, strategy: RNone, evaluator: RNone }
-        .leak_into_prefix()
+    PluginModule {
+        info,
+        tokenizer: RSome(fns),
+        encoder: RNone,
+        adapter: RNone,
+        strategy: RNone,
+        evaluator: RNone,
+        resolve_config,
+    }
+    .leak_into_prefix()
 }
 
 // ---- encoder ----
@@ -279,7 +299,7 @@ extern "C" fn encoder_forward<T: Encoder>(
 }
 
 #[doc(hidden)]
-pub fn encoder_module<T: Encoder>(info: extern "C" fn() -> PluginInfo) -> PluginModuleRef {
+pub fn encoder_module<T: Encoder>(info: extern "C" fn() -> PluginInfo, resolve_config: ResolveFn) -> PluginModuleRef {
     let fns = EncoderFns {
         create: encoder_create::<T>,
         destroy: destroy::<T>,
@@ -287,8 +307,16 @@ pub fn encoder_module<T: Encoder>(info: extern "C" fn() -> PluginInfo) -> Plugin
         forward: encoder_forward::<T>,
     }
     .leak_into_prefix();
-    PluginModule { info, tokenizer: RNone, encoder: RSome(fns), adapter: RNone, strategy: RNone, evaluator: RNone }
-        .leak_into_prefix()
+    PluginModule {
+        info,
+        tokenizer: RNone,
+        encoder: RSome(fns),
+        adapter: RNone,
+        strategy: RNone,
+        evaluator: RNone,
+        resolve_config,
+    }
+    .leak_into_prefix()
 }
 
 // ---- adapter ----
@@ -328,7 +356,7 @@ extern "C" fn adapter_reset<T: Adapter>(s: StatePtr, h: HostHandle) -> PluginRes
 }
 
 #[doc(hidden)]
-pub fn adapter_module<T: Adapter>(info: extern "C" fn() -> PluginInfo) -> PluginModuleRef {
+pub fn adapter_module<T: Adapter>(info: extern "C" fn() -> PluginInfo, resolve_config: ResolveFn) -> PluginModuleRef {
     let fns = AdapterFns {
         create: adapter_create::<T>,
         destroy: destroy::<T>,
@@ -338,8 +366,16 @@ pub fn adapter_module<T: Adapter>(info: extern "C" fn() -> PluginInfo) -> Plugin
         reset: adapter_reset::<T>,
     }
     .leak_into_prefix();
-    PluginModule { info, tokenizer: RNone, encoder: RNone, adapter: RSome(fns), strategy: RNone, evaluator: RNone }
-        .leak_into_prefix()
+    PluginModule {
+        info,
+        tokenizer: RNone,
+        encoder: RNone,
+        adapter: RSome(fns),
+        strategy: RNone,
+        evaluator: RNone,
+        resolve_config,
+    }
+    .leak_into_prefix()
 }
 
 // ---- strategy ----
@@ -429,7 +465,7 @@ extern "C" fn strategy_replay<T: Strategy>(s: StatePtr) -> PluginResult<ReplaySp
 }
 
 #[doc(hidden)]
-pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo) -> PluginModuleRef {
+pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo, resolve_config: ResolveFn) -> PluginModuleRef {
     let fns = StrategyFns {
         create: strategy_create::<T>,
         destroy: destroy::<T>,
@@ -449,8 +485,16 @@ pub fn strategy_module<T: Strategy>(info: extern "C" fn() -> PluginInfo) -> Plug
         replay: strategy_replay::<T>,
     }
     .leak_into_prefix();
-    PluginModule { info, tokenizer: RNone, encoder: RNone, adapter: RNone, strategy: RSome(fns), evaluator: RNone }
-        .leak_into_prefix()
+    PluginModule {
+        info,
+        tokenizer: RNone,
+        encoder: RNone,
+        adapter: RNone,
+        strategy: RSome(fns),
+        evaluator: RNone,
+        resolve_config,
+    }
+    .leak_into_prefix()
 }
 
 // ---- evaluator ----
@@ -476,7 +520,10 @@ extern "C" fn next_probe() -> u64 {
 }
 
 #[doc(hidden)]
-pub fn evaluator_module<T: Evaluator>(info: extern "C" fn() -> PluginInfo) -> PluginModuleRef {
+pub fn evaluator_module<T: Evaluator>(
+    info: extern "C" fn() -> PluginInfo,
+    resolve_config: ResolveFn,
+) -> PluginModuleRef {
     let fns = EvaluatorFns {
         create: evaluator_create::<T>,
         destroy: destroy::<T>,
@@ -485,6 +532,14 @@ pub fn evaluator_module<T: Evaluator>(info: extern "C" fn() -> PluginInfo) -> Pl
         next_probe,
     }
     .leak_into_prefix();
-    PluginModule { info, tokenizer: RNone, encoder: RNone, adapter: RNone, strategy: RNone, evaluator: RSome(fns) }
-        .leak_into_prefix()
+    PluginModule {
+        info,
+        tokenizer: RNone,
+        encoder: RNone,
+        adapter: RNone,
+        strategy: RNone,
+        evaluator: RSome(fns),
+        resolve_config,
+    }
+    .leak_into_prefix()
 }

@@ -63,8 +63,10 @@ pub mod prelude {
 
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::config::{ResolveProbe, ResolveUnknown, ResolveViaSerialize};
     pub use crate::kinds::{
-        adapter_module, encoder_module, evaluator_module, set_plugin_name, strategy_module, tokenizer_module,
+        adapter_module, encoder_module, evaluator_module, resolve_config_shim, set_plugin_name, strategy_module,
+        tokenizer_module,
     };
     pub use abi_stable;
 }
@@ -87,6 +89,21 @@ macro_rules! export_plugin {
                 description: RStr::from_str($desc),
                 sdk_version: RStr::from_str($crate::abi::ABI_VERSION),
             }
+        }
+
+        extern "C" fn __recall_resolve_config(
+            text: $crate::__private::abi_stable::std_types::RStr<'_>,
+        ) -> $crate::abi::PluginResult<
+            $crate::__private::abi_stable::std_types::ROption<$crate::__private::abi_stable::std_types::RString>,
+        > {
+            #[allow(unused_imports)]
+            use $crate::__private::{ResolveUnknown as _, ResolveViaSerialize as _};
+            $crate::__private::resolve_config_shim(|| {
+                let probe = $crate::__private::ResolveProbe::<$crate::export_plugin!(@config $kind, $ty)>(
+                    ::std::marker::PhantomData,
+                );
+                (&&probe).resolve(text.as_str())
+            })
         }
 
         fn __recall_root_module() -> $crate::abi::PluginModuleRef {
@@ -113,9 +130,14 @@ macro_rules! export_plugin {
             }
         };
     };
-    (@module tokenizer, $ty:ty) => { $crate::__private::tokenizer_module::<$ty>(__recall_plugin_info) };
-    (@module encoder, $ty:ty) => { $crate::__private::encoder_module::<$ty>(__recall_plugin_info) };
-    (@module adapter, $ty:ty) => { $crate::__private::adapter_module::<$ty>(__recall_plugin_info) };
-    (@module strategy, $ty:ty) => { $crate::__private::strategy_module::<$ty>(__recall_plugin_info) };
-    (@module evaluator, $ty:ty) => { $crate::__private::evaluator_module::<$ty>(__recall_plugin_info) };
+    (@module tokenizer, $ty:ty) => { $crate::__private::tokenizer_module::<$ty>(__recall_plugin_info, __recall_resolve_config) };
+    (@config tokenizer, $ty:ty) => { <$ty as $crate::Tokenizer>::Config };
+    (@module encoder, $ty:ty) => { $crate::__private::encoder_module::<$ty>(__recall_plugin_info, __recall_resolve_config) };
+    (@config encoder, $ty:ty) => { <$ty as $crate::Encoder>::Config };
+    (@module adapter, $ty:ty) => { $crate::__private::adapter_module::<$ty>(__recall_plugin_info, __recall_resolve_config) };
+    (@config adapter, $ty:ty) => { <$ty as $crate::Adapter>::Config };
+    (@module strategy, $ty:ty) => { $crate::__private::strategy_module::<$ty>(__recall_plugin_info, __recall_resolve_config) };
+    (@config strategy, $ty:ty) => { <$ty as $crate::Strategy>::Config };
+    (@module evaluator, $ty:ty) => { $crate::__private::evaluator_module::<$ty>(__recall_plugin_info, __recall_resolve_config) };
+    (@config evaluator, $ty:ty) => { <$ty as $crate::Evaluator>::Config };
 }

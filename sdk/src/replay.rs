@@ -10,7 +10,7 @@ use crate::abi::{
 };
 
 /// How the memory is filled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReplayPolicy {
     /// Reservoir sampling over the stream of training examples the steps see (every epoch's),
@@ -37,7 +37,7 @@ impl ReplayPolicy {
 }
 
 /// Where a replay batch goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReplayMode {
     /// The exemplars join the step's batch: one forward, the task loss over both.

@@ -211,7 +211,7 @@ impl<'a> Run<'a> {
         let c = &session.cfg.config;
         let dir = open_run_dir(opts, &c.experiment)?;
         let run_dir = dir.path().to_path_buf();
-        let identity = crate::identity::of(c, registry)?;
+        let identity = crate::identity::of(&session.recorded, registry)?;
         let config_changes = if opts.resume {
             crate::identity::check_resume(&run_dir, &identity, &opts.allow_config_change)?
         } else {
@@ -229,9 +229,16 @@ impl<'a> Run<'a> {
             tracing::warn!("cannot write {}: {e}", dir.log_file().display());
         }
         replay::warn_if_budget_exceeds_data(session);
+        if !session.recorded.unreported.is_empty() {
+            tracing::info!(
+                plugins = ?session.recorded.unreported,
+                "these plugins do not report their defaults (built against recall-sdk < 1.7, or a config type \
+                 without Serialize): config.resolved.toml holds their sections as written"
+            );
+        }
         if !opts.resume {
             // The records a fresh run writes once: the resolved config, the plugins, the splits.
-            dir.write_config(c)?;
+            dir.write_config(&session.recorded.config)?;
             dir.write_plugins(registry)?;
             dir.write_splits(&session.tasks, &session.heldout_sets)?;
         }

@@ -199,7 +199,7 @@ impl Reporter {
 /// The first event of a run: its experiment, name, tags and parameters.
 fn start_event(session: &Session, run_dir: &Path) -> anyhow::Result<Event> {
     let c = &session.cfg.config;
-    let mut params = crate::tracking::config_params(c)?;
+    let mut params = crate::tracking::config_params(&session.recorded.config)?;
     params.push(("trainable_parameters".into(), session.model.trainable_parameters().to_string()));
     let mut tags: Vec<(String, String)> = vec![
         ("method".into(), c.experiment.method_key()),

@@ -67,6 +67,8 @@ pub struct Session<'c> {
     pub loader: data::loader::Loader,
     /// The exemplar memory a strategy asked for; the steps and the ends of tasks update it.
     pub replay: Option<std::cell::RefCell<ExemplarMemory>>,
+    /// The config with every plugin's defaults written in: what the run's records hold.
+    pub recorded: crate::resolved::Resolved,
 }
 
 /// The model with every plugin of the experiment created and checked against each other:
@@ -247,6 +249,8 @@ impl<'c> Session<'c> {
         cache_images(cfg, &model, &train_transform, &mut tasks, &mut heldout_sets, reference.as_mut())?;
         let loader = data::loader::Loader::new(c.data.workers(), c.data.prefetch)?;
         let replay = replay.map(|r| replay_memory(cfg, r, &tasks)).transpose()?;
+        let recorded =
+            crate::resolved::with_plugin_defaults(c, registry).map_err(|e| anyhow::anyhow!("{}: {e:#}", cfg.file))?;
         Ok(Session {
             cfg,
             model,
@@ -262,6 +266,7 @@ impl<'c> Session<'c> {
             train_transform,
             loader,
             replay,
+            recorded,
         })
     }
 

@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use recall_sdk::checkpoint::CheckpointReader;
 use recall_sdk::nn::{Activation, LayerNorm, Mlp, SelfAttention};
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// A directory with `model.safetensors` and `config.json` (a BertModel).

@@ -17,9 +17,9 @@
 //! BatchNorm uses batch statistics (the projector is only used in training).
 
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Width of the features (the joint embedding width).

@@ -9,13 +9,13 @@ use recall_clip_common::{
 };
 use recall_sdk::nn::{Activation, LayerNorm, Transformer, TransformerConfig};
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The text tower's config. With `checkpoint`, the architecture comes from the checkpoint
 /// (and its config); keys given as well must agree. Without, unset keys take OpenAI CLIP's
 /// defaults (ViT-B text tower).
-#[derive(Deserialize, Debug, Clone, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize, Serialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields, into = "Recorded")]
 pub struct Config {
     /// A transformers CLIPModel directory or an OpenAI/open_clip safetensors file.
     pub checkpoint: Option<String>,
@@ -30,6 +30,69 @@ pub struct Config {
     pub layer_norm_eps: Option<f64>,
     /// Pool at the first occurrence of this id instead of at the row's highest id.
     pub eot_token_id: Option<u32>,
+}
+
+/// How a config is recorded (config.resolved.toml): without a checkpoint, every unset key as
+/// the defaults resolve it (what the run uses); with one, the keys as written (the
+/// architecture is the checkpoint's).
+#[derive(Serialize)]
+struct Recorded {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vocab_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context_length: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    width: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heads: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mlp_hidden: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    embed_dim: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    activation: Option<Activation>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layer_norm_eps: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eot_token_id: Option<u32>,
+}
+
+impl From<Config> for Recorded {
+    fn from(c: Config) -> Self {
+        if c.checkpoint.is_some() {
+            return Recorded {
+                checkpoint: c.checkpoint,
+                vocab_size: c.vocab_size,
+                context_length: c.context_length,
+                width: c.width,
+                layers: c.layers,
+                heads: c.heads,
+                mlp_hidden: c.mlp_hidden,
+                embed_dim: c.embed_dim,
+                activation: c.activation,
+                layer_norm_eps: c.layer_norm_eps,
+                eot_token_id: c.eot_token_id,
+            };
+        }
+        let a = Arch::from_config(&c);
+        Recorded {
+            checkpoint: c.checkpoint,
+            vocab_size: Some(a.vocab_size),
+            context_length: Some(a.context_length),
+            width: Some(a.width),
+            layers: Some(a.layers),
+            heads: Some(a.heads),
+            mlp_hidden: Some(a.mlp_hidden),
+            embed_dim: Some(a.embed_dim),
+            activation: Some(a.activation),
+            layer_norm_eps: Some(a.layer_norm_eps),
+            eot_token_id: c.eot_token_id,
+        }
+    }
 }
 
 /// The resolved architecture.

@@ -2,10 +2,10 @@
 //! model trains on each task with the task loss alone (plus whatever adapter is configured).
 
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `finetune` takes no options.
-#[derive(Deserialize, Debug, Default)]
+#[derive(Deserialize, Serialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {}
 

@@ -17,9 +17,9 @@
 
 use recall_sdk::losses::{clip_logits, distill_both_ways};
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "d::temperature")]
@@ -35,7 +35,7 @@ pub struct Config {
     pub teacher_scale: TeacherScale,
 }
 
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TeacherScale {
     Own,

@@ -11,9 +11,9 @@
 //! in blocks of rows, so memory beyond the embeddings is bounded whatever the split's size.
 
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_ks")]

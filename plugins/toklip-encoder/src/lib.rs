@@ -15,9 +15,9 @@
 
 use recall_sdk::nn::{Activation, LayerNorm, Transformer, TransformerConfig};
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Tokens per image (e.g. 16 for a 4x4 code grid).
@@ -44,7 +44,7 @@ pub struct Config {
     pub init_prefix: String,
 }
 
-#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Pooling {
     #[default]

@@ -19,9 +19,9 @@
 
 use recall_sdk::nn::{pixel_input, quantize, CodeOutput, Quantized};
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub image_size: usize,

@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokenizers::{PaddingParams, PaddingStrategy, TruncationParams};
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// A `tokenizer.json`, or a model directory holding one.

@@ -5,9 +5,9 @@
 //! Inputs: `image_embeds` [N, D], `class_embeds` [C, D], `labels` [N] (class indices).
 
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Which top-k accuracies to report.

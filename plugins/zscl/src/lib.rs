@@ -14,9 +14,9 @@
 
 use recall_sdk::losses::{clip_logits, distill_both_ways};
 use recall_sdk::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "d::temperature")]
