@@ -487,10 +487,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 recall_host::fsutil::write_atomic(&dir.join("compare.tex"), c.latex().as_bytes())?;
                 let html = recall_host::report_html::render(&c, "Recall comparison");
                 recall_host::fsutil::write_atomic(&dir.join("compare.html"), html.as_bytes())?;
-                // Each chart on its own too, for a paper's figures.
+                // Each chart on its own too, for a paper's figures: SVG, and PNG at twice its size.
                 for f in recall_host::report_html::figures(&c).into_iter().flatten() {
                     let file = dir.join("figures").join(format!("{}.svg", f.name));
                     recall_host::fsutil::write_atomic(&file, f.svg.as_bytes())?;
+                    let png = f.png().map_err(|e| anyhow::anyhow!("cannot draw the PNG of figure {e}"))?;
+                    recall_host::fsutil::write_atomic(&file.with_extension("png"), &png)?;
                 }
             }
             Ok(ExitCode::SUCCESS)

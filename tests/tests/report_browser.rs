@@ -108,3 +108,39 @@ fn the_heatmap_as_chromium_draws_it_has_stage_0_on_top_in_its_colour() {
     let hits = page.pixels().filter(|p| hex(p) == want).count();
     assert!(hits > 500, "the report's heatmap cell ({want}) is drawn: {hits} pixels");
 }
+
+/// Each standalone figure also comes as a PNG at twice the SVG's size: the heatmap's top-left
+/// cell is drawn in stage 0's colour, and its text (title, values) is drawn in a font.
+#[test]
+fn png_figures_match_their_svgs_at_twice_the_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = run_dir(tmp.path(), "finetune-seed0");
+    let out = tmp.path().join("report");
+    let status = Command::new(recall_bin()).arg("compare").arg(&run).arg("--out").arg(&out).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let svgs: Vec<PathBuf> = std::fs::read_dir(out.join("figures"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "svg"))
+        .collect();
+    assert!(svgs.len() >= 3, "{svgs:?}");
+    for svg in &svgs {
+        let png = image::open(svg.with_extension("png")).unwrap_or_else(|e| panic!("{}: {e}", svg.display()));
+        let text = std::fs::read_to_string(svg).unwrap();
+        let dim = |name: &str| -> u32 {
+            text.split(&format!("{name}=\"")).nth(1).unwrap().split('"').next().unwrap().parse().unwrap()
+        };
+        assert_eq!((png.width(), png.height()), (2 * dim("width"), 2 * dim("height")), "{}", svg.display());
+    }
+    let figure = out.join("figures/finetune-i2t-r1-matrix.svg");
+    let (x, y, w, h, fill) = rects(&std::fs::read_to_string(&figure).unwrap())[1].clone();
+    let png = image::open(figure.with_extension("png")).unwrap().to_rgba8();
+    let at = *png.get_pixel((2.0 * (x + w / 2.0 - 12.0)) as u32, (2.0 * (y + h / 4.0)) as u32);
+    assert_eq!(hex(&at), fill.to_uppercase(), "the top-left cell as the PNG draws it");
+    // Text: the title band above the cells holds dark (glyph) pixels.
+    let dark = (0..png.width())
+        .flat_map(|px| (0..(2.0 * y) as u32).map(move |py| (px, py)))
+        .filter(|&(px, py)| png.get_pixel(px, py).0[..3].iter().all(|&c| c < 90))
+        .count();
+    assert!(dark > 50, "no text drawn above the heatmap ({dark} dark pixels): are fonts installed?");
+}
