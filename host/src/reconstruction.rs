@@ -191,6 +191,8 @@ pub fn run(cfg: &LoadedConfig, registry: &Registry, opts: &RunOptions) -> anyhow
         results: ResultMatrix { tasks: tasks.iter().map(|t| t.name.clone()).collect(), rows: vec![before, after] },
         heldout: ResultMatrix::default(),
         validation: Vec::new(),
+        validation_results: Default::default(),
+        validation_continual: Default::default(),
         continual: BTreeMap::new(),
         performance_drop: BTreeMap::new(),
         data: tasks

@@ -37,6 +37,12 @@ fn validation_scores_each_epoch_inside_the_task_and_compare_tables_them() {
     // The held-out examples left training: the shapes task has 32 training images, a
     // quarter (8) of them validate.
     assert_eq!(summary["data"]["a"]["train"], 24, "{}", summary["data"]);
+    // After each stage every task's validation split is scored too: a matrix like the test
+    // splits', its continual summaries, metrics.jsonl's `val` suite.
+    assert_eq!(summary["validation_results"]["rows"].as_array().unwrap().len(), 2, "{}", summary["validation_results"]);
+    assert!(summary["validation_continual"]["retrieval/i2t_r1"]["avg"].is_number(), "{summary}");
+    let lines = std::fs::read_to_string(tmp.path().join("val/metrics.jsonl")).unwrap();
+    assert!(lines.lines().any(|l| l.contains("\"suite\":\"val\"") && l.contains("\"stage\":1")), "{lines}");
     let events = std::fs::read_to_string(tmp.path().join("val/tracking/events.jsonl")).unwrap();
     assert!(events.contains("\"val/a/retrieval/i2t_r1\""), "validation reaches the tracker");
     // The same split for another experiment seed (split_seed decides it).
@@ -52,7 +58,11 @@ fn validation_scores_each_epoch_inside_the_task_and_compare_tables_them() {
         .output()
         .unwrap();
     let md = String::from_utf8_lossy(&table.stdout);
-    assert!(table.status.success() && md.contains("Val I2T R@1") && md.contains("| small | 2 |"), "{md}");
+    assert!(table.status.success() && md.contains("| small | 2 |"), "{md}");
+    for column in ["Val Avg I2T R@1", "Val BWT", "In-task val I2T R@1"] {
+        assert!(md.contains(column), "{column} missing: {md}");
+    }
+    assert!(!md.contains("| Avg I2T R@1"), "no test-split column in a validation table: {md}");
     // A run without validation cannot be tabled on it.
     let out = run(tmp.path(), "plain", &SMALL_EXPERIMENT.replace("name = \"small\"", "name = \"plain\""));
     assert!(out.status.success());

@@ -78,6 +78,10 @@ impl ResultMatrix {
         self.rows.iter().map(|r| r.iter().map(|m| m.get(name).copied().unwrap_or(f64::NAN)).collect()).collect()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
     pub fn metric_names(&self) -> Vec<String> {
         self.rows.first().and_then(|r| r.first()).map(|m| m.keys().cloned().collect()).unwrap_or_default()
     }
@@ -101,6 +105,12 @@ pub struct RunSummary {
     pub heldout: ResultMatrix,
     /// Scores on each task's validation split inside it (`[train] eval_every_epochs`).
     pub validation: Vec<midtask::ValidationRecord>,
+    /// Every task's validation split after each stage (`val_fraction`), and its
+    /// continual-learning summaries: what hyperparameters are chosen on.
+    #[serde(skip_serializing_if = "ResultMatrix::is_empty")]
+    pub validation_results: ResultMatrix,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub validation_continual: BTreeMap<String, crate::metrics::ClSummary>,
     /// Continual-learning summaries (Last, Avg, BWT, forgetting, transfer) per metric.
     pub continual: BTreeMap<String, crate::metrics::ClSummary>,
     /// PD per zero-shot metric and held-out set: initial score minus final score.
@@ -330,10 +340,24 @@ impl<'a> Run<'a> {
                 pb.inc(1);
             }
             p.heldout.rows.push(row);
+            if !p.validation_results.tasks.is_empty() {
+                let mut row = Vec::new();
+                for t in &s.tasks {
+                    let scores = match t.val.is_empty() {
+                        true => BTreeMap::new(),
+                        false => evaluate::evaluate_split(&s.model, &s.task_evaluators, t, &t.val, batch, &s.loader)
+                            .with_context(|| {
+                                format!("validating task `{}` after {}", t.name, stage_label(&s.tasks, stage))
+                            })?,
+                    };
+                    row.push(scores);
+                }
+                p.validation_results.rows.push(row);
+            }
             Ok(())
         })?;
         pb.finish_and_clear();
-        self.dir.write_metrics(&metrics_lines(&p.results, &p.heldout)?)?;
+        self.dir.write_metrics(&metrics_lines(p)?)?;
         Ok(())
     }
 

@@ -69,6 +69,10 @@ pub(crate) struct Progress {
     /// Validation scores inside the finished tasks, in order.
     #[serde(default)]
     pub validation: Vec<super::midtask::ValidationRecord>,
+    /// Every task's validation split after each stage, as `results` holds the test splits
+    /// (an empty cell for a task without one); no rows when no task has one.
+    #[serde(default)]
+    pub validation_results: ResultMatrix,
 }
 
 impl Progress {
@@ -76,13 +80,17 @@ impl Progress {
     pub fn new(tasks: &[TaskData], heldout: &[TaskData]) -> Self {
         let empty =
             |sets: &[TaskData]| ResultMatrix { tasks: sets.iter().map(|t| t.name.clone()).collect(), rows: Vec::new() };
-        Progress { results: empty(tasks), heldout: empty(heldout), ..Default::default() }
+        let validation_results = match tasks.iter().any(|t| !t.val.is_empty()) {
+            true => empty(tasks),
+            false => ResultMatrix::default(),
+        };
+        Progress { results: empty(tasks), heldout: empty(heldout), validation_results, ..Default::default() }
     }
 
     /// The tracking event of one stage's scores.
     pub fn stage_event(&self, stage: usize) -> crate::tracking::Event {
         let mut metrics = Vec::new();
-        for (suite, m) in [("", &self.results), ("zeroshot/", &self.heldout)] {
+        for (suite, m) in [("", &self.results), ("zeroshot/", &self.heldout), ("val/", &self.validation_results)] {
             if let Some(row) = m.rows.get(stage) {
                 for (i, cell) in row.iter().enumerate() {
                     for (k, v) in cell {
@@ -110,10 +118,11 @@ struct MetricRecord<'a> {
     value: f64,
 }
 
-/// metrics.jsonl: one line per (stage, suite, set, metric).
-pub(crate) fn metrics_lines(results: &ResultMatrix, heldout: &ResultMatrix) -> anyhow::Result<String> {
+/// metrics.jsonl: one line per (stage, suite, set, metric); the suites are `tasks` (the test
+/// splits), `zeroshot` and `val` (the tasks' validation splits).
+pub(crate) fn metrics_lines(p: &Progress) -> anyhow::Result<String> {
     let mut out = String::new();
-    for (suite, m) in [("tasks", results), ("zeroshot", heldout)] {
+    for (suite, m) in [("tasks", &p.results), ("zeroshot", &p.heldout), ("val", &p.validation_results)] {
         for (stage, row) in m.rows.iter().enumerate() {
             for (i, metrics) in row.iter().enumerate() {
                 for (metric, value) in metrics {
@@ -155,6 +164,7 @@ mod tests {
             results: ResultMatrix::default(),
             heldout: ResultMatrix::default(),
             validation: Vec::new(),
+            validation_results: ResultMatrix::default(),
         };
         let back: Progress = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

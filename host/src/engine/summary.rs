@@ -18,19 +18,14 @@ pub(crate) fn build(
 ) -> anyhow::Result<RunSummary> {
     let c = &session.cfg.config;
     let rt = session.runtime();
-    // Evaluators may report a metric's chance level as `{metric}_chance` (what a random model
-    // scores on the split): it is FWT's random baseline, not a score of its own.
-    let continual: BTreeMap<String, crate::metrics::ClSummary> = p
-        .results
-        .metric_names()
-        .into_iter()
-        .filter(|m| !m.ends_with("_chance"))
-        .filter_map(|m| {
-            let chance: Option<Vec<f64>> =
-                p.results.rows.first()?.iter().map(|cell| cell.get(&format!("{m}_chance")).copied()).collect();
-            crate::metrics::summarize(&p.results.metric(&m), chance.as_deref()).ok().map(|s| (m, s))
-        })
-        .collect();
+    let continual = continual_summaries(&p.results);
+    // Summarised when every task has a validation split (a run resumed from before the
+    // validation matrix existed has rows for later stages only: none then).
+    let every_task = p.validation_results.rows.iter().all(|r| r.iter().all(|cell| !cell.is_empty()));
+    let validation_continual = match every_task && p.validation_results.rows.len() == p.results.rows.len() {
+        true => continual_summaries(&p.validation_results),
+        false => BTreeMap::new(),
+    };
     let performance_drop: BTreeMap<String, BTreeMap<String, f64>> = p
         .heldout
         .metric_names()
@@ -59,6 +54,8 @@ pub(crate) fn build(
         results: p.results,
         heldout: p.heldout,
         validation: p.validation,
+        validation_results: p.validation_results,
+        validation_continual,
         continual,
         performance_drop,
         data,
@@ -73,6 +70,21 @@ pub(crate) fn build(
             peak_memory_bytes: peak_memory.or_else(crate::runtime::peak_rss),
         },
     })
+}
+
+/// The continual-learning summary of every metric of a result matrix. Evaluators may report
+/// a metric's chance level as `{metric}_chance` (what a random model scores on the split): it
+/// is FWT's random baseline, not a score of its own.
+fn continual_summaries(m: &crate::engine::ResultMatrix) -> BTreeMap<String, crate::metrics::ClSummary> {
+    m.metric_names()
+        .into_iter()
+        .filter(|name| !name.ends_with("_chance"))
+        .filter_map(|name| {
+            let chance: Option<Vec<f64>> =
+                m.rows.first()?.iter().map(|cell| cell.get(&format!("{name}_chance")).copied()).collect();
+            crate::metrics::summarize(&m.metric(&name), chance.as_deref()).ok().map(|s| (name, s))
+        })
+        .collect()
 }
 
 /// The continual summary table and the performance drops.

@@ -37,6 +37,9 @@ struct Summary {
     /// Scores on the tasks' validation splits inside them.
     #[serde(default)]
     validation: Vec<Validation>,
+    /// The summaries of the validation splits after each stage (`val_fraction` on every task).
+    #[serde(default)]
+    validation_continual: BTreeMap<String, crate::metrics::ClSummary>,
 }
 
 /// One validation record of summary.json.
@@ -68,12 +71,18 @@ pub enum Split {
     Val,
 }
 
-/// The columns of `--on val`: each task's final validation R@1 both ways, averaged over tasks.
-fn validation_columns() -> Vec<Column> {
+/// The columns of `--on val`: the continual summaries of the validation splits after each
+/// stage (when every task has one), then each task's last validation R@1 inside its own
+/// training (`eval_every_epochs`) both ways, averaged over tasks.
+fn validation_columns(with_stages: bool) -> Vec<Column> {
     let val = |metric: &'static str| -> Getter { Box::new(move |s: &Summary| s.final_validation(metric)) };
-    vec![
-        Column { title: "Val I2T R@1".into(), higher_is_better: true, value: val("retrieval/i2t_r1") },
-        Column { title: "Val T2I R@1".into(), higher_is_better: true, value: val("retrieval/t2i_r1") },
+    let mut c = match with_stages {
+        true => continual_columns(|s| &s.validation_continual, "Val "),
+        false => Vec::new(),
+    };
+    c.extend([
+        Column { title: "In-task val I2T R@1".into(), higher_is_better: true, value: val("retrieval/i2t_r1") },
+        Column { title: "In-task val T2I R@1".into(), higher_is_better: true, value: val("retrieval/t2i_r1") },
         Column {
             title: "trainable params".into(),
             higher_is_better: false,
@@ -84,7 +93,8 @@ fn validation_columns() -> Vec<Column> {
             higher_is_better: false,
             value: Box::new(|s: &Summary| Some(s.train_seconds)),
         },
-    ]
+    ]);
+    c
 }
 
 /// A result matrix as summary.json stores it: `rows[stage][set][metric]`.
@@ -147,36 +157,42 @@ pub type Cell = Option<(f64, f64)>;
 /// A row: method, number of runs, cells.
 pub type Row = (String, usize, Vec<Cell>);
 
-fn retrieval(metric: &'static str, f: fn(&crate::metrics::ClSummary) -> f64) -> Getter {
-    Box::new(move |s: &Summary| s.continual.get(metric).map(f))
+/// Which continual summaries a column reads: the test splits' or the validation splits'.
+type Summaries = fn(&Summary) -> &BTreeMap<String, crate::metrics::ClSummary>;
+
+fn retrieval(of: Summaries, metric: &'static str, f: fn(&crate::metrics::ClSummary) -> f64) -> Getter {
+    Box::new(move |s: &Summary| of(s).get(metric).map(f))
 }
 
 /// The mean of both directions of an optional summary (BWT, forgetting).
-fn both_ways(f: fn(&crate::metrics::ClSummary) -> Option<f64>) -> Getter {
+fn both_ways(of: Summaries, f: fn(&crate::metrics::ClSummary) -> Option<f64>) -> Getter {
     Box::new(move |s: &Summary| {
-        let a = s.continual.get("retrieval/i2t_r1").and_then(f)?;
-        let b = s.continual.get("retrieval/t2i_r1").and_then(f)?;
+        let a = of(s).get("retrieval/i2t_r1").and_then(f)?;
+        let b = of(s).get("retrieval/t2i_r1").and_then(f)?;
         Some((a + b) / 2.0)
     })
 }
 
+/// Avg and Last R@1 both ways, BWT and forgetting, from the summaries `of` reads; titles
+/// prefixed by `prefix`.
+fn continual_columns(of: Summaries, prefix: &str) -> Vec<Column> {
+    let col = |title: &str, higher_is_better: bool, value: Getter| Column {
+        title: format!("{prefix}{title}"),
+        higher_is_better,
+        value,
+    };
+    vec![
+        col("Avg I2T R@1", true, retrieval(of, "retrieval/i2t_r1", |s| s.avg)),
+        col("Avg T2I R@1", true, retrieval(of, "retrieval/t2i_r1", |s| s.avg)),
+        col("Last I2T R@1", true, retrieval(of, "retrieval/i2t_r1", |s| s.last)),
+        col("Last T2I R@1", true, retrieval(of, "retrieval/t2i_r1", |s| s.last)),
+        col("BWT", true, both_ways(of, |s| s.bwt)),
+        col("forgetting", false, both_ways(of, |s| s.forgetting)),
+    ]
+}
+
 fn columns(heldout: &[String]) -> Vec<Column> {
-    let mut c = vec![
-        Column { title: "Avg I2T R@1".into(), higher_is_better: true, value: retrieval("retrieval/i2t_r1", |s| s.avg) },
-        Column { title: "Avg T2I R@1".into(), higher_is_better: true, value: retrieval("retrieval/t2i_r1", |s| s.avg) },
-        Column {
-            title: "Last I2T R@1".into(),
-            higher_is_better: true,
-            value: retrieval("retrieval/i2t_r1", |s| s.last),
-        },
-        Column {
-            title: "Last T2I R@1".into(),
-            higher_is_better: true,
-            value: retrieval("retrieval/t2i_r1", |s| s.last),
-        },
-        Column { title: "BWT".into(), higher_is_better: true, value: both_ways(|s| s.bwt) },
-        Column { title: "forgetting".into(), higher_is_better: false, value: both_ways(|s| s.forgetting) },
-    ];
+    let mut c = continual_columns(|s| &s.continual, "");
     for h in heldout {
         let set = h.clone();
         c.push(Column {
@@ -327,13 +343,15 @@ pub fn compare_on(paths: &[PathBuf], baseline: Option<&str>, on: Split) -> anyho
     let cols = match on {
         Split::Test => columns(&heldout),
         Split::Val => {
-            if !groups.iter().flat_map(|(_, v)| v).any(|s| !s.validation.is_empty()) {
+            let runs = || groups.iter().flat_map(|(_, v)| v);
+            let with_stages = runs().any(|s| !s.validation_continual.is_empty());
+            if !with_stages && !runs().any(|s| !s.validation.is_empty()) {
                 bail!(
-                    "none of these runs scored a validation split; set `val_fraction` on the tasks and `[train] \
-                     eval_every_epochs`, or compare on the test splits (the default)"
+                    "none of these runs scored a validation split; set `val_fraction` on the tasks (and `[train] \
+                     eval_every_epochs` for scores inside a task), or compare on the test splits (the default)"
                 );
             }
-            validation_columns()
+            validation_columns(with_stages)
         }
     };
     let rows: Vec<Row> = groups
