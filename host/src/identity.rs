@@ -68,7 +68,7 @@ pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
 
 /// Keys that change how fast batches come or how often a run is checkpointed, never a number
 /// it reports: a resume may change them.
-const SPEED_ONLY: [&str; 7] = [
+pub const SPEED_ONLY: [&str; 7] = [
     "data.workers",
     "data.prefetch",
     "data.cache",
