@@ -387,6 +387,28 @@ mod tests {
     use crate::data::image::ImageSource;
     use crate::data::transform::Augment;
 
+    /// A joined batch is the first batch's rows, then the second's: pixels, captions and
+    /// indices stay aligned, so row k of the forward is the same example in every tensor.
+    #[test]
+    fn a_joined_batch_keeps_both_batches_rows_in_order() {
+        let batch = |indices: Vec<usize>, fill: u8| Batch {
+            captions: indices.iter().map(|i| format!("caption {i}")).collect(),
+            pixels: vec![fill; indices.len() * 3 * 2 * 2],
+            indices,
+            size: 2,
+            preprocess: Preprocess::clip(2),
+            skipped: Vec::new(),
+        };
+        let (a, b) = (batch(vec![4, 7], 1), batch(vec![0], 9));
+        let j = a.joined(&b);
+        assert_eq!((j.len(), j.indices.clone()), (3, vec![4, 7, 0]));
+        assert_eq!(j.captions, ["caption 4", "caption 7", "caption 0"]);
+        assert_eq!(&j.pixels[..24], &[1u8; 24][..]);
+        assert_eq!(&j.pixels[24..], &[9u8; 12][..]);
+        let t = j.tensor(&Device::Cpu, candle_core::DType::F32).unwrap();
+        assert_eq!(t.dims(), [3, 3, 2, 2]);
+    }
+
     fn noise_png(path: &Path, seed: u32, w: u32, h: u32) {
         let img = image::RgbImage::from_fn(w, h, |x, y| {
             let v = (x * 31 + y * 17 + seed * 101).wrapping_mul(2_654_435_761) >> 24;
