@@ -75,6 +75,12 @@ fn rects(svg: &str) -> Vec<(f64, f64, f64, f64, String)> {
         .collect()
 }
 
+/// The pixel that shows a heatmap cell's colour in an image drawn at `scale`: left of the
+/// cell's centred value label, in its upper quarter.
+fn cell_pixel(img: &image::RgbaImage, (x, y, w, h): (f64, f64, f64, f64), scale: f64) -> image::Rgba<u8> {
+    *img.get_pixel((scale * (x + w / 2.0 - 12.0)) as u32, (scale * (y + h / 4.0)) as u32)
+}
+
 fn hex(c: &image::Rgba<u8>) -> String {
     format!("#{:02X}{:02X}{:02X}", c.0[0], c.0[1], c.0[2])
 }
@@ -94,7 +100,7 @@ fn the_heatmap_as_chromium_draws_it_has_stage_0_on_top_in_its_colour() {
     let (x, y, w, h, fill) = cells[0].clone();
     assert!(cells.iter().all(|c| c.1 >= y), "the first cell (stage 0, digits) is the top row: {cells:?}");
     let shot = screenshot(&format!("file://{}", figure.display()), 700, 300, tmp.path());
-    let centre = |x: f64, y: f64, w: f64, h: f64| *shot.get_pixel((x + w / 2.0 - 12.0) as u32, (y + h / 4.0) as u32);
+    let centre = |x: f64, y: f64, w: f64, h: f64| cell_pixel(&shot, (x, y, w, h), 1.0);
     assert_eq!(hex(&centre(x, y, w, h)), fill.to_uppercase(), "the top-left cell as drawn");
     // 90 is the maximum: the top of the viridis scale, a yellow; the bottom-left (30) is not.
     let top = centre(x, y, w, h);
@@ -135,7 +141,7 @@ fn png_figures_match_their_svgs_at_twice_the_size() {
     let figure = out.join("figures/finetune-i2t-r1-matrix.svg");
     let (x, y, w, h, fill) = rects(&std::fs::read_to_string(&figure).unwrap())[1].clone();
     let png = image::open(figure.with_extension("png")).unwrap().to_rgba8();
-    let at = *png.get_pixel((2.0 * (x + w / 2.0 - 12.0)) as u32, (2.0 * (y + h / 4.0)) as u32);
+    let at = cell_pixel(&png, (x, y, w, h), 2.0);
     assert_eq!(hex(&at), fill.to_uppercase(), "the top-left cell as the PNG draws it");
     // Text: the title band above the cells holds dark (glyph) pixels.
     let dark = (0..png.width())

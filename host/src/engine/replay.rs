@@ -267,10 +267,7 @@ pub fn prepare(
                 out.slots.push(slot);
             }
         }
-        out.batch.indices.extend(&b.indices);
-        out.batch.captions.extend(b.captions);
-        out.batch.pixels.extend(b.pixels);
-        out.batch.skipped.extend(b.skipped);
+        out.batch = out.batch.joined(&b);
     }
     Ok(out)
 }
